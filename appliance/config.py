@@ -1,0 +1,385 @@
+"""Recipes and boards are data: strict YAML parsed once into frozen dataclasses.
+
+Every setting is declared once, as a dataclass field; the same declaration drives parsing, defaults and
+the error for an unknown or missing key, which always names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import ROOT
+from .errors import RecipeError
+
+REQUIRED: Any = dataclasses.MISSING
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KiB|M|MiB|G|GiB)?\s*$")
+_UNITS = {None: 1, "B": 1, "K": 1 << 10, "KiB": 1 << 10, "M": 1 << 20, "MiB": 1 << 20, "G": 1 << 30, "GiB": 1 << 30}
+
+
+class Size(int):
+    """A byte count written as 8192, 0x2000, '64MiB' or '1GiB'."""
+
+
+class Addr(int):
+    """A physical address, written in hex."""
+
+    def __repr__(self) -> str:
+        return f"{int(self):#x}"
+
+
+# ---------------------------------------------------------------- boards
+
+
+@dataclass(frozen=True)
+class UBoot:
+    package: str                 # Debian package that ships the binary
+    file: str                    # path inside that package
+    board_name: str              # what U-Boot reports as ${board_name}; boot.scr branches on it
+    offset: Size | None = None   # byte offset on the card; None when QEMU loads it with -bios
+    header: str | None = None    # "egon" for Allwinner boot-ROM images
+
+
+@dataclass(frozen=True)
+class Ram:
+    base: Addr
+    size: Size
+
+
+@dataclass(frozen=True)
+class Load:
+    xen: Addr
+    kernel: Addr
+    initrd: Addr
+    dtb: Addr
+    dtb_room: Size = Size(0x10000)  # bytes reserved for the relocated, resized DTB
+
+
+@dataclass(frozen=True)
+class Dom0:
+    memory_mib: int = 512
+    vcpus: int = 1
+
+
+@dataclass(frozen=True)
+class Console:
+    xen_uart: str                # device-tree path of the UART Xen drives (dtuart=)
+    dom0: str = "hvc0"
+    baud: int = 115200
+
+
+@dataclass(frozen=True)
+class Qemu:
+    binary: str = "qemu-system-arm"
+    machine: str = "virt,virtualization=on,gic-version=2,highmem=off"
+    cpu: str = "cortex-a15"
+    smp: int = 2
+    memory_mib: int = 2048
+    disk: str = "virtio"         # "virtio" (-drive + virtio-blk-device) or "sd" (-sd IMAGE)
+    nic: str = "virtio-net-device"
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    description: str
+    arch: str
+    uboot: UBoot
+    ram: Ram
+    load: Load
+    console: Console
+    dtb: str | None              # file name in the kernel's dtb directory; None: U-Boot's own (${fdt_addr})
+    kernel_package: str = "linux-image-armmp"
+    xen_package: str = "xen-system-armhf"
+    dom0: Dom0 = Dom0()
+    modules: tuple[str, ...] = ()      # kernel modules the initramfs needs (storage, ext4, network)
+    wifi_firmware: tuple[str, ...] = ()
+    xen_args: str = ""                 # extra Xen command line for this board
+    dom0_args: str = ""                # extra dom0 kernel command line for this board
+    disk: str = "mmcblk0"              # the root disk's kernel name
+    ethernet: str = "eth0"
+    qemu: Qemu | None = None           # set for boards QEMU can boot
+
+
+# ---------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    boot_size: Size = Size(64 << 20)
+    root_free: Size = Size(256 << 20)  # free space left in the root filesystem (it grows at first boot)
+
+
+@dataclass(frozen=True)
+class Ssh:
+    authorized_keys: str | None = None  # a file of the user's; none are baked in by default
+
+
+@dataclass(frozen=True)
+class Wifi:
+    ssid: str = "appliance"
+    country: str = "DE"
+    hw_mode: str = "g"
+    channel: int = 6
+    open: bool = False
+    passphrase_file: str | None = None
+    passphrase_env: str | None = "APPLIANCE_WIFI_PASSPHRASE"
+    client_isolation: bool = True
+
+
+@dataclass(frozen=True)
+class Network:
+    bridge: str = "br0"
+    address: str = "10.42.0.1/24"
+    dhcp_start: str = "10.42.0.100"
+    dhcp_end: str = "10.42.0.199"
+    uplink: str = "dhcp"               # "dhcp": the wired port is a DHCP client; "bridge": joined to the bridge
+    captive: bool = True               # booth mode: every name resolves to the served guest
+    names: tuple[str, ...] = ("demo.booth",)
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    bundle: str | None = None          # a guest bundle directory; None: the demo guest (`invoke guest`)
+    address: str = "10.42.0.2"
+    mac: str = "00:16:3e:42:00:02"
+    memory_mib: int = 96
+    vcpus: int = 1
+    port: int = 80
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    board: str
+    description: str = ""
+    suite: str = "bookworm"
+    mirror: str | None = None          # None: the build host's apt sources
+    security_mirror: str | None = None
+    components: tuple[str, ...] = ("main",)
+    packages: tuple[str, ...] = ()
+    hostname: str = ""
+    source_date_epoch: int | None = None
+    also_boots: tuple[str, ...] = ("qemu-virt",)
+    overlays: tuple[str, ...] = ("base",)
+    image: ImageSpec = ImageSpec()
+    ssh: Ssh = Ssh()
+    wifi: Wifi = Wifi()
+    network: Network = Network()
+    guest: GuestSpec = GuestSpec()
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a build needs, resolved and checked: the recipe, its board and where they came from."""
+
+    recipe: Recipe
+    board: Board
+    also: tuple[Board, ...]
+    recipe_path: Path
+    root: Path = ROOT
+    digest: str = field(default="")
+
+    @property
+    def image_name(self) -> str:
+        return f"{self.board.name}-{self.recipe.name}"
+
+
+# ---------------------------------------------------------------- strict loading
+
+
+def _fail(path: Path, key: str, message: str) -> RecipeError:
+    where = f"{_rel(path)}: {key}" if key else _rel(path)
+    return RecipeError(f"{where}: {message}")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _convert(tp: Any, value: Any, path: Path, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(path, key, "must be a mapping")
+        return _build(tp, value, path, key + ".")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _fail(path, key, "must be a list")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_convert(item, v, path, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp in (Size, Addr):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return tp(value)
+        m = _SIZE.match(str(value)) if tp is Size else None
+        if m:
+            return tp(int(m.group(1)) * _UNITS[m.group(2)])
+        if isinstance(value, str) and re.fullmatch(r"0x[0-9a-fA-F]+", value.strip()):
+            return tp(int(value, 16))
+        raise _fail(path, key, f"{value!r} is not a {'size' if tp is Size else 'hex address'}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(path, key, f"{value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(path, key, f"{value!r} must be a whole number")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise _fail(path, key, f"{value!r} must be a string")
+        return str(value)
+    raise AssertionError(f"unsupported type {tp}")  # a declaration bug, not user input
+
+
+def _build(cls: Any, data: dict[str, Any], path: Path, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise _fail(path, f"{prefix}{k}", "unknown key")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in ("root", "digest", "recipe_path"):
+            continue
+        key = f"{prefix}{f.name}"
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _fail(path, key, "missing key")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], path, key)
+    return cls(**kwargs)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{_rel(path)}: no such file") from None
+    except OSError as exc:
+        raise RecipeError(f"{_rel(path)}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{_rel(path)}: not valid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{_rel(path)}: must be a mapping of keys")
+    return data
+
+
+def load_board(name: str, root: Path = ROOT) -> Board:
+    path = root / "board" / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in (root / "board").glob("*.yaml")))
+        raise RecipeError(f"{_rel(path)}: no such board '{name}'", hint=f"known boards: {known}")
+    board: Board = _build(Board, read_yaml(path), path)
+    if board.name != name:
+        raise _fail(path, "name", f"'{board.name}' does not match the file name '{name}'")
+    return board
+
+
+def recipe_path(name_or_path: str, root: Path = ROOT) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        return p if p.is_absolute() else Path.cwd() / p
+    return root / "recipes" / f"{name_or_path}.yaml"
+
+
+def load(recipe: str = "booth", root: Path = ROOT, **overrides: Any) -> Config:
+    """Load and check a recipe and its boards. `overrides` replace top-level recipe keys (CLI options)."""
+    path = recipe_path(recipe, root)
+    data = read_yaml(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    rec: Recipe = _build(Recipe, data, path)
+    _check_recipe(rec, path)
+    board = load_board(rec.board, root)
+    also = tuple(load_board(b, root) for b in rec.also_boots if b != rec.board)
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(rec), sort_keys=True, default=str).encode()).hexdigest()
+    return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest)
+
+
+_CHANNELS = {"g": range(1, 15), "b": range(1, 15), "a": (36, 40, 44, 48, 52, 56, 60, 64, 100, 104, 108, 112,
+                                                           116, 120, 124, 128, 132, 136, 140, 149, 153, 157, 161, 165)}
+
+
+def _check_recipe(rec: Recipe, path: Path) -> None:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", rec.name):
+        raise _fail(path, "name", f"'{rec.name}' must be lower-case letters, digits and '-'")
+    if rec.hostname and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", rec.hostname):
+        raise _fail(path, "hostname", f"'{rec.hostname}' is not a valid host name")
+    w = rec.wifi
+    if not 1 <= len(w.ssid.encode()) <= 32:
+        raise _fail(path, "wifi.ssid", f"'{w.ssid}' must be 1 to 32 bytes long")
+    if w.hw_mode not in _CHANNELS:
+        raise _fail(path, "wifi.hw_mode", f"'{w.hw_mode}' must be one of a, b, g")
+    if w.channel not in _CHANNELS[w.hw_mode]:
+        raise _fail(path, "wifi.channel", f"channel {w.channel} is not allowed in hw_mode '{w.hw_mode}'")
+    if not re.fullmatch(r"[A-Z]{2}", w.country):
+        raise _fail(path, "wifi.country", f"'{w.country}' must be a two-letter ISO country code")
+    n = rec.network
+    try:
+        net = ipaddress.IPv4Interface(n.address).network
+    except ValueError:
+        raise _fail(path, "network.address", f"'{n.address}' is not an IPv4 address with a prefix") from None
+    for key, value in (("network.dhcp_start", n.dhcp_start), ("network.dhcp_end", n.dhcp_end),
+                       ("guest.address", rec.guest.address)):
+        try:
+            ip = ipaddress.IPv4Address(value)
+        except ValueError:
+            raise _fail(path, key, f"'{value}' is not an IPv4 address") from None
+        if ip not in net or ip in (net.network_address, net.broadcast_address):
+            raise _fail(path, key, f"{value} is outside the bridge's subnet {net}")
+    if n.uplink not in ("dhcp", "bridge"):
+        raise _fail(path, "network.uplink", f"'{n.uplink}' must be 'dhcp' or 'bridge'")
+    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", rec.guest.mac):
+        raise _fail(path, "guest.mac", f"'{rec.guest.mac}' is not a lower-case MAC address")
+    if rec.mirror is not None and not re.fullmatch(r"(https?|file)://\S+", rec.mirror):
+        raise _fail(path, "mirror", f"'{rec.mirror}' must be an http(s):// or file:// URL")
+
+
+def wifi_passphrase(rec: Recipe, base: Path) -> str | None:
+    """The WPA2 passphrase from the user's file or environment (never from the repo); None for open."""
+    import os
+
+    w = rec.wifi
+    if w.open:
+        return None
+    value: str | None = None
+    source = ""
+    if w.passphrase_file:
+        p = Path(w.passphrase_file).expanduser()
+        p = p if p.is_absolute() else base / p
+        try:
+            value = p.read_text().strip()
+        except OSError:
+            raise RecipeError(f"wifi.passphrase_file: cannot read {p}") from None
+        source = str(p)
+    elif w.passphrase_env and os.environ.get(w.passphrase_env):
+        value = os.environ[w.passphrase_env]
+        source = f"${w.passphrase_env}"
+    if value is None:
+        raise RecipeError("wifi: no passphrase: set wifi.passphrase_file, or the environment variable "
+                          f"{w.passphrase_env or '(wifi.passphrase_env)'}, or wifi.open: true")
+    if not 8 <= len(value) <= 63:
+        raise RecipeError(f"wifi passphrase from {source} must be 8 to 63 characters (it has {len(value)})")
+    return value

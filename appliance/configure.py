@@ -1,0 +1,200 @@
+"""Configure a working copy of the base tree: overlays, identity, users, SSH, fstab, initramfs settings.
+
+All of it is done from the host, with no emulation, so a rebuild after an overlay edit stays fast.
+Overlay files ending in `.j2` are Jinja2 templates rendered with the recipe's values; writes are
+confined to the tree (a symlink never leads a write outside it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from . import log
+from .config import Config, wifi_passphrase
+from .errors import BuildError, RecipeError
+from .identity import Identity
+from .mirror import Source
+
+_KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) "
+                  r"[A-Za-z0-9+/=]+( .*)?$")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One overlay file: where it goes and its bytes (or None for a symlink/dir)."""
+
+    rel: str
+    data: bytes | None
+    mode: int
+    link: str | None = None
+
+
+def context(cfg: Config, ident: Identity, *, need_secrets: bool = True) -> dict[str, Any]:
+    rec = cfg.recipe
+    iface = ipaddress.IPv4Interface(rec.network.address)
+    passphrase = wifi_passphrase(rec, cfg.recipe_path.parent) if need_secrets else (
+        None if rec.wifi.open else "dry-run-passphrase")
+    return {
+        "recipe": rec, "board": cfg.board, "boards": (cfg.board, *cfg.also), "identity": ident,
+        "hostname": rec.hostname or rec.name,
+        "net": {"address": str(iface.ip), "prefix": iface.network.prefixlen, "netmask": str(iface.netmask),
+                "network": str(iface.network), "cidr": str(iface)},
+        "wifi_passphrase": passphrase,
+    }
+
+
+def overlay_dirs(cfg: Config) -> list[Path]:
+    dirs = []
+    for name in cfg.recipe.overlays:
+        d = Path(name) if "/" in name else cfg.root / "overlays" / name
+        if not d.is_dir():
+            raise RecipeError(f"{cfg.recipe_path.name}: overlays: no overlay directory {d}")
+        dirs.append(d)
+    return dirs
+
+
+def render_overlays(cfg: Config, ctx: dict[str, Any]) -> list[Rendered]:
+    """Render every overlay file in memory; a template error names the file and line."""
+    out: list[Rendered] = []
+    for d in overlay_dirs(cfg):
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(d)), undefined=jinja2.StrictUndefined,
+                                 keep_trailing_newline=True, autoescape=False)
+        for path in sorted(d.rglob("*")):
+            rel = str(path.relative_to(d))
+            mode = path.lstat().st_mode & 0o7777
+            if path.is_symlink():
+                out.append(Rendered(rel, None, mode, link=os.readlink(path)))
+            elif path.is_dir():
+                out.append(Rendered(rel, None, mode))
+            elif path.suffix == ".j2":
+                try:
+                    text = env.get_template(rel).render(**ctx)
+                except jinja2.TemplateError as exc:
+                    line = getattr(exc, "lineno", None)
+                    where = f"{path}:{line}" if line else str(path)
+                    raise RecipeError(f"{where}: template error: {exc.message}") from None
+                except RecipeError:
+                    raise
+                out.append(Rendered(rel[:-3], text.encode(), mode))
+            else:
+                out.append(Rendered(rel, path.read_bytes(), mode))
+    return out
+
+
+def _inside(tree: Path, rel: str) -> Path:
+    """The path for rel in tree, refusing any that would lead outside it."""
+    if rel.startswith("/") or ".." in Path(rel).parts:
+        raise BuildError(f"overlay path {rel} leaves the rootfs")
+    dest = tree / rel
+    parent = Path(os.path.realpath(dest.parent))
+    if parent != tree.resolve() and tree.resolve() not in parent.parents:
+        raise BuildError(f"overlay path {rel} leads outside the rootfs through a symlink")
+    return dest
+
+
+def lay(tree: Path, files: list[Rendered]) -> None:
+    for f in files:
+        dest = _inside(tree, f.rel)
+        if f.link is not None:
+            if dest.is_symlink() or dest.exists():
+                dest.unlink()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(f.link, dest)
+        elif f.data is None:
+            dest.mkdir(parents=True, exist_ok=True)
+            os.chmod(dest, f.mode)
+        else:
+            if dest.is_symlink():
+                dest.unlink()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.data)
+            os.chmod(dest, f.mode)
+            os.chown(dest, 0, 0)
+
+
+def authorized_keys(path: str | None, base: Path) -> str | None:
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else base / p
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise RecipeError(f"ssh.authorized_keys: cannot read {p}: {exc.strerror}") from None
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    for n, key in enumerate(keys, 1):
+        if not _KEY.match(key):
+            raise RecipeError(f"{p}:{n}: not an SSH public key (a private key or a typo?)")
+    if not keys:
+        raise RecipeError(f"{p}: holds no SSH public key")
+    return "\n".join(keys) + "\n"
+
+
+def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: str | None) -> None:
+    """Identity, users, SSH and mounts: the parts every image has, whatever its overlays."""
+    hostname = cfg.recipe.hostname or cfg.recipe.name
+    (tree / "etc/hostname").write_text(hostname + "\n")
+    (tree / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
+                                    "::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+    (tree / "etc/fstab").write_text(
+        "# <file system>\t<mount point>\t<type>\t<options>\t<dump>\t<pass>\n"
+        f"UUID={ident.root_uuid}\t/\text4\tdefaults,noatime,errors=remount-ro\t0\t1\n"
+        f"UUID={ident.boot_uuid}\t/boot/firmware\tvfat\tdefaults,noatime,nofail,umask=0077\t0\t2\n")
+    (tree / "boot/firmware").mkdir(parents=True, exist_ok=True)
+    (tree / "etc/apt/sources.list").write_text("".join(s.line() + "\n" for s in srcs))
+    # No password for root, and none can be used: '*' locks it; SSH keys are the only way in.
+    shadow = tree / "etc/shadow"
+    shadow.write_text(re.sub(r"^root:[^:]*:", "root:*:", shadow.read_text(), flags=re.M))
+    # Host keys are made on each board at its first boot (appliance-ssh-hostkeys.service).
+    for key in (tree / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    # systemd makes a machine id at first boot, and ConditionFirstBoot units run then.
+    (tree / "etc/machine-id").write_text("uninitialized\n")
+    dbus_id = tree / "var/lib/dbus/machine-id"
+    if dbus_id.exists() or dbus_id.is_symlink():
+        dbus_id.unlink()
+    ssh_dir = tree / "root/.ssh"
+    if keys:
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        (ssh_dir / "authorized_keys").write_text(keys)
+        os.chmod(ssh_dir / "authorized_keys", 0o600)
+    else:
+        shutil.rmtree(ssh_dir, ignore_errors=True)
+        log.warn("the image has no SSH authorized key, so nobody can log in to it: give one with "
+                 "--authorized-keys FILE or ssh.authorized_keys in the recipe")
+    # The initramfs is made once, with a short module list (see bootfiles.initramfs).
+    modules = sorted({m for b in (cfg.board, *cfg.also) for m in b.modules})
+    (tree / "etc/initramfs-tools/modules").write_text(
+        "# written by appliance: what the boards of this image need to find their root\n" + "\n".join(modules) + "\n")
+    (tree / "etc/initramfs-tools/conf.d/appliance.conf").write_text("MODULES=list\nCOMPRESS=gzip\n")
+    for leftover in ("var/log/dpkg.log", "var/log/apt/history.log", "var/log/apt/term.log",
+                     "var/log/alternatives.log", "var/log/bootstrap.log", "var/cache/debconf/config.dat-old",
+                     "var/cache/debconf/templates.dat-old", "var/lib/dpkg/status-old"):
+        p = tree / leftover
+        if p.exists():
+            p.unlink()
+
+
+def undivert_initramfs(tree: Path) -> None:
+    """Put the real update-initramfs back (it was diverted while packages were installed)."""
+    real = tree / "usr/sbin/update-initramfs.distrib"
+    if real.exists():
+        real.replace(tree / "usr/sbin/update-initramfs")
+    diversions = tree / "var/lib/dpkg/diversions"
+    lines = diversions.read_text().splitlines(keepends=True)
+    out, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "/usr/sbin/update-initramfs" and i + 2 < len(lines) + 1:
+            i += 3  # path, divert-to, package (":" for --local)
+            continue
+        out.append(lines[i])
+        i += 1
+    diversions.write_text("".join(out))

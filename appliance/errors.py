@@ -1,0 +1,44 @@
+"""Typed errors. Each carries one whole sentence naming the file, key, device or step.
+
+Only tasks.py prints them (as one line); the library never prints a traceback.
+"""
+
+
+class ApplianceError(Exception):
+    """Base of every error the user should see as one clear line."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class RecipeError(ApplianceError):
+    """A recipe, board definition or overlay is wrong."""
+
+
+class BuildError(ApplianceError):
+    """A build step failed."""
+
+
+class ToolError(BuildError):
+    """A host command failed or is missing."""
+
+
+class FlashError(ApplianceError):
+    """Writing an image to a card was refused or failed."""
+
+
+class EmulateError(ApplianceError):
+    """Booting an image under QEMU failed."""
+
+
+class DeployError(ApplianceError):
+    """Updating the served guest on a board failed."""
+
+
+class GuestError(ApplianceError):
+    """Building or checking a guest bundle failed."""

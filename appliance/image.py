@@ -1,0 +1,140 @@
+"""The disk image, made from files alone: no loop devices, no mounts, no root-only kernel features.
+
+MBR (a GPT's entries would overlap the SPL at 8 KiB), a FAT boot partition at 1 MiB made with
+mkfs.vfat + mcopy, an ext4 root made with `mke2fs -d`, both spliced sparsely into the image file, then
+the SPL. Identities and timestamps are fixed, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BuildError
+from .identity import Identity
+from .log import run
+
+MiB = 1 << 20
+BOOT_START = 1 * MiB
+
+
+@dataclass(frozen=True)
+class Layout:
+    boot_start: int
+    boot_size: int
+    root_start: int
+    root_size: int
+
+    @property
+    def total(self) -> int:
+        return self.root_start + self.root_size
+
+
+def clamp_times(top: Path, sde: int) -> int:
+    """Clamp every mtime/atime under top to SOURCE_DATE_EPOCH; return the number of entries."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if st.st_mtime > sde or st.st_atime > sde:
+                os.utime(p, (min(st.st_atime, sde), min(st.st_mtime, sde)), follow_symlinks=False)
+            n += 1
+    os.utime(top, (sde, sde))
+    return n + 1
+
+
+def tree_bytes(top: Path) -> tuple[int, int]:
+    """(bytes in 4 KiB blocks, number of inodes) that the tree needs."""
+    blocks = inodes = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            inodes += 1
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                blocks += (st.st_size + 4095) // 4096
+    return blocks * 4096, inodes
+
+
+def layout(boot_size: int, root_tree: Path, root_free: int) -> Layout:
+    used, inodes = tree_bytes(root_tree)
+    # ext4 overhead: inode tables, journal (64 MiB for this size), bitmaps, reserved blocks; rounded to 4 MiB.
+    root = used + used // 8 + inodes * 256 + 80 * MiB + root_free
+    root = (root + 4 * MiB - 1) // (4 * MiB) * (4 * MiB)
+    return Layout(BOOT_START, boot_size, BOOT_START + boot_size, root)
+
+
+def make_root_fs(tree: Path, out: Path, size: int, ident: Identity, sde: int) -> None:
+    out.unlink(missing_ok=True)
+    with open(out, "wb") as f:
+        f.truncate(size)
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-U", ident.root_uuid, "-m", "1",
+         "-E", f"hash_seed={ident.hash_seed},lazy_itable_init=0,nodiscard", "-d", tree, out],
+        env={"E2FSPROGS_FAKE_TIME": str(sde)}, what="mke2fs -d (root filesystem)")
+    fix_ctimes(tree, out, sde)
+
+
+def fix_ctimes(tree: Path, fs: Path, sde: int) -> None:
+    """mke2fs -d copies each file's ctime, which is the time of the copy; set them to SDE for reproducibility."""
+    cmds = [f'sif "/" ctime @{sde}']
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), tree)
+            if '"' in rel or "\n" in rel:
+                raise BuildError(f"rootfs path {rel!r} cannot be stamped reproducibly (a quote or newline in it)")
+            cmds.append(f'sif "/{rel}" ctime @{sde}')
+    script = fs.with_suffix(".debugfs")
+    script.write_text("\n".join(cmds) + "\n")
+    run(["debugfs", "-w", "-f", script, fs], env={"E2FSPROGS_FAKE_TIME": str(sde)}, what="debugfs (timestamps)")
+    script.unlink()
+
+
+def make_boot_fs(files: dict[str, Path], out: Path, size: int, ident: Identity, sde: int) -> None:
+    out.unlink(missing_ok=True)
+    run(["mkfs.vfat", "--invariant", "-i", ident.boot_volid, "-n", "BOOT", "-C", out, str(size // 1024)],
+        env={"SOURCE_DATE_EPOCH": str(sde)}, what="mkfs.vfat (boot partition)")
+    dirs = sorted({str(Path(n).parent) for n in files if "/" in n})
+    env = {"SOURCE_DATE_EPOCH": str(sde), "MTOOLS_SKIP_CHECK": "1"}
+    for d in dirs:
+        run(["mmd", "-i", out, f"::/{d}"], env=env, what="mmd")
+    for name in sorted(files):
+        run(["mcopy", "-m", "-i", out, files[name], f"::/{name}"], env=env, what=f"mcopy {name}")
+
+
+def splice(src: Path, dst_fd: int, offset: int) -> None:
+    """Copy src into dst at offset, data extents only, so holes stay holes."""
+    with open(src, "rb") as f:
+        fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # only a hole is left
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            while pos < hole:
+                pos += os.copy_file_range(fd, dst_fd, hole - pos, pos, offset + pos)
+
+
+def assemble(out: Path, lay: Layout, ident: Identity, boot_fs: Path, root_fs: Path,
+             spl: Path | None, spl_offset: int | None) -> None:
+    out.unlink(missing_ok=True)
+    with open(out, "wb") as f:
+        f.truncate(lay.total)
+    script = (f"label: dos\nlabel-id: 0x{ident.disk_id}\nunit: sectors\n\n"
+              f"start={lay.boot_start // 512}, size={lay.boot_size // 512}, type=c, bootable\n"
+              f"start={lay.root_start // 512}, size={lay.root_size // 512}, type=83\n")
+    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", out], input=script.encode(), what="sfdisk")
+    fd = os.open(out, os.O_WRONLY)
+    try:
+        splice(boot_fs, fd, lay.boot_start)
+        splice(root_fs, fd, lay.root_start)
+        if spl is not None and spl_offset is not None:
+            data = spl.read_bytes()
+            if spl_offset + len(data) > lay.boot_start:
+                raise BuildError(f"{spl.name} ({len(data)} bytes at {spl_offset}) would overlap the boot partition")
+            os.pwrite(fd, data, spl_offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

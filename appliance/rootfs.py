@@ -1,0 +1,190 @@
+"""The base rootfs: a real armhf Debian tree made by mmdebstrap under qemu-user, cached by what shapes it.
+
+The cache key is the suite, the sources, the architecture, the package list and the options below;
+changing an overlay or a recipe value reuses the tree. The initramfs is kept out of package installs
+(update-initramfs is diverted to a no-op) and generated once, later, with the board's short module list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import log
+from .config import Config
+from .errors import BuildError
+from .log import run, step
+from .mirror import Source, sources
+
+# Bump when the way the tree is made changes, so old caches are not reused.
+RECIPE_FORMAT = 3
+BASE_PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "openssh-server", "iproute2",
+                 "ca-certificates", "e2fsprogs", "fdisk")
+# Fetched as .deb files beside the tree (not installed): the guest's busybox.
+EXTRA_DEBS = ("busybox-static",)
+DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*", "/usr/share/doc/*",
+                 "/usr/share/lintian/*")
+HOOKS = Path("/usr/share/mmdebstrap/hooks")
+_DIVERT = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs && '
+           'printf "#!/bin/sh\\n# diverted while the image is built; the initramfs is made once at the end\\nexit 0\\n"'
+           ' > "$1/usr/sbin/update-initramfs" && chmod 755 "$1/usr/sbin/update-initramfs"')
+
+
+@dataclass(frozen=True)
+class Base:
+    """A cached base tree and what is known about it."""
+
+    path: Path
+
+    @property
+    def tree(self) -> Path:
+        return self.path / "tree"
+
+    @property
+    def debs(self) -> Path:
+        return self.path / "debs"
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.path / "meta.json").read_text())
+
+    def deb(self, package: str) -> Path:
+        found = sorted(self.debs.glob(f"{package}_*.deb"))
+        if not found:
+            raise BuildError(f"{package}: no .deb in the rootfs cache {self.debs}", hint="run invoke clean")
+        return found[-1]
+
+
+def cache_dir(cfg: Config) -> Path:
+    return cfg.root / ".cache"
+
+
+def packages(cfg: Config) -> list[str]:
+    return sorted({*BASE_PACKAGES, cfg.board.kernel_package, cfg.board.xen_package, *cfg.recipe.packages,
+                   *cfg.board.wifi_firmware})
+
+
+def extra_debs(cfg: Config) -> list[str]:
+    spl = {b.uboot.package for b in (cfg.board, *cfg.also) if b.uboot.offset is not None}
+    return sorted({*spl, *EXTRA_DEBS})
+
+
+def wanted_sources(cfg: Config) -> list[Source]:
+    r = cfg.recipe
+    return sources(r.suite, r.components, r.mirror, r.security_mirror)
+
+
+def key(cfg: Config, srcs: list[Source]) -> str:
+    shape = {
+        "format": RECIPE_FORMAT, "arch": cfg.board.arch, "suite": cfg.recipe.suite,
+        "sources": [s.line() for s in srcs], "packages": packages(cfg), "debs": extra_debs(cfg),
+        "excludes": DPKG_EXCLUDES,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached(cfg: Config) -> Base | None:
+    base = Base(cache_dir(cfg) / "rootfs" / key(cfg, wanted_sources(cfg)))
+    return base if (base.path / "meta.json").exists() else None
+
+
+def ensure(cfg: Config) -> Base:
+    """The base tree for cfg: from the cache, or made now with mmdebstrap."""
+    srcs = wanted_sources(cfg)
+    base = Base(cache_dir(cfg) / "rootfs" / key(cfg, srcs))
+    if (base.path / "meta.json").exists():
+        log.info(f"base rootfs from cache ({base.path.name})")
+        return base
+    usable, missing = probe(srcs, cfg.board.arch)
+    tmp = base.path.with_name(base.path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "debs").mkdir(parents=True)
+    argv = [
+        "mmdebstrap", f"--arch={cfg.board.arch}", "--variant=apt", "--mode=root", "--format=directory",
+        f"--hook-dir={HOOKS}/merged-usr", f"--hook-dir={HOOKS}/eatmydata",
+        *[f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES],
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--aptopt=Acquire::Retries \"5\"",
+        f"--essential-hook={_DIVERT}",
+        f"--include={','.join(packages(cfg))}",
+        f'--customize-hook=env --chdir="$1/../debs" APT_CONFIG="$MMDEBSTRAP_APT_CONFIG" '
+        f'apt-get download -q {" ".join(extra_debs(cfg))}',
+        "--customize-hook=rm -f \"$1\"/var/cache/apt/*.bin \"$1\"/var/lib/apt/lists/*_Packages",
+        cfg.recipe.suite, str(tmp / "tree"), *[s.line() for s in usable],
+    ]
+    with step(f"Installing {len(packages(cfg))} packages into an {cfg.board.arch} {cfg.recipe.suite} tree "
+              "(mmdebstrap, qemu-user)"):
+        run(argv, capture=False, what="mmdebstrap")
+    meta = {
+        "key": base.path.name, "suite": cfg.recipe.suite, "arch": cfg.board.arch,
+        "sources": [s.line() for s in srcs], "built_from": [s.line() for s in usable],
+        "missing_suites": [s.suite for s in missing], "created": int(time.time()),
+        "packages": installed(tmp / "tree"),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(base.path, ignore_errors=True)
+    tmp.rename(base.path)
+    return base
+
+
+def installed(tree: Path) -> dict[str, str]:
+    out = run(["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\n"]).stdout
+    return dict(line.split("\t", 1) for line in out.decode().splitlines() if "\t" in line)
+
+
+def probe(srcs: list[Source], arch: str, tries: int = 4) -> tuple[list[Source], list[Source]]:
+    """Check each suite's index for arch before mmdebstrap, which aborts on any failed index.
+
+    Debian's archive can be briefly inconsistent ("File has unexpected size … Mirror sync in progress?").
+    Retry with a backoff; a suite other than the main one that still fails is left out of this build
+    with a warning (the image's own sources still list it, so the board gets it on its first upgrade).
+    """
+    with step(f"Checking the {arch} package indexes of {len(srcs)} suites"), tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "lists/partial").mkdir(parents=True)
+        (tmp / "parts").mkdir()
+        (tmp / "sources.list").write_text("".join(s.line() + "\n" for s in srcs))
+        opts = [f"-oAPT::Architecture={arch}", f"-oAPT::Architectures={arch}", f"-oDir::State::Lists={tmp}/lists",
+                f"-oDir::Etc::SourceList={tmp}/sources.list", f"-oDir::Etc::SourceParts={tmp}/parts",
+                f"-oDir::Cache={tmp}", "-oAcquire::Languages=none", "-oAPT::Get::List-Cleanup=0"]
+        failed: set[str] = set()
+        for attempt in range(tries):
+            proc = run(["apt-get", "update", *opts], check=False)
+            text = (proc.stdout + proc.stderr).decode(errors="replace")
+            failed = {s.suite for s in srcs if re.search(rf"(Err|E):.*{re.escape(s.uri)}[/ ]\S*{s.suite}[/ ]", text)}
+            if proc.returncode == 0 and not failed:
+                break
+            if not failed:
+                raise BuildError(f"apt-get update for {arch} failed: {text.strip().splitlines()[-1]}")
+            if attempt + 1 < tries:
+                wait = 5 * 2 ** attempt
+                log.info(f"index of {', '.join(sorted(failed))} not usable yet; retrying in {wait} s")
+                time.sleep(wait)
+        if srcs[0].suite in failed:
+            raise BuildError(f"the {srcs[0].suite} index at {srcs[0].uri} cannot be read for {arch}",
+                             hint="check the mirror or set mirror: in the recipe")
+        missing = [s for s in srcs if s.suite in failed]
+        for s in missing:
+            log.warn(f"the {s.suite} index for {arch} at {s.uri} is inconsistent after {tries} tries; this "
+                     f"build uses the other suites and the image still lists {s.suite} for its first upgrade")
+        return [s for s in srcs if s.suite not in failed], missing
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """A working copy of a cached tree (reflinks where the filesystem has them)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    run(["cp", "-a", "--reflink=auto", str(src), str(dst)], what="copying the cached rootfs")
+
+
+def clean(root: Path) -> None:
+    shutil.rmtree(root / ".cache", ignore_errors=True)
+    os.makedirs(root / ".cache", exist_ok=True)
