@@ -1,0 +1,100 @@
+"""Shared fixtures: the built image (built once per session), its rootfs, and testinfra hosts.
+
+One testinfra suite describes what the appliance must be; the `host` fixture runs it against the rootfs
+inside the built image (chroot backend, `image` tier) and against the image booted under QEMU
+(paramiko backend, `system` tier).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import testinfra
+
+from appliance import ROOT
+
+TEST_DIR = ROOT / "build" / "test"
+
+
+def _root_required() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mmdebstrap, chroot)")
+
+
+@pytest.fixture(scope="session")
+def test_key() -> Path:
+    """An SSH key made for the test run; its public half is the image's only way in."""
+    TEST_DIR.mkdir(parents=True, exist_ok=True)
+    key = TEST_DIR / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "appliance-test", "-f", str(key)],
+                       check=True)
+    return key
+
+
+@pytest.fixture(scope="session")
+def built_image(test_key: Path):
+    """The default recipe's image, built for real (the rootfs cache makes later runs fast)."""
+    _root_required()
+    from appliance import build
+
+    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
+    assert out is not None and out.img.exists()
+    return out
+
+
+def extract_root(img: Path, dest: Path) -> Path:
+    """Copy the image's root filesystem out of the image file, without mounting it."""
+    out = subprocess.run(["sfdisk", "-J", str(img)], check=True, capture_output=True, text=True).stdout
+    part = json.loads(out)["partitiontable"]["partitions"][1]
+    fs = dest.with_suffix(".ext4")
+    with open(img, "rb") as src, open(fs, "wb") as dst:
+        dst.truncate(part["size"] * 512)
+        start, done, size = part["start"] * 512, 0, part["size"] * 512
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done, start + done, done)
+            if n == 0:
+                break
+            done += n
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    subprocess.run(["debugfs", "-R", f"rdump / {dest}", str(fs)], check=True, capture_output=True)
+    fs.unlink()
+    return dest
+
+
+@pytest.fixture(scope="session")
+def image_rootfs(built_image) -> Path:
+    """The root filesystem inside the built image, copied out of the image file."""
+    return extract_root(built_image.img, TEST_DIR / "rootfs")
+
+
+@pytest.fixture(scope="session")
+def booted_board(built_image, test_key):
+    """The built image booted under QEMU (system tier): an appliance.emulate.Board with ssh/http ports."""
+    _root_required()
+    from appliance import emulate
+
+    with emulate.boot(built_image.img, log_path=TEST_DIR / "console.log", key=test_key) as board:
+        yield board
+
+
+@pytest.fixture(scope="module", params=[pytest.param("chroot", marks=pytest.mark.image),
+                                        pytest.param("ssh", marks=pytest.mark.system)])
+def host(request):
+    """The appliance as testinfra sees it: its rootfs (chroot) or the live emulated board (ssh)."""
+    if request.param == "chroot":
+        rootfs = request.getfixturevalue("image_rootfs")
+        assert (rootfs / "etc/os-release").exists(), f"{rootfs} is not a rootfs"
+        h = testinfra.get_host(f"chroot://{rootfs}")
+    else:
+        board = request.getfixturevalue("booted_board")
+        h = testinfra.get_host(board.testinfra_url, ssh_identity_file=str(board.key))
+    h.backend_name = request.param  # tests that only make sense live or offline check this
+    return h
