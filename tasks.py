@@ -58,6 +58,24 @@ def clean(c, all=False, debug=False):
     b.clean(everything=all)
 
 
+@task(positional=["device"],
+      help={"device": "the card's whole disk, e.g. /dev/sdb (default: choose among removable disks)",
+            "image": ".img, .img.xz, .img.gz or .img.zst to write (default: build/latest, the last built)",
+            "bmap": "block map to write by (default: the image's .bmap; without one, a full write)",
+            "yes": "do not ask for confirmation", "force": "also write a disk that is not removable",
+            "to_file": "DEVICE is an image file to write, not a card",
+            "debug": "show commands and tracebacks"})
+@_cli
+def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file=False, debug=False):
+    """Write an image to an SD card: checked, sparse and verified."""
+    from pathlib import Path
+
+    from appliance import flash as f
+
+    f.flash(Path(image) if image else f.default_image(), Path(device) if device else None,
+            bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file)
+
+
 @task(help={"tier": "unit, image, system or all (default)", "pytest_args": "extra pytest arguments"})
 def test(c, tier="all", pytest_args=""):
     """Run the test suite: every tier by default."""
@@ -65,4 +83,4 @@ def test(c, tier="all", pytest_args=""):
     c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=False)
 
 
-ns = Collection(build, clean, test)
+ns = Collection(build, clean, test, flash)

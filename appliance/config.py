@@ -199,11 +199,11 @@ class Config:
 
 
 def _fail(path: Path, key: str, message: str) -> RecipeError:
-    where = f"{_rel(path)}: {key}" if key else _rel(path)
+    where = f"{rel(path)}: {key}" if key else rel(path)
     return RecipeError(f"{where}: {message}")
 
 
-def _rel(path: Path) -> str:
+def rel(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
@@ -273,17 +273,18 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError(f"{_rel(path)}: no such file") from None
+        raise RecipeError(f"{rel(path)}: no such file") from None
     except OSError as exc:
-        raise RecipeError(f"{_rel(path)}: cannot read: {exc.strerror}") from None
+        raise RecipeError(f"{rel(path)}: cannot read: {exc.strerror}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{_rel(path)}: not valid YAML{line}") from None
+        problem = getattr(exc, "problem", None)
+        raise RecipeError(f"{rel(path)}: not valid YAML{line}" + (f": {problem}" if problem else "")) from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{_rel(path)}: must be a mapping of keys")
+        raise RecipeError(f"{rel(path)}: must be a mapping of keys")
     return data
 
 
@@ -291,7 +292,7 @@ def load_board(name: str, root: Path = ROOT) -> Board:
     path = root / "board" / f"{name}.yaml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in (root / "board").glob("*.yaml")))
-        raise RecipeError(f"{_rel(path)}: no such board '{name}'", hint=f"known boards: {known}")
+        raise RecipeError(f"{rel(path)}: no such board '{name}'", hint=f"known boards: {known}")
     board: Board = _build(Board, read_yaml(path), path)
     if board.name != name:
         raise _fail(path, "name", f"'{board.name}' does not match the file name '{name}'")

@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 
 from . import log
-from .config import Config, wifi_passphrase
+from .config import Config, rel, wifi_passphrase
 from .errors import BuildError, RecipeError
 from .identity import Identity
 from .mirror import Source
@@ -56,7 +56,7 @@ def overlay_dirs(cfg: Config) -> list[Path]:
     for name in cfg.recipe.overlays:
         d = Path(name) if "/" in name else cfg.root / "overlays" / name
         if not d.is_dir():
-            raise RecipeError(f"{cfg.recipe_path.name}: overlays: no overlay directory {d}")
+            raise RecipeError(f"{rel(cfg.recipe_path)}: overlays: no overlay directory {rel(d)}")
         dirs.append(d)
     return dirs
 
