@@ -76,6 +76,34 @@ def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file
             bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file)
 
 
+@task(positional=["image"],
+      help={"image": "the .img to boot (default: build/latest, the last built)",
+            "board": "the emulated board: qemu-virt (default)",
+            "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
+            "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key)",
+            "timeout": "power off after this many seconds (with --log/--check: also the deadline for SSH)",
+            "check": "boot to a log, wait for dom0's SSH, print the milestones and power off",
+            "debug": "show commands and tracebacks"})
+@_cli
+def emulate(c, image=None, board="qemu-virt", log=None, key=None, timeout=None, check=False, debug=False):
+    """Boot the image under QEMU through its own U-Boot script, Xen and dom0; never modifies the image."""
+    from pathlib import Path
+
+    from appliance import emulate as e
+    from appliance import flash as f
+
+    img = Path(image) if image else f.default_image()
+    secs = float(timeout) if timeout else None
+    if not log and not check:
+        raise Exit(code=e.interactive(img, board=board, timeout=secs))
+    k = Path(key) if key else e.default_key()
+    if k is None:
+        raise Exit("appliance: ERROR: --log and --check need --key, the SSH private key the image trusts", code=1)
+    marks = e.headless(img, key=k, log_path=Path(log or "build/emulate-console.log"), board=board,
+                       timeout=secs or 600, stay=0 if check else secs)
+    print("milestones (s from power-on): " + ", ".join(f"{n} {t:.1f}" for n, t in marks.items()))
+
+
 @task(help={"tier": "unit, image, system or all (default)", "pytest_args": "extra pytest arguments"})
 def test(c, tier="all", pytest_args=""):
     """Run the test suite: every tier by default."""
@@ -83,4 +111,15 @@ def test(c, tier="all", pytest_args=""):
     c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=False)
 
 
-ns = Collection(build, clean, test, flash)
+@task(help={"skip_cold": "skip the cold build (it takes minutes)", "skip_flash": "skip the flash benchmark",
+            "skip_boot": "skip the QEMU boot benchmark", "authorized_keys": "an SSH public key file for the images",
+            "debug": "show commands and tracebacks"})
+@_cli
+def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, debug=False):
+    """Print the benchmark figures: build times, image sizes, flash and boot speed."""
+    from appliance import bench as b
+
+    b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys))
+
+
+ns = Collection(build, clean, test, flash, emulate, bench)

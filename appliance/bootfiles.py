@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import log
+from . import log, rootfs
 from .chroot import chroot
 from .config import Board, Config
 from .errors import BuildError, RecipeError
@@ -67,7 +67,7 @@ def initramfs(cfg: Config, tree: Path, kernel: Kernel, base_key: str) -> Path:
     h = hashlib.sha256(f"{base_key}:{kernel.version}".encode())
     for p in conf:
         h.update(p.read_bytes())
-    cached = cfg.root / ".cache/initrd" / f"initrd-{h.hexdigest()[:16]}.img"
+    cached = rootfs.cache_dir(cfg) / "initrd" / f"initrd-{h.hexdigest()[:16]}.img"
     target = tree / "boot" / f"initrd.img-{kernel.version}"
     if cached.exists():
         log.info(f"initramfs from cache ({cached.name})")

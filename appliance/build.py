@@ -7,7 +7,9 @@ where a finished one belongs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -87,7 +89,27 @@ def verify(recipe: str, authorized_keys: str | None, *, need_secrets: bool = Tru
     return Context(cfg, ident, source_date_epoch(cfg), keys, cfg.root / "build", work)
 
 
+@contextlib.contextmanager
+def exclusive(root: Path):
+    """One build at a time per checkout: they share the rootfs cache and the workspace."""
+    (root / "build").mkdir(exist_ok=True)
+    with open(root / "build" / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another build in this checkout to finish…")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str | None = None) -> Outputs | None:
+    if dry_run:
+        return _build(recipe, dry_run=True, authorized_keys=authorized_keys)
+    with exclusive(ROOT):
+        return _build(recipe, dry_run=False, authorized_keys=authorized_keys)
+
+
+def _build(recipe: str, *, dry_run: bool, authorized_keys: str | None) -> Outputs | None:
     start = time.monotonic()
     log.durations.clear()
     with step(f"Checking recipe {recipe}, its boards, overlays, templates and host tools"):

@@ -7,6 +7,7 @@ changing an overlay or a recipe value reuses the tree. The initramfs is kept out
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -63,7 +64,8 @@ class Base:
 
 
 def cache_dir(cfg: Config) -> Path:
-    return cfg.root / ".cache"
+    """The cache of base trees and initramfs images; APPLIANCE_CACHE moves it (the benchmark uses that)."""
+    return Path(os.environ.get("APPLIANCE_CACHE") or cfg.root / ".cache")
 
 
 def packages(cfg: Config) -> list[str]:
@@ -96,7 +98,19 @@ def cached(cfg: Config) -> Base | None:
 
 
 def ensure(cfg: Config) -> Base:
-    """The base tree for cfg: from the cache, or made now with mmdebstrap."""
+    """The base tree for cfg: from the cache, or made now with mmdebstrap (one maker at a time)."""
+    lock_path = cache_dir(cfg) / "rootfs" / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process making the base rootfs…")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure(cfg)
+
+
+def _ensure(cfg: Config) -> Base:
     srcs = wanted_sources(cfg)
     base = Base(cache_dir(cfg) / "rootfs" / key(cfg, srcs))
     if (base.path / "meta.json").exists():
@@ -139,7 +153,7 @@ def installed(tree: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in out.decode().splitlines() if "\t" in line)
 
 
-def probe(srcs: list[Source], arch: str, tries: int = 4) -> tuple[list[Source], list[Source]]:
+def probe(srcs: list[Source], arch: str, tries: int = 3) -> tuple[list[Source], list[Source]]:
     """Check each suite's index for arch before mmdebstrap, which aborts on any failed index.
 
     Debian's archive can be briefly inconsistent ("File has unexpected size … Mirror sync in progress?").
@@ -164,7 +178,7 @@ def probe(srcs: list[Source], arch: str, tries: int = 4) -> tuple[list[Source], 
             if not failed:
                 raise BuildError(f"apt-get update for {arch} failed: {text.strip().splitlines()[-1]}")
             if attempt + 1 < tries:
-                wait = 5 * 2 ** attempt
+                wait = 3 * 3 ** attempt
                 log.info(f"index of {', '.join(sorted(failed))} not usable yet; retrying in {wait} s")
                 time.sleep(wait)
         if srcs[0].suite in failed:

@@ -1,0 +1,205 @@
+"""Image tier: the built image file checked against the real packaged files (no board is in reach).
+
+SPL bytes and eGON header, partition layout, boot.scr decoded and every file and device-tree path it
+names, load addresses in the A20's RAM without overlaps, the initramfs modules, bmap compatibility
+with bmaptool, checksums, the manifest, and bit-identical rebuilds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from appliance import ROOT, bootfiles, config, rootfs
+
+pytestmark = pytest.mark.image
+BOARD = config.load_board("cubieboard2")
+
+
+def sfdisk(img: Path) -> dict:
+    return json.loads(subprocess.run(["sfdisk", "-J", str(img)], check=True, capture_output=True,
+                                     text=True).stdout)["partitiontable"]
+
+
+def fat_read(img: Path, name: str) -> bytes:
+    start = sfdisk(img)["partitions"][0]["start"] * 512
+    return subprocess.run(["mtype", "-i", f"{img}@@{start}", f"::/{name}"], check=True, capture_output=True,
+                          env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}).stdout
+
+
+def fat_list(img: Path) -> set[str]:
+    start = sfdisk(img)["partitions"][0]["start"] * 512
+    out = subprocess.run(["mdir", "-/", "-b", "-i", f"{img}@@{start}", "::/"], check=True, capture_output=True,
+                         text=True, env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}).stdout
+    return {line.strip().removeprefix("::").lstrip("/") for line in out.splitlines() if line.strip()}
+
+
+def decode_script(data: bytes) -> str:
+    """A legacy U-Boot script image: 64-byte header, a table of part lengths, then the script."""
+    magic, hcrc, _time, size, _load, _ep, dcrc, _os, _arch, itype, comp = struct.unpack(">7I4B", data[:32])
+    assert magic == 0x27051956, "not a U-Boot legacy image"
+    header = data[:4] + b"\0\0\0\0" + data[8:64]
+    assert zlib.crc32(header) == hcrc, "header CRC mismatch"
+    body = data[64:64 + size]
+    assert zlib.crc32(body) == dcrc, "data CRC mismatch"
+    assert itype == 6 and comp == 0, "not an uncompressed script"
+    first_len = struct.unpack(">I", body[:4])[0]
+    assert struct.unpack(">I", body[4:8])[0] == 0
+    return body[8:8 + first_len].decode()
+
+
+@pytest.fixture(scope="module")
+def spl_packaged(built_image) -> bytes:
+    cfg = config.load("booth")
+    base = rootfs.cached(cfg)
+    assert base is not None
+    deb = base.deb("u-boot-sunxi")
+    return subprocess.run(f"dpkg-deb --fsys-tarfile {deb} | tar -xOf - ./{BOARD.uboot.file}", shell=True,
+                          check=True, capture_output=True).stdout
+
+
+@pytest.fixture(scope="module")
+def script(built_image) -> str:
+    return decode_script(fat_read(built_image.img, "boot.scr"))
+
+
+def branch(script: str, board: str) -> str:
+    m = re.search(rf'echo "appliance: booting Xen on {board}"\n(.*?)bootz[^\n]*\n', script, re.S)
+    assert m, f"boot.scr has no branch for {board}"
+    return m.group(0)
+
+
+def test_spl_at_8k_is_the_packaged_one_with_a_valid_egon_header(built_image, spl_packaged):
+    with open(built_image.img, "rb") as f:
+        f.seek(BOARD.uboot.offset)
+        on_card = f.read(len(spl_packaged))
+    assert on_card == spl_packaged
+    assert on_card[4:12] == b"eGON.BT0"
+    checksum, length = struct.unpack("<II", on_card[12:20])
+    assert length % 4 == 0 and 0 < length <= len(on_card)
+    words = list(struct.unpack(f"<{length // 4}I", on_card[:length]))
+    words[3] = 0x5F0A6C39  # the checksum field counts as the stamp
+    assert sum(words) & 0xFFFFFFFF == checksum
+
+
+def test_mbr_partitions_clear_of_the_spl(built_image, spl_packaged):
+    table = sfdisk(built_image.img)
+    assert table["label"] == "dos"
+    parts = table["partitions"]
+    assert len(parts) == 2
+    assert parts[0]["start"] * 512 >= 1 << 20
+    assert parts[0]["start"] * 512 >= BOARD.uboot.offset + len(spl_packaged)
+    assert parts[0]["type"] == "c" and parts[1]["type"] == "83"
+    assert parts[1]["start"] >= parts[0]["start"] + parts[0]["size"]
+
+
+def test_boot_scr_decodes_and_matches_its_source(built_image, script):
+    assert script == fat_read(built_image.img, "boot.cmd").decode()
+    assert 'test "${board_name}" = "qemu-arm"' in script
+
+
+def test_every_file_boot_scr_loads_is_on_the_boot_partition(built_image, script):
+    loaded = set(re.findall(r"^\s*load \S+ \S+ \S+ /(\S+)$", script, re.M))
+    assert {"xen", "vmlinuz", "initrd.img", f"dtbs/{BOARD.dtb}"} <= loaded
+    present = fat_list(built_image.img)
+    for name in loaded:
+        assert name in present, f"boot.scr loads /{name}, which is not on the boot partition"
+
+
+def test_device_tree_paths_named_exist_in_the_board_dtb(built_image, script, tmp_path):
+    dtb = tmp_path / BOARD.dtb
+    dtb.write_bytes(fat_read(built_image.img, f"dtbs/{BOARD.dtb}"))
+    part = branch(script, BOARD.name)
+    xen_args = re.search(r'xen,xen-bootargs "([^"]*)"', part).group(1)
+    paths = set(re.findall(r"dtuart=(\S+)", xen_args)) | set(re.findall(r"fdt (?:set|mknod) (/\S*)", part))
+    assert "/soc/serial@1c28000" in paths
+    for path in paths:
+        node = path if path.startswith("/") else None
+        if node is None:  # an alias
+            node = subprocess.run(["fdtget", "-t", "s", str(dtb), "/aliases", path], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        # /chosen/dom0 and /chosen/dom0-ramdisk are made by boot.scr itself; their parent must exist
+        check = node if not node.startswith("/chosen/") else "/chosen"
+        subprocess.run(["fdtget", "-l", str(dtb), check], check=True, capture_output=True)
+    # console=dtuart falls back to stdout-path: prove both DTB facts the fallback relies on
+    stdout = subprocess.run(["fdtget", "-t", "s", str(dtb), "/chosen", "stdout-path"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    alias = stdout.split(":")[0]
+    target = subprocess.run(["fdtget", "-t", "s", str(dtb), "/aliases", alias], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert target == "/soc/serial@1c28000"
+
+
+def test_load_addresses_in_ram_and_loaded_files_do_not_overlap(built_image, script):
+    part = branch(script, BOARD.name)
+    addr = {name: int(a, 16) for a, name in re.findall(r"^\s*load \S+ \S+ (0x[0-9a-f]+) /(\S+)$", part, re.M)}
+    sizes = {name: len(fat_read(built_image.img, name)) for name in addr}
+    dtb_addr = int(re.search(r"bootz 0x[0-9a-f]+ - (0x[0-9a-f]+)", part).group(1), 16)
+    assert dtb_addr == addr[f"dtbs/{BOARD.dtb}"]  # the DTB is used in place (fdt_high=0xffffffff)
+    assert "setenv fdt_high 0xffffffff" in part
+    spans = sorted((a, a + sizes[n] + (8192 if n.startswith("dtbs/") else 0), n) for n, a in addr.items())
+    ram_end = BOARD.ram.base + BOARD.ram.size
+    for start, end, name in spans:
+        assert BOARD.ram.base <= start and end <= ram_end, f"{name} outside RAM"
+    for (s1, e1, n1), (s2, _e2, n2) in zip(spans, spans[1:]):
+        assert e1 <= s2, f"{n1} overlaps {n2}"
+    # U-Boot's own script buffer (scriptaddr 0x43100000) must survive while the script runs
+    for start, end, name in spans:
+        assert not (start < 0x43100000 + 0x100000 and end > 0x43100000), f"{name} overwrites boot.scr"
+    # and the layout checker the build uses agrees
+    bootfiles.check_layout(BOARD, {"xen": sizes["xen"], "vmlinuz": sizes["vmlinuz"],
+                                   "initrd.img": sizes["initrd.img"], f"dtbs/{BOARD.dtb}": sizes[f"dtbs/{BOARD.dtb}"]})
+
+
+def test_initramfs_has_the_boards_modules(built_image):
+    data = gzip.decompress(fat_read(built_image.img, "initrd.img"))
+    names = subprocess.run(["cpio", "-it", "--quiet"], input=data, check=True, capture_output=True).stdout.decode()
+    for module in ("sunxi-mmc.ko", "ext4.ko", "sun4i-emac.ko", "dwmac-sunxi.ko", "virtio_blk.ko", "virtio_mmio.ko"):
+        assert re.search(rf"/{re.escape(module)}$", names, re.M), f"{module} missing from the initramfs"
+    # a short list, not MODULES=most
+    assert len(re.findall(r"\.ko$", names, re.M)) < 80
+
+
+def test_bmaptool_accepts_our_bmap(built_image, tmp_path):
+    target = tmp_path / "card.img"
+    subprocess.run(["bmaptool", "copy", "--bmap", str(built_image.bmap), str(built_image.img), str(target)],
+                   check=True, capture_output=True)
+    assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(built_image.img.read_bytes()).digest()
+
+
+def test_checksums_and_manifest(built_image):
+    sums = dict(reversed(line.split("  ")) for line in built_image.sums.read_text().splitlines())
+    for name in (built_image.img.name, built_image.bmap.name, built_image.xz.name):
+        assert hashlib.sha256((built_image.img.parent / name).read_bytes()).hexdigest() == sums[name]
+    m = json.loads(built_image.manifest.read_text())
+    assert m["board"] == "cubieboard2" and m["recipe"] == "booth"
+    assert len(m["recipe_sha256"]) == 64
+    assert m["packages"]["xen-hypervisor-4.17-armhf"] and m["packages"]["openssh-server"]
+    assert set(m["steps"]) and all(v >= 0 for v in m["steps"].values())
+    assert m["sizes"]["mapped"] < m["sizes"]["image"]
+    assert (ROOT / "build" / "latest").resolve() == built_image.img.resolve()
+
+
+def test_xz_decompresses_to_the_image(built_image):
+    h = hashlib.sha256()
+    with subprocess.Popen(["xz", "-dc", str(built_image.xz)], stdout=subprocess.PIPE) as p:
+        assert p.stdout is not None
+        while chunk := p.stdout.read(1 << 20):
+            h.update(chunk)
+    assert h.hexdigest() == hashlib.sha256(built_image.img.read_bytes()).hexdigest()
+
+
+def test_rebuild_is_bit_identical(built_image, test_key):
+    from appliance import build
+
+    before = hashlib.sha256(built_image.img.read_bytes()).hexdigest()
+    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
+    assert hashlib.sha256(out.img.read_bytes()).hexdigest() == before
