@@ -76,8 +76,7 @@ def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file
             bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file)
 
 
-@task(positional=["image"],
-      help={"image": "the .img to boot (default: build/latest, the last built)",
+@task(help={"image": "the .img to boot (default: build/latest, the last built)",
             "board": "the emulated board: qemu-virt (default)",
             "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
             "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key)",
@@ -104,6 +103,16 @@ def emulate(c, image=None, board="qemu-virt", log=None, key=None, timeout=None, 
     print("milestones (s from power-on): " + ", ".join(f"{n} {t:.1f}" for n, t in marks.items()))
 
 
+@task(help={"recipe": "recipe name under recipes/ or a path (default: booth)",
+            "debug": "show commands and tracebacks"})
+@_cli
+def guest(c, recipe="booth", debug=False):
+    """Build the demo guest bundle (zImage + busybox httpd initramfs + the game) into build/guests/."""
+    from appliance import guest as g
+
+    print(g.build_task(recipe).path)
+
+
 @task(help={"tier": "unit, image, system or all (default)", "pytest_args": "extra pytest arguments"})
 def test(c, tier="all", pytest_args=""):
     """Run the test suite: every tier by default."""
@@ -122,4 +131,4 @@ def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys
     b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys))
 
 
-ns = Collection(build, clean, test, flash, emulate, bench)
+ns = Collection(build, clean, test, flash, emulate, bench, guest)

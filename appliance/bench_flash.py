@@ -32,9 +32,10 @@ def attached(backing: Path, *, read_only: bool = False, partscan: bool = False) 
         log.run(["losetup", "--detach", str(node)], check=False)
 
 
-def _sectors_written(loop: Path) -> int:
-    # field 7 of /sys/block/X/stat: 512-byte sectors written since the device appeared
-    return int(Path(f"/sys/block/{loop.name}/stat").read_text().split()[6])
+def written_bytes(loop: Path) -> int:
+    """Bytes written to a block device since it appeared, as the kernel counts them."""
+    # field 7 of /sys/block/X/stat: 512-byte sectors written
+    return int(Path(f"/sys/block/{loop.name}/stat").read_text().split()[6]) * 512
 
 
 def bench(image: Path, bmap: Path) -> dict[str, float]:
@@ -52,13 +53,13 @@ def bench(image: Path, bmap: Path) -> dict[str, float]:
             backing.touch()
             os.truncate(backing, size)
             with attached(backing) as loop:
-                before, start = _sectors_written(loop), time.monotonic()
+                before, start = written_bytes(loop), time.monotonic()
                 if name == "sparse":
                     flash(image, loop, bmap=bmap, yes=True, force=True)
                 else:
                     log.run(["dd", f"if={image}", f"of={loop}", "bs=4M", "conv=fsync", "status=none"])
                 results[f"{name}_seconds"] = round(time.monotonic() - start, 3)
-                results[f"{name}_bytes"] = (_sectors_written(loop) - before) * 512
+                results[f"{name}_bytes"] = written_bytes(loop) - before
     results["bytes_ratio"] = round(results["sparse_bytes"] / max(mapped, 1), 3)
     results["speedup"] = round(results["dd_seconds"] / max(results["sparse_seconds"], 1e-6), 2)
     for name in ("sparse", "dd"):

@@ -125,7 +125,8 @@ def render(bmap: BlockMap) -> bytes:
         "    <!-- Count of blocks in the image file -->",
         f"    <BlocksCount> {bmap.blocks_count} </BlocksCount>",
         "",
-        f"    <!-- Count of mapped blocks: {_human(bmap.mapped_blocks * bmap.block_size)} or {percent:.1f}% -->",
+        (f"    <!-- Count of mapped blocks: {_human(bmap.mapped_blocks * bmap.block_size)} "
+         f"or {percent:.1f}% -->"),
         f"    <MappedBlocksCount> {bmap.mapped_blocks} </MappedBlocksCount>",
         "",
         "    <!-- Type of checksum used in this file -->",

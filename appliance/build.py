@@ -7,6 +7,7 @@ where a finished one belongs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import fcntl
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ROOT, bootfiles, configure, image, log, rootfs
+from . import ROOT, bootfiles, configure, guest, image, log, rootfs
 from .config import Config, load
 from .errors import BuildError, ToolError
 from .identity import Identity, derive
@@ -85,8 +86,20 @@ def verify(recipe: str, authorized_keys: str | None, *, need_secrets: bool = Tru
     configure.render_overlays(cfg, configure.context(cfg, ident, need_secrets=need_secrets))
     bootfiles.boot_cmd(cfg, ident)
     rootfs.wanted_sources(cfg)
-    work = cfg.root / "build" / ".work" / cfg.image_name
-    return Context(cfg, ident, source_date_epoch(cfg), keys, cfg.root / "build", work)
+    return Context(cfg, ident, source_date_epoch(cfg), keys, cfg.root / "build", workspace(cfg))
+
+
+def workspace(cfg: Config) -> Path:
+    """Where the tree and filesystems are made: tmpfs when it has room (the copy and mke2fs are then
+    memory-bound, not disk-bound), else build/.work."""
+    shm = Path("/dev/shm")
+    try:
+        st = os.statvfs(shm)
+        roomy = st.f_bavail * st.f_frsize > 4 << 30
+    except OSError:
+        roomy = False
+    tag = hashlib.sha256(str(cfg.root).encode()).hexdigest()[:8]
+    return (shm / f"appliance-{tag}" if roomy else cfg.root / "build" / ".work") / cfg.image_name
 
 
 @contextlib.contextmanager
@@ -129,6 +142,7 @@ def _build(recipe: str, *, dry_run: bool, authorized_keys: str | None) -> Output
         srcs = rootfs.wanted_sources(cfg)
         configure.system(ctx.tree, cfg, ctx.ident, srcs, ctx.keys)
         configure.lay(ctx.tree, configure.render_overlays(cfg, configure.context(cfg, ctx.ident)))
+        guest.install(cfg, base, ctx.tree)
         configure.undivert_initramfs(ctx.tree)
     kernel = bootfiles.find_kernel(ctx.tree)
     initrd = bootfiles.initramfs(cfg, ctx.tree, kernel, base.path.name)
@@ -195,15 +209,20 @@ def outputs(ctx: Context, out: Outputs, tmp_img: Path, base: rootfs.Base, kernel
     cfg = ctx.cfg
     with step("Writing the block map, the compressed image, checksums and the manifest"):
         tmp_bmap, tmp_xz = _tmp(out.bmap), _tmp(out.xz)
-        xz = subprocess.Popen(["xz", "-T2", "-3", "-c", str(tmp_img)], stdout=open(tmp_xz, "wb"),
-                              stderr=subprocess.PIPE)
-        bmap.create(tmp_img, tmp_bmap)
-        _, err = xz.communicate()
+        # xz is the slow part: it runs on every core while the block map and the checksum are made.
+        with open(tmp_xz, "wb") as xz_out:
+            xz = subprocess.Popen(["xz", "-T0", "-1", "-c", str(tmp_img)], stdout=xz_out, stderr=subprocess.PIPE)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                img_sum = pool.submit(sha256, tmp_img)
+                bmap.create(tmp_img, tmp_bmap)
+                sums = {out.img.name: img_sum.result()}
+            _, err = xz.communicate()
         if xz.returncode != 0:
             raise ToolError(f"xz failed: {err.decode(errors='replace').strip()}")
+        sums[out.bmap.name] = sha256(tmp_bmap)
+        sums[out.xz.name] = sha256(tmp_xz)
         for tmp, final in ((tmp_bmap, out.bmap), (tmp_xz, out.xz), (tmp_img, out.img)):
             tmp.rename(final)
-        sums = {p.name: sha256(p) for p in (out.img, out.bmap, out.xz)}
         _write(out.sums, "".join(f"{h}  {name}\n" for name, h in sums.items()))
         latest = ctx.out_dir / "latest"
         latest.unlink(missing_ok=True)
@@ -251,5 +270,7 @@ def clean(everything: bool = False, root: Path = ROOT) -> None:
     with step("Dropping caches" + (" and outputs" if everything else "")):
         rootfs.clean(root)
         shutil.rmtree(root / "build" / ".work", ignore_errors=True)
+        tag = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+        shutil.rmtree(Path("/dev/shm") / f"appliance-{tag}", ignore_errors=True)
         if everything:
             shutil.rmtree(root / "build", ignore_errors=True)

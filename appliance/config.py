@@ -104,6 +104,7 @@ class Board:
     dom0: Dom0 = Dom0()
     modules: tuple[str, ...] = ()      # kernel modules the initramfs needs (storage, ext4, network)
     wifi_firmware: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()      # dpkg path-exclude patterns: files this board can never use
     xen_args: str = ""                 # extra Xen command line for this board
     dom0_args: str = ""                # extra dom0 kernel command line for this board
     disk: str = "mmcblk0"              # the root disk's kernel name
@@ -128,34 +129,37 @@ class Ssh:
 @dataclass(frozen=True)
 class Wifi:
     ssid: str = "appliance"
-    country: str = "DE"
-    hw_mode: str = "g"
+    country: str = "DE"                # regulatory domain: which channels and powers are legal
+    hw_mode: str = "g"                 # a (5 GHz), b or g (2.4 GHz)
     channel: int = 6
-    open: bool = False
-    passphrase_file: str | None = None
+    open: bool = False                 # true: no encryption (a booth); false: WPA2 with the passphrase below
+    passphrase_file: str | None = None  # a file of the user's (relative to the recipe), never in the repo
     passphrase_env: str | None = "APPLIANCE_WIFI_PASSPHRASE"
-    client_isolation: bool = True
+    client_isolation: bool = True      # visitors cannot reach each other (hostapd ap_isolate)
 
 
 @dataclass(frozen=True)
 class Network:
     bridge: str = "br0"
-    address: str = "10.42.0.1/24"
+    address: str = "10.42.0.1/24"      # dom0 on the bridge; the prefix is the visitors' subnet
     dhcp_start: str = "10.42.0.100"
     dhcp_end: str = "10.42.0.199"
     uplink: str = "dhcp"               # "dhcp": the wired port is a DHCP client; "bridge": joined to the bridge
     captive: bool = True               # booth mode: every name resolves to the served guest
     names: tuple[str, ...] = ("demo.booth",)
+    unique_hostname: bool = True       # first boot: hostname becomes NAME-xxxxxx (MAC suffix), published over mDNS
 
 
 @dataclass(frozen=True)
 class GuestSpec:
-    bundle: str | None = None          # a guest bundle directory; None: the demo guest (`invoke guest`)
+    bundle: str | None = None          # a guest bundle directory or a bare Xen ARM zImage; None: the demo guest
     address: str = "10.42.0.2"
     mac: str = "00:16:3e:42:00:02"
     memory_mib: int = 96
     vcpus: int = 1
     port: int = 80
+    health_path: str = "/"             # the launcher's health check: HTTP GET address:port/health_path
+    deadline: int = 120                # seconds a started guest has to answer it
 
 
 @dataclass(frozen=True)
@@ -319,8 +323,10 @@ def load(recipe: str = "booth", root: Path = ROOT, **overrides: Any) -> Config:
     return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest)
 
 
-_CHANNELS = {"g": range(1, 15), "b": range(1, 15), "a": (36, 40, 44, 48, 52, 56, 60, 64, 100, 104, 108, 112,
-                                                           116, 120, 124, 128, 132, 136, 140, 149, 153, 157, 161, 165)}
+# Channels each hardware mode may use as an access point (802.11g has no channel 14; 5 GHz channels 52-144 need
+# radar detection (DFS), which USB dongles rarely offer; the country narrows these further).
+_CHANNELS = {"g": range(1, 14), "b": range(1, 15), "a": (36, 40, 44, 48, 149, 153, 157, 161, 165)}
+_DNS_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 def _check_recipe(rec: Recipe, path: Path) -> None:
@@ -328,59 +334,112 @@ def _check_recipe(rec: Recipe, path: Path) -> None:
         raise _fail(path, "name", f"'{rec.name}' must be lower-case letters, digits and '-'")
     if rec.hostname and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", rec.hostname):
         raise _fail(path, "hostname", f"'{rec.hostname}' is not a valid host name")
-    w = rec.wifi
+    _check_wifi(rec.wifi, path)
+    _check_network(rec, path)
+    if rec.mirror is not None and not re.fullmatch(r"(https?|file)://\S+", rec.mirror):
+        raise _fail(path, "mirror", f"'{rec.mirror}' must be an http(s):// or file:// URL")
+
+
+def _check_wifi(w: Wifi, path: Path) -> None:
     if not 1 <= len(w.ssid.encode()) <= 32:
         raise _fail(path, "wifi.ssid", f"'{w.ssid}' must be 1 to 32 bytes long")
+    if not w.ssid.isprintable():
+        raise _fail(path, "wifi.ssid", f"{w.ssid!r} must not hold control characters")
     if w.hw_mode not in _CHANNELS:
         raise _fail(path, "wifi.hw_mode", f"'{w.hw_mode}' must be one of a, b, g")
     if w.channel not in _CHANNELS[w.hw_mode]:
         raise _fail(path, "wifi.channel", f"channel {w.channel} is not allowed in hw_mode '{w.hw_mode}'")
     if not re.fullmatch(r"[A-Z]{2}", w.country):
         raise _fail(path, "wifi.country", f"'{w.country}' must be a two-letter ISO country code")
-    n = rec.network
+    if w.passphrase_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", w.passphrase_env):
+        raise _fail(path, "wifi.passphrase_env", f"'{w.passphrase_env}' is not an environment variable name")
+    _passphrase(w, path.parent, path, required=False)  # a wrong one is refused now; a missing one when rendering
+
+
+def _check_network(rec: Recipe, path: Path) -> None:
+    n, g = rec.network, rec.guest
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,14}", n.bridge):
+        raise _fail(path, "network.bridge", f"'{n.bridge}' is not an interface name (up to 15 characters)")
     try:
-        net = ipaddress.IPv4Interface(n.address).network
+        iface = ipaddress.IPv4Interface(n.address)
     except ValueError:
         raise _fail(path, "network.address", f"'{n.address}' is not an IPv4 address with a prefix") from None
+    net = iface.network
+    if net.prefixlen > 29 or iface.ip in (net.network_address, net.broadcast_address):
+        raise _fail(path, "network.address", f"{n.address} leaves no room for visitors and a guest")
+    ips = {}
     for key, value in (("network.dhcp_start", n.dhcp_start), ("network.dhcp_end", n.dhcp_end),
-                       ("guest.address", rec.guest.address)):
+                       ("guest.address", g.address)):
         try:
             ip = ipaddress.IPv4Address(value)
         except ValueError:
             raise _fail(path, key, f"'{value}' is not an IPv4 address") from None
         if ip not in net or ip in (net.network_address, net.broadcast_address):
             raise _fail(path, key, f"{value} is outside the bridge's subnet {net}")
+        ips[key] = ip
+    first, last = ips["network.dhcp_start"], ips["network.dhcp_end"]
+    if last < first:
+        raise _fail(path, "network.dhcp_end", f"{last} comes before network.dhcp_start {first}")
+    if first <= iface.ip <= last:
+        raise _fail(path, "network.address", f"{iface.ip} is inside the DHCP range {first}-{last}")
+    if ips["guest.address"] == iface.ip:
+        raise _fail(path, "guest.address", f"{g.address} is the bridge's own address")
+    if first <= ips["guest.address"] <= last:
+        raise _fail(path, "guest.address", f"{g.address} is inside the DHCP range {first}-{last}")
     if n.uplink not in ("dhcp", "bridge"):
         raise _fail(path, "network.uplink", f"'{n.uplink}' must be 'dhcp' or 'bridge'")
-    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", rec.guest.mac):
-        raise _fail(path, "guest.mac", f"'{rec.guest.mac}' is not a lower-case MAC address")
-    if rec.mirror is not None and not re.fullmatch(r"(https?|file)://\S+", rec.mirror):
-        raise _fail(path, "mirror", f"'{rec.mirror}' must be an http(s):// or file:// URL")
+    for i, name in enumerate(n.names):
+        if not _DNS_NAME.fullmatch(name):
+            raise _fail(path, f"network.names[{i}]", f"'{name}' is not a lower-case DNS name")
+    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", g.mac):
+        raise _fail(path, "guest.mac", f"'{g.mac}' is not a lower-case MAC address")
+    if int(g.mac[:2], 16) & 1:
+        raise _fail(path, "guest.mac", f"{g.mac} is a multicast address")
+    if not 16 <= g.memory_mib <= 2048:
+        raise _fail(path, "guest.memory_mib", f"{g.memory_mib} must be 16 to 2048 (MiB)")
+    if not 1 <= g.vcpus <= 4:
+        raise _fail(path, "guest.vcpus", f"{g.vcpus} must be 1 to 4")
+    if not 1 <= g.port <= 65535:
+        raise _fail(path, "guest.port", f"{g.port} is not a TCP port")
+    if not re.fullmatch(r"/[\x21-\x7e]*", g.health_path):
+        raise _fail(path, "guest.health_path", f"'{g.health_path}' must be a URL path starting with '/'")
+    if not 5 <= g.deadline <= 3600:
+        raise _fail(path, "guest.deadline", f"{g.deadline} must be 5 to 3600 (seconds)")
 
 
-def wifi_passphrase(rec: Recipe, base: Path) -> str | None:
-    """The WPA2 passphrase from the user's file or environment (never from the repo); None for open."""
+def _passphrase(w: Wifi, base: Path, recipe: Path | None, *, required: bool) -> str | None:
     import os
 
-    w = rec.wifi
+    where = f"{rel(recipe)}: " if recipe else ""
     if w.open:
         return None
-    value: str | None = None
-    source = ""
     if w.passphrase_file:
         p = Path(w.passphrase_file).expanduser()
         p = p if p.is_absolute() else base / p
+        key, source = "wifi.passphrase_file", rel(p)
         try:
-            value = p.read_text().strip()
-        except OSError:
-            raise RecipeError(f"wifi.passphrase_file: cannot read {p}") from None
-        source = str(p)
+            value = p.read_text().strip("\r\n")
+        except OSError as exc:
+            if not required and isinstance(exc, FileNotFoundError):
+                return None
+            raise RecipeError(f"{where}{key}: cannot read {source}: {exc.strerror}") from None
     elif w.passphrase_env and os.environ.get(w.passphrase_env):
-        value = os.environ[w.passphrase_env]
-        source = f"${w.passphrase_env}"
-    if value is None:
-        raise RecipeError("wifi: no passphrase: set wifi.passphrase_file, or the environment variable "
+        key, source, value = "wifi.passphrase_env", f"${w.passphrase_env}", os.environ[w.passphrase_env]
+    elif required:
+        raise RecipeError(f"{where}wifi: no WPA2 passphrase: set wifi.passphrase_file, or the environment variable "
                           f"{w.passphrase_env or '(wifi.passphrase_env)'}, or wifi.open: true")
-    if not 8 <= len(value) <= 63:
-        raise RecipeError(f"wifi passphrase from {source} must be 8 to 63 characters (it has {len(value)})")
+    else:
+        return None
+    if not (8 <= len(value) <= 63 and all(" " <= c <= "~" for c in value)):
+        raise RecipeError(f"{where}{key}: the passphrase in {source} must be 8 to 63 printable ASCII characters "
+                          f"(it has {len(value)})")
     return value
+
+
+def wifi_passphrase(rec: Recipe, base: Path) -> str | None:
+    """The WPA2 passphrase from the user's file or environment (never from the repo); None for open.
+
+    `base` is the recipe file (errors then name it) or the directory a relative passphrase_file is in.
+    """
+    recipe = base if base.suffix in (".yaml", ".yml") else None
+    return _passphrase(rec.wifi, base.parent if recipe else base, recipe, required=True)

@@ -15,10 +15,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import paramiko
 
@@ -28,6 +28,7 @@ from .config import load_board
 from .errors import EmulateError
 
 DEFAULT_BOARD = "qemu-virt"
+T = TypeVar("T")
 
 # The first console line matching each pattern marks a milestone (seconds from power-on).
 MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
@@ -71,7 +72,6 @@ class Console:
         self.milestones: dict[str, float] = {}
         self.fatal: tuple[str, bytes] | None = None
         self._stream = stream
-        self._out = open(log_path, "ab", buffering=0)
         self._partial = b""
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._pump, name="qemu-console", daemon=True)
@@ -79,17 +79,17 @@ class Console:
 
     def _pump(self) -> None:
         fd = self._stream.fileno()
-        while chunk := os.read(fd, 65536):
-            now = time.monotonic() - self.start
-            self._out.write(chunk)
-            with self._lock:
-                *lines, self._partial = (self._partial + chunk).split(b"\n")
-                # A prompt has no newline yet, so the unfinished line is looked at too.
-                for line in [*lines, self._partial]:
-                    self._note(line.rstrip(b"\r"), now)
-                if len(self._partial) > 4096:
-                    self._partial = self._partial[-4096:]
-        self._out.close()
+        with open(self.log_path, "ab", buffering=0) as out:
+            while chunk := os.read(fd, 65536):
+                now = time.monotonic() - self.start
+                out.write(chunk)
+                with self._lock:
+                    *lines, self._partial = (self._partial + chunk).split(b"\n")
+                    # A prompt has no newline yet, so the unfinished line is looked at too.
+                    for line in [*lines, self._partial]:
+                        self._note(line.rstrip(b"\r"), now)
+                    if len(self._partial) > 4096:
+                        self._partial = self._partial[-4096:]
 
     def _note(self, line: bytes, now: float) -> None:
         for name, pattern in MILESTONES:
@@ -217,7 +217,7 @@ class Board:
             out = stdout.read().decode(errors="replace")
             err = stderr.read().decode(errors="replace")
             rc = stdout.channel.recv_exit_status()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise EmulateError(f"{cmd!r} on the emulated board did not finish within {timeout:.0f} s") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self.close()
@@ -253,6 +253,14 @@ class Board:
         finally:
             conn.close()
 
+    def fetch(self, url: str, *, netns: str | None = None, timeout: float = 10) -> tuple[int, str]:
+        """GET url from inside dom0 (or one of its network namespaces): (status, body); (0, reason) if none."""
+        prefix = f"ip netns exec {shlex.quote(netns)} " if netns else ""
+        r = self.run(f"{prefix}python3 -c {shlex.quote(_FETCH)} {shlex.quote(url)} {timeout}", check=False,
+                     timeout=timeout + 60)
+        status, _, body = r.out.partition("\n")
+        return (int(status), body) if status.strip().isdigit() else (0, (r.err or r.out).strip())
+
     def stop(self) -> None:
         """Power off at once: every write went to the throw-away overlay, so nothing is lost."""
         self.close()
@@ -264,6 +272,34 @@ class Board:
                 self.proc.kill()
                 self.proc.wait()
         self._console.join()
+
+
+# A GET from dom0 with only the Python the image has: prints the status, then the body.
+_FETCH = """import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))
+    status, body = r.status, r.read()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read()
+except Exception as exc:
+    status, body = 0, repr(exc).encode()
+sys.stdout.write(f"{status}\\n{body.decode(errors='replace')}")
+"""
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 1.0,
+             board: Board | None = None) -> T:
+    """Poll probe() until it returns something other than None/False, or raise EmulateError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value is not None and value is not False:
+            return value
+        if board is not None:
+            board._check_alive(f"while waiting for {what}")
+        if time.monotonic() >= deadline:
+            raise EmulateError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -80,17 +80,17 @@ def _unescape(field: str) -> str:
 
 
 def _whole_disks(devnum: int) -> set[int]:
-    """The whole disks under a block device: itself, the disk of a partition, or those under a dm/md device."""
+    """The whole disks a block device lives on: its own disk, and those under a dm or md device."""
     sysdir = Path(f"/sys/dev/block/{os.major(devnum)}:{os.minor(devnum)}")
     if not sysdir.exists():              # an anonymous device (overlay, tmpfs, nfs): no disk behind it
         return set()
     real = sysdir.resolve()
     if (real / "partition").exists():
         real = real.parent
-    slaves = list((real / "slaves").glob("*"))
-    if slaves:
-        return set().union(*(_whole_disks(_devnum(_read(s, "dev"))) for s in slaves))
-    return {_devnum(_read(real, "dev"))}
+    disks = {_devnum(_read(real, "dev"))}
+    for slave in (real / "slaves").glob("*"):
+        disks |= _whole_disks(_devnum(_read(slave, "dev")))
+    return disks
 
 
 def _devnum(majmin: str) -> int:
@@ -134,15 +134,17 @@ def _bus(dev: pyudev.Device) -> str:
             return bus
     if dev.sys_name.startswith("loop"):
         return "loop"
-    return str(dev.get("ID_BUS") or next((p.subsystem for p in dev.ancestors if p.subsystem), "unknown"))
+    parent = next((p.subsystem for p in dev.ancestors if p.subsystem), "unknown")
+    return str(dev.properties.get("ID_BUS") or parent)
 
 
 def _model(dev: pyudev.Device) -> str:
-    parts = [dev.get("ID_VENDOR"), dev.get("ID_MODEL")]
+    # udev writes spaces as underscores ("Mass_Storage")
+    parts = [str(dev.properties.get(key, "")).replace("_", " ") for key in ("ID_VENDOR", "ID_MODEL")]
     if not any(parts):   # no udev database (containers, early boot): ask sysfs directly
         parts = [_read(dev.sys_path, "device/vendor"), _read(dev.sys_path, "device/model")
                  or _read(dev.sys_path, "device/name") or _read(dev.sys_path, "loop/backing_file")]
-    return " ".join(str(p).replace("_", " ") for p in parts if p) or "unknown model"
+    return " ".join(p for p in parts if p) or "unknown model"
 
 
 def _disk(dev: pyudev.Device, uses: dict[int, list[str]]) -> Disk:
@@ -192,7 +194,8 @@ def check(disk: Disk, image_size: int, *, force: bool = False) -> None:
     """Refuse a disk that holds this system or anything mounted, is not removable, read-only or too small."""
     system = [m for m in disk.mounted if m in SYSTEM_MOUNTS]
     if system:
-        raise FlashError(f"{disk.node} holds this machine's {' and '.join(system)}; it will not be overwritten")
+        raise FlashError(f"{disk.node} holds this machine's {' and '.join(system)}; "
+                         "it will not be overwritten")
     if disk.mounted:
         raise FlashError(f"{disk.node} has mounted filesystems ({', '.join(disk.mounted)})",
                          hint="unmount them first")
@@ -216,12 +219,14 @@ def choose(ask: Ask | None = None) -> Disk:
     disks = candidates()
     if not disks:
         raise FlashError("no removable disk found", hint="insert the card, or name the device")
-    listing = "; ".join(f"{n}) {d}" for n, d in enumerate(disks, 1))
     if ask is None:
         if not sys.stdin.isatty():
-            raise FlashError(f"no device named and no terminal to ask on; candidates: {listing}")
+            raise FlashError("no device named and no terminal to ask on; removable disks: "
+                             + ", ".join(str(d) for d in disks))
         ask = _ask_tty
-    answer = ask(f"Removable disks: {listing}. Which one? [1-{len(disks)}]")
+    for n, disk in enumerate(disks, 1):
+        log.info(f"{n}) {disk}")
+    answer = ask(f"Which disk? [1-{len(disks)}]")
     if not answer.isdigit() or not 1 <= int(answer) <= len(disks):
         raise FlashError(f"no disk chosen (answer {answer!r})")
     return disks[int(answer) - 1]
@@ -357,13 +362,15 @@ def _open_target(target: Path, to_file: bool, image: Path, size: int) -> int:
     if to_file:
         if target.is_block_device():
             raise FlashError(f"{target} is a block device, not a file", hint="drop --to-file")
+        if target.exists() and not target.is_file():
+            raise FlashError(f"{target} is not a regular file")
         if target.exists() and target.samefile(image):
             raise FlashError(f"{target} is the image itself")
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, size)    # unmapped blocks become holes, which read as zeros
         except OSError as exc:
             raise FlashError(f"cannot write {target}: {exc.strerror}") from None
-        os.ftruncate(fd, size)    # unmapped blocks become holes, which read as zeros
         return fd
     try:
         # O_EXCL on a block device fails if anything (a mount, dm, another flasher) holds it
@@ -397,7 +404,8 @@ def _write(source: _Image, fd: int, blocks: BlockMap, target: Path) -> list[str]
                     unsynced = 0
             if r.checksum and h.hexdigest() != r.checksum.lower():
                 raise FlashError(f"the image {source.path} does not match its block map in blocks "
-                                 f"{r.first}-{r.last} (a corrupt image or the wrong .bmap); {target} is incomplete")
+                                 f"{r.first}-{r.last} (a corrupt image or the wrong .bmap); "
+                                 f"{target} is incomplete")
             sums.append(r.checksum.lower() if r.checksum else h.hexdigest())
     finally:
         progress.close()
@@ -424,7 +432,7 @@ def _verify(target: Path, blocks: BlockMap, sums: list[str]) -> None:
     buf = mmap.mmap(-1, CHUNK)     # page-aligned, as O_DIRECT wants
     progress = log.Progress(f"Verifying {target}", blocks.mapped_bytes)
     try:
-        for r, expected in zip(blocks.ranges, sums):
+        for r, expected in zip(blocks.ranges, sums, strict=True):
             start, end = blocks.span(r)
             h = hashlib.new(kind)
             pos = start - start % ALIGN
@@ -499,6 +507,6 @@ def flash(
         if source is not None:
             source.close()
     written = blocks.mapped_bytes
-    log.info(f"written {written / MiB:.1f} MiB in {took:.1f} s ({written / MiB / max(took, 1e-6):.1f} MiB/s), "
-             f"verified")
+    rate = written / MiB / max(took, 1e-6)
+    log.info(f"written {written / MiB:.1f} MiB in {took:.1f} s ({rate:.1f} MiB/s), verified")
     return Result(target, written, took)

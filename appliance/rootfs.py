@@ -78,6 +78,10 @@ def extra_debs(cfg: Config) -> list[str]:
     return sorted({*spl, *EXTRA_DEBS})
 
 
+def excludes(cfg: Config) -> list[str]:
+    return [*DPKG_EXCLUDES, *cfg.board.exclude]
+
+
 def wanted_sources(cfg: Config) -> list[Source]:
     r = cfg.recipe
     return sources(r.suite, r.components, r.mirror, r.security_mirror)
@@ -87,7 +91,7 @@ def key(cfg: Config, srcs: list[Source]) -> str:
     shape = {
         "format": RECIPE_FORMAT, "arch": cfg.board.arch, "suite": cfg.recipe.suite,
         "sources": [s.line() for s in srcs], "packages": packages(cfg), "debs": extra_debs(cfg),
-        "excludes": DPKG_EXCLUDES,
+        "excludes": excludes(cfg),
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -123,7 +127,7 @@ def _ensure(cfg: Config) -> Base:
     argv = [
         "mmdebstrap", f"--arch={cfg.board.arch}", "--variant=apt", "--mode=root", "--format=directory",
         f"--hook-dir={HOOKS}/merged-usr", f"--hook-dir={HOOKS}/eatmydata",
-        *[f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES],
+        *[f"--dpkgopt=path-exclude={p}" for p in excludes(cfg)],
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         "--aptopt=Acquire::Retries \"5\"",
         f"--essential-hook={_DIVERT}",

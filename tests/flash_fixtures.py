@@ -59,8 +59,8 @@ def make_card(directory: Path, name: str = "card") -> Card:
     return Card(img, directory / f"{name}.bmap", spl, files)
 
 
-@pytest.fixture(scope="session")
-def card(tmp_path_factory: pytest.TempPathFactory) -> Card:
+@pytest.fixture(scope="session", name="card")
+def card_fixture(tmp_path_factory: pytest.TempPathFactory) -> Card:
     return make_card(tmp_path_factory.mktemp("card"))
 
 
@@ -108,13 +108,11 @@ class Loops:
             backing.write_bytes(b"")
             os.truncate(backing, size)
         node = self.stack.enter_context(attached(backing, read_only=read_only, partscan=partscan))
-        loop = Loop(node, backing)
-        if partscan:
-            self.scan(loop)
-        return loop
+        return Loop(node, backing)
 
     def scan(self, loop: Loop) -> None:
-        """Make the partition nodes; some kernels lack MBR support, so partx reads the table itself."""
+        """Make the partition nodes (of a loop made with partscan); some kernels lack MBR support, so
+        partx reads the table itself."""
         if not loop.partition(1).exists():
             log.run(["partx", "--add", loop.node])
             self.stack.callback(log.run, ["partx", "--delete", loop.node], check=False)
@@ -131,8 +129,8 @@ class Loops:
         self.stack.close()
 
 
-@pytest.fixture
-def loops(tmp_path: Path) -> Iterator[Loops]:
+@pytest.fixture(name="loops")
+def loops_fixture(tmp_path: Path) -> Iterator[Loops]:
     if os.geteuid() != 0 or shutil.which("losetup") is None:
         pytest.skip("loop devices need root and losetup")
     made = Loops(tmp_path)

@@ -1,0 +1,114 @@
+"""Benchmark: from power-on to the guest serving, under QEMU (TCG), and the launcher's `xl create` latency.
+
+Console milestones (U-Boot, boot.scr, Xen, dom0's kernel and init) are timed as the serial lines arrive;
+dom0's SSH login and the guest's first HTTP 200 on the bridge are polled. All are seconds from power-on.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from . import ROOT, config, emulate, log
+from .errors import EmulateError
+
+GOAL_S = 45.0  # first HTTP 200 from the guest, from power-on
+
+# Polls a URL from inside dom0 until it answers 200: one process, so the poll costs no SSH round trips.
+_POLL = """import sys, time, urllib.request
+url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        if urllib.request.urlopen(url, timeout=2).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.2)
+sys.exit(1)
+"""
+
+# Stops the launcher (and its guest), then times `xl create` of the launcher's own config to the first 200.
+_CREATE = """import json, subprocess, sys, time, urllib.request
+url = sys.argv[1]
+run = lambda *a: subprocess.run(a, check=True, capture_output=True, text=True).stdout
+run("systemctl", "stop", "appliance-guest.service")
+cfg = run("appliance-guest", "config")
+name = next(l.split("=", 1)[1].strip().strip('"') for l in cfg.splitlines() if l.startswith("name"))
+subprocess.run(["xl", "destroy", name], capture_output=True)
+open("/run/bench-guest.cfg", "w").write(cfg)
+t0 = time.monotonic()
+run("xl", "create", "/run/bench-guest.cfg")
+t1 = time.monotonic()
+ok = False
+while time.monotonic() - t0 < 300 and not ok:
+    try:
+        ok = urllib.request.urlopen(url, timeout=2).status == 200
+    except Exception:
+        time.sleep(0.2)
+t2 = time.monotonic()
+subprocess.run(["xl", "destroy", name], capture_output=True)
+run("systemctl", "start", "appliance-guest.service")
+print(json.dumps({"xl_create": t1 - t0, "http": t2 - t0 if ok else None}))
+"""
+
+
+def _recipe_for(img: Path) -> config.Recipe:
+    """The recipe the image was built from (its manifest names it), for the guest's address and port."""
+    manifest = img.with_suffix(".manifest.json")
+    name = "booth"
+    if manifest.exists():
+        name = json.loads(manifest.read_text()).get("recipe_file", name)
+        name = str(ROOT / name) if not Path(name).is_absolute() else name
+    return config.load(name).recipe
+
+
+def bench(img: Path, key: Path | None = None, *, board: str = emulate.DEFAULT_BOARD, log_path: Path | None = None,
+          timeout: float = 600) -> dict[str, Any]:
+    """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board."""
+    img = Path(img).resolve()
+    key = key or emulate.default_key()
+    if key is None:
+        raise EmulateError("the boot benchmark needs the SSH private key the image trusts",
+                           hint="build with --authorized-keys KEY.pub and pass key=KEY")
+    guest = _recipe_for(img).guest
+    url = f"http://{guest.address}:{guest.port}{guest.health_path}"
+    log_path = log_path or ROOT / "build" / "bench" / "boot-console.log"
+    figures: dict[str, Any] = {}
+    with log.step(f"Booting {img.name} on {board} and timing it"), \
+            emulate.boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
+        r = b.run(f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}", check=False, timeout=timeout + 30)
+        if r.rc == 0:
+            b.mark("guest HTTP 200")
+        else:
+            log.warn(f"the guest did not answer {url} within {timeout:.0f} s")
+        for name, t in sorted(b.milestones.items(), key=lambda kv: kv[1]):
+            figures[f"power-on -> {name}, s"] = t
+        served = b.milestones.get("guest HTTP 200")
+        figures[f"guest serving within the {GOAL_S:.0f} s goal"] = served is not None and served <= GOAL_S
+        out = b.run(f"python3 -c {shlex.quote(_CREATE)} {shlex.quote(url)}", check=False, timeout=600)
+        try:
+            times = json.loads(out.out.strip().splitlines()[-1])
+            figures["xl create (command returns), s"] = round(times["xl_create"], 2)
+            figures["xl create -> first HTTP 200, s"] = round(times["http"], 2) if times["http"] else None
+        except (ValueError, IndexError, KeyError):
+            log.warn(f"the xl create benchmark failed: {(out.err or out.out).strip()[-300:]}")
+    return figures
+
+
+def main() -> None:
+    import argparse
+
+    from . import bench as b
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("image", nargs="?", type=Path, default=ROOT / "build" / "latest")
+    ap.add_argument("--key", type=Path)
+    ap.add_argument("--board", default=emulate.DEFAULT_BOARD)
+    args = ap.parse_args()
+    b.report(bench(args.image, args.key, board=args.board))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The booth as testinfra sees it: on the built image's rootfs (chroot, image tier) and on the booted board (ssh).
+
+The rendered files must carry the default recipe's values, dnsmasq and nft must accept them, and the guest
+store must hold the demo guest with matching checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from appliance import config
+
+REC = config.load("booth").recipe
+STORE = "/var/lib/appliance/guests"
+
+
+@pytest.mark.parametrize("package", ["hostapd", "dnsmasq", "nftables", "avahi-daemon", "iw", "wireless-regdb",
+                                     "fake-hwclock", "python3", "firmware-realtek", "firmware-atheros",
+                                     "firmware-misc-nonfree", "firmware-brcm80211", "fdisk", "e2fsprogs"])
+def test_package_installed(host, package):
+    assert host.package(package).is_installed
+
+
+@pytest.mark.parametrize("unit", ["hostapd.service", "dnsmasq.service", "nftables.service", "avahi-daemon.service",
+                                  "systemd-networkd.service", "appliance-guest.service",
+                                  "appliance-growroot.service", "appliance-hostname.service",
+                                  "appliance-ssh-hostkeys.service", "fake-hwclock.service",
+                                  "appliance-clock-save.timer", "appliance-resolv.path"])
+def test_unit_enabled(host, unit):
+    assert host.service(unit).is_enabled
+
+
+@pytest.mark.parametrize("path, lines", [
+    ("/etc/hostapd/appliance.conf", [f"ssid={REC.wifi.ssid}", f"channel={REC.wifi.channel}",
+                                     f"country_code={REC.wifi.country}", f"hw_mode={REC.wifi.hw_mode}",
+                                     f"bridge={REC.network.bridge}",
+                                     f"ap_isolate={int(REC.wifi.client_isolation)}"]),
+    ("/etc/dnsmasq.d/appliance.conf", [f"interface={REC.network.bridge}",
+                                       f"dhcp-host={REC.guest.mac},{REC.guest.address},guest,infinite"]),
+    ("/etc/systemd/network/20-appliance-bridge.network", [f"Name={REC.network.bridge}",
+                                                          f"Address={REC.network.address}"]),
+    ("/etc/systemd/network/10-appliance-bridge.netdev", [f"Name={REC.network.bridge}", "Kind=bridge"]),
+])
+def test_rendered_files_carry_the_recipe(host, path, lines):
+    f = host.file(path)
+    assert f.is_file
+    content = f.content_string.splitlines()
+    for line in lines:
+        assert line in content, f"{path}: no line {line!r}"
+
+
+def test_dnsmasq_range_and_mode(host):
+    content = host.file("/etc/dnsmasq.d/appliance.conf").content_string
+    assert f"dhcp-range={REC.network.dhcp_start},{REC.network.dhcp_end}," in content
+    assert (f"address=/#/{REC.guest.address}" in content) == REC.network.captive
+
+
+def test_dnsmasq_accepts_its_configuration(host):
+    out = host.run("dnsmasq --test -C /etc/dnsmasq.d/appliance.conf")
+    assert out.rc == 0, out.stderr
+    assert "syntax check OK" in out.stderr + out.stdout
+
+
+def test_nft_accepts_the_ruleset(host, request):
+    if host.backend_name == "ssh":
+        out = host.run("nft -c -f /etc/nftables.conf")
+        assert out.rc == 0, out.stderr
+        return
+    # qemu-user cannot open netfilter's netlink socket, so the chroot's own nft cannot check; the host's nft
+    # (the same bookworm version) checks the image's file.
+    if not shutil.which("nft"):
+        pytest.skip("the host has no nft (apt-get install nftables)")
+    rootfs = request.getfixturevalue("image_rootfs")
+    subprocess.run(["nft", "-c", "-f", str(rootfs / "etc/nftables.conf")], check=True)
+
+
+def test_guest_settings_match_the_recipe(host):
+    site = json.loads(host.file("/etc/appliance/guest.json").content_string)
+    assert (site["address"], site["mac"], site["bridge"]) == (REC.guest.address, REC.guest.mac, REC.network.bridge)
+    assert (site["memory"], site["vcpus"], site["port"]) == (REC.guest.memory_mib, REC.guest.vcpus, REC.guest.port)
+
+
+def test_demo_guest_in_the_store(host):
+    current = host.file(f"{STORE}/current")
+    assert current.is_symlink
+    version = current.linked_to.rstrip("/").split("/")[-1]
+    manifest = json.loads(host.file(f"{STORE}/{version}/guest.yaml").content_string)
+    assert manifest["version"] == version
+    if not REC.guest.bundle:
+        assert manifest["name"] == "demo"
+        assert set(manifest["sha256"]) == {"vmlinuz", "initrd.gz"}
+    for name, digest in manifest["sha256"].items():
+        assert host.file(f"{STORE}/{version}/{name}").sha256sum == digest, name
+
+
+def test_launcher_lists_and_checks_the_store(host):
+    out = host.run("/usr/local/sbin/appliance-guest list")
+    assert out.rc == 0, out.stderr
+    listing = json.loads(out.stdout)
+    assert listing["ok"] and listing["current"]
+    assert all(v["ok"] for v in listing["versions"]), listing
+    cfg = host.check_output("/usr/local/sbin/appliance-guest config")
+    assert f"vif = ['mac={REC.guest.mac},bridge={REC.network.bridge}']" in cfg
+    assert f"memory = {REC.guest.memory_mib}" in cfg
+
+
+@pytest.mark.parametrize("path", ["/usr/local/sbin/appliance-guest", "/usr/local/sbin/appliance-wifi",
+                                  "/usr/local/sbin/appliance-growroot", "/usr/local/sbin/appliance-hostname",
+                                  "/usr/local/sbin/appliance-resolv"])
+def test_booth_scripts_are_executable(host, path):
+    f = host.file(path)
+    assert f.is_file and f.mode & 0o111 and f.user == "root"
+
+
+def test_no_wifi_device_skips_the_access_point_without_failing(host):
+    if host.backend_name == "ssh":
+        pytest.skip("on the live board a wifi device may exist")
+    out = host.run("/usr/local/sbin/appliance-wifi")  # the chroot has no /sys: no wifi device
+    assert out.rc == 1, "exit 1 makes systemd skip hostapd.service (ExecCondition), not fail it"
+    assert "no wifi device" in out.stderr
+
+
+def test_live_services(host):
+    if host.backend_name != "ssh":
+        pytest.skip("live only")
+    for unit in ("dnsmasq", "nftables", "systemd-networkd", "appliance-guest"):
+        assert host.service(unit).is_running or unit == "nftables" and host.service(unit).is_enabled
+    assert host.interface(REC.network.bridge).exists
+    status = json.loads(host.run("/usr/local/sbin/appliance-guest status").stdout)
+    assert status["running"] and status["healthy"], status
