@@ -174,6 +174,12 @@ class Board:
         self.host_key = transport.get_remote_server_key().get_base64()
         return client
 
+    def type_keys(self, text: str) -> None:
+        """Type text on the serial console, as someone at the board's UART would."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -188,17 +194,27 @@ class Board:
             self._check_alive("before dom0's SSH answered")
             try:
                 self.close()
-                self._client = self._connect(timeout=min(20.0, max(deadline - time.monotonic(), 1.0)))
+                # slirp accepts the host's connection before the board listens, then drops it; a plain read
+                # of sshd's banner tells that apart quietly, before paramiko is asked to log in.
+                if not self._banner(timeout=min(10.0, max(deadline - time.monotonic(), 1.0))):
+                    raise EOFError("no SSH banner yet")
+                self._client = self._connect(timeout=min(30.0, max(deadline - time.monotonic(), 5.0)))
                 if unless_boot_id is None or self.boot_id() != unless_boot_id:
                     return time.monotonic() - start
                 last = "the board has not rebooted yet"
             except (paramiko.SSHException, OSError, EOFError, EmulateError) as exc:
-                # slirp accepts the host's connection before the board listens, then drops it.
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= deadline:
                 raise self._fail(f"dom0 did not accept an SSH login on port {self.ssh_port} within {timeout:.0f} s "
                                  f"(last: {last})")
             time.sleep(1)
+
+    def _banner(self, timeout: float) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.ssh_port), timeout=timeout) as sock:
+                return sock.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
 
     def _check_alive(self, when: str) -> None:
         if not self.alive():
@@ -389,7 +405,7 @@ def _start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Se
         log.debug(f"+ {shlex.join(argv)}")
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=log.clean_env(), start_new_session=True)
         except FileNotFoundError:
             raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \

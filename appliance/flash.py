@@ -1,11 +1,12 @@
 """Write an image to an SD card: refuse every disk that is not plainly a card, write only the mapped blocks,
 then read them back past the page cache and compare with the block map's checksums.
 
-Every refusal happens before the target is opened for writing, so a refused disk has zero bytes written.
+Every refusal (and the confirmation) comes before the first write, so a refused disk has zero bytes written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -30,7 +32,7 @@ from .errors import FlashError
 
 BUILD = ROOT / "build"
 CHUNK = 4 << 20
-SYNC_EVERY = 64 << 20        # bounds dirty memory and keeps the progress bar honest
+SYNC_EVERY = 64 << 20        # start writeback this often: bounds dirty memory, keeps the progress honest
 ALIGN = 4096                 # O_DIRECT reads: offset, length and buffer aligned to this
 BLKFLSBUF = 0x1261
 MiB = 1 << 20
@@ -384,32 +386,43 @@ def _open_target(target: Path, to_file: bool, image: Path, size: int) -> int:
 def _write(source: _Image, fd: int, blocks: BlockMap, target: Path) -> list[str]:
     """Write the mapped ranges; returns each range's checksum, checked against the bmap's when it has one."""
     kind = blocks.checksum_type or "sha256"
-    sums: list[str] = []
+    hashes = [hashlib.new(kind) for _ in blocks.ranges]
+    plan = [(i, pos, min(CHUNK, end - pos)) for i, (start, end) in enumerate(map(blocks.span, blocks.ranges))
+            for pos in range(start, end, CHUNK)]
+
+    def load(n: int) -> bytes:
+        i, pos, size = plan[n]
+        data = source.read(pos, size)
+        hashes[i].update(data)
+        return data
+
     progress = log.Progress(f"Writing {target}", blocks.mapped_bytes)
     unsynced = 0
-    try:
-        for r in blocks.ranges:
-            start, end = blocks.span(r)
-            h = hashlib.new(kind)
-            for pos in range(start, end, CHUNK):
-                data = source.read(pos, min(CHUNK, end - pos))
-                h.update(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.pwrite(fd, view, pos + len(data) - len(view)):]
-                progress.update(len(data))
-                unsynced += len(data)
-                if unsynced >= SYNC_EVERY:
-                    os.fdatasync(fd)
-                    unsynced = 0
-            if r.checksum and h.hexdigest() != r.checksum.lower():
+    # reading and hashing the next chunk on another core while this one is written (both let go of the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool, contextlib.closing(progress):
+        ahead = pool.submit(load, 0) if plan else None
+        for n, (i, pos, size) in enumerate(plan):
+            assert ahead is not None
+            data = ahead.result()
+            if n + 1 < len(plan):
+                ahead = pool.submit(load, n + 1)
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(fd, view, pos + size - len(view)):]
+            progress.update(size)
+            unsynced += size
+            if unsynced >= SYNC_EVERY:
+                # start writing back what is cached without waiting for it: dirty memory stays bounded
+                # and the progress bar honest, and the card never idles while we sync
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                unsynced = 0
+            r = blocks.ranges[i]
+            if (n + 1 == len(plan) or plan[n + 1][0] != i) and r.checksum \
+                    and hashes[i].hexdigest() != r.checksum.lower():
                 raise FlashError(f"the image {source.path} does not match its block map in blocks "
                                  f"{r.first}-{r.last} (a corrupt image or the wrong .bmap); "
                                  f"{target} is incomplete")
-            sums.append(r.checksum.lower() if r.checksum else h.hexdigest())
-    finally:
-        progress.close()
-    return sums
+    return [r.checksum.lower() if r.checksum else h.hexdigest() for r, h in zip(blocks.ranges, hashes, strict=True)]
 
 
 def _open_uncached(target: Path) -> int:

@@ -7,6 +7,7 @@ the SPL. Identities and timestamps are fixed, so the same inputs give the same b
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -114,7 +115,18 @@ def splice(src: Path, dst_fd: int, offset: int) -> None:
                 break  # only a hole is left
             hole = os.lseek(fd, pos, os.SEEK_HOLE)
             while pos < hole:
-                pos += os.copy_file_range(fd, dst_fd, hole - pos, pos, offset + pos)
+                pos += _copy(fd, dst_fd, min(hole - pos, 8 << 20), pos, offset + pos)
+
+
+def _copy(src: int, dst: int, count: int, at: int, to: int) -> int:
+    """copy_file_range, or plain reads and writes between filesystems that cannot do it (tmpfs -> ext4)."""
+    try:
+        return os.copy_file_range(src, dst, count, at, to)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    data = os.pread(src, count, at)
+    return os.pwrite(dst, data, to)
 
 
 def assemble(out: Path, lay: Layout, ident: Identity, boot_fs: Path, root_fs: Path,

@@ -37,10 +37,10 @@ network:
 """
 GUEST_50 = "guest:\n  address: 192.168.50.2\n  mac: 00:16:3e:00:00:50\n  port: 8080\n"
 KINDS = {
-    "wpa2": ("  ssid: Booth WPA\n  country: FR\n  hw_mode: a\n  channel: 36\n  open: false\n"
-             "  passphrase_file: wifi.pass\n  client_isolation: false",
-             "  address: 192.168.50.1/24\n  dhcp_start: 192.168.50.20\n  dhcp_end: 192.168.50.80\n"
-             "  captive: false\n  names: [demo.booth, game.local]"),
+    "wpa2": (("  ssid: Booth WPA\n  country: FR\n  hw_mode: a\n  channel: 36\n  open: false\n"
+              "  passphrase_file: wifi.pass\n  client_isolation: false"),
+             ("  address: 192.168.50.1/24\n  dhcp_start: 192.168.50.20\n  dhcp_end: 192.168.50.80\n"
+              "  captive: false\n  names: [demo.booth, game.local]")),
     "open": ("  ssid: Xen Booth\n  open: true", "  uplink: dhcp"),
     "bridged": ("  ssid: Bridged\n  open: true\n  channel: 11", "  uplink: bridge\n  unique_hostname: false"),
 }
@@ -125,11 +125,70 @@ def test_nft_checks_the_ruleset(tmp_path: Path, kind: str):
     subprocess.run(["nft", "-c", "-f", str(tmp_path / "nftables.conf")], check=True)
 
 
+SERVE = """import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[1]))); s.listen()
+while True:
+    c, _ = s.accept(); c.sendall(b"hi"); c.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"),
+                    reason="needs root, the host's nft and ip (network namespaces)")
+@pytest.mark.parametrize("kind", ["open", "bridged"])
+def test_isolation_between_network_namespaces(tmp_path: Path, kind: str):
+    """The ruleset in a namespace standing for dom0: a bridge with a visitor (wlan0), a guest (vif1.0) and a
+    wired host (end0) as ports; who reaches whom over TCP."""
+    rules = tmp_path / "nftables.conf"
+    rules.write_text(rendered(recipe(tmp_path, kind))["etc/nftables.conf"])
+    ns = {n: f"booth{os.getpid()}{n}" for n in ("dom0", "vis", "gst", "lan")}
+    ip = {"dom0": "10.42.0.1", "gst": "10.42.0.2", "vis": "10.42.0.100", "lan": "10.42.0.101"}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def sh(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    def reaches(src: str, dst: str, port: int) -> bool:
+        code = f"import socket; socket.create_connection(('{ip[dst]}', {port}), timeout=1).recv(2)"
+        return subprocess.run(["ip", "netns", "exec", ns[src], sys.executable, "-c", code],
+                              check=False, capture_output=True).returncode == 0
+
+    try:
+        for n in ns.values():
+            if subprocess.run(["ip", "netns", "add", n], check=False, capture_output=True).returncode:
+                pytest.skip("cannot make network namespaces here")
+        d = ns["dom0"]
+        sh("ip", "-n", d, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", d, "addr", "add", "10.42.0.1/24", "dev", "br0")
+        for port, who in (("wlan0", "vis"), ("vif1.0", "gst"), ("end0", "lan")):
+            sh("ip", "-n", d, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns[who])
+            sh("ip", "-n", d, "link", "set", port, "master", "br0", "up")
+            sh("ip", "-n", ns[who], "addr", "add", f"{ip[who]}/24", "dev", "eth0")
+            sh("ip", "-n", ns[who], "link", "set", "eth0", "up")
+        sh("ip", "-n", d, "link", "set", "br0", "up")
+        sh("ip", "netns", "exec", d, "nft", "-f", str(rules))
+        for who, port in (("dom0", 22), ("dom0", 53), ("gst", 80), ("lan", 80)):
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns[who], sys.executable, "-c", SERVE, str(port)]))
+        time.sleep(1)
+        assert reaches("vis", "gst", 80), "visitors reach the guest"
+        assert reaches("vis", "dom0", 53), "and dom0's DNS"
+        assert not reaches("vis", "dom0", 22), "but not dom0's SSH"
+        assert not reaches("vis", "lan", 80), "nor anything else on the bridge"
+        assert not reaches("gst", "dom0", 22), "guests do not reach dom0's SSH"
+        assert reaches("dom0", "gst", 80), "dom0 reaches the guest (the launcher's health check)"
+        assert reaches("lan", "dom0", 22) == (kind == "bridged"), "a bridged wired port is the trusted side"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for n in ns.values():
+            subprocess.run(["ip", "netns", "del", n], check=False, capture_output=True)
+
+
 @pytest.mark.parametrize("wifi, network, guest_, message", [
     ("  ssid: " + "x" * 33 + "\n  open: true", "  uplink: dhcp", None,
      "wifi.ssid: '" + "x" * 33 + "' must be 1 to 32 bytes long"),
-    ("  ssid: \"Caf\\u00e9 B\\u00fcro \\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\"\n"
-     "  open: true", "  uplink: dhcp", None, "must be 1 to 32 bytes long"),
+    ("  ssid: \"" + "\\u00e9" * 17 + "\"\n  open: true", "  uplink: dhcp", None,
+     "must be 1 to 32 bytes long"),  # 17 characters, 34 bytes
     ("  hw_mode: a\n  channel: 11\n  open: true", "  uplink: dhcp", None,
      "wifi.channel: channel 11 is not allowed in hw_mode 'a'"),
     ("  hw_mode: b\n  channel: 36\n  open: true", "  uplink: dhcp", None,
@@ -409,7 +468,7 @@ def test_cli_prints_json(paths, tmp_path: Path, monkeypatch):
     cli = [sys.executable, str(BOOTH / "usr/local/sbin/appliance-guest")]
 
     def run(*args: str) -> tuple[int, dict[str, Any]]:
-        p = subprocess.run([*cli, *args], capture_output=True, text=True, env=env)
+        p = subprocess.run([*cli, *args], check=False, capture_output=True, text=True, env=env)
         return p.returncode, json.loads(p.stdout)
 
     rc, out = run("switch", "1.0")
