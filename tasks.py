@@ -58,22 +58,40 @@ def clean(c, all=False, debug=False):
     b.clean(everything=all)
 
 
-# invoke cannot leave a positional argument out, so choosing among the removable disks is `invoke flash choose`
-@task(positional=["device"],
-      help={"device": "the card's whole disk, e.g. /dev/sdb; or 'choose' to pick among the removable disks",
+def _positional_given(name: str, valued: set[str]) -> bool:
+    """Whether a positional value follows task `name` on this command line.
+
+    invoke cannot make a positional argument optional, yet `invoke flash` alone must offer the removable
+    disks while `invoke flash /dev/sdX` names one; so the task's positional list is chosen from argv.
+    """
+    argv = sys.argv[1:]
+    if name not in argv:
+        return True  # --list, --help: show DEVICE as the positional it normally is
+    rest, skip = argv[argv.index(name) + 1:], False
+    for tok in rest:
+        if skip or tok in valued:
+            skip = not skip
+            continue
+        if not tok.startswith("-"):
+            return True
+    return False
+
+
+@task(positional=["device"] if _positional_given("flash", {"--image", "-i", "--bmap", "-b"}) else [],
+      help={"device": "the card's whole disk, e.g. /dev/sdb (default: choose among the removable disks)",
             "image": ".img, .img.xz, .img.gz or .img.zst to write (default: build/latest, the last built)",
             "bmap": "block map to write by (default: the image's .bmap; without one, a full write)",
             "yes": "do not ask for confirmation", "force": "also write a disk that is not removable",
             "to_file": "DEVICE is an image file to write, not a card",
             "debug": "show commands and tracebacks"})
 @_cli
-def flash(c, device, image=None, bmap=None, yes=False, force=False, to_file=False, debug=False):
+def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file=False, debug=False):
     """Write an image to an SD card: checked, sparse and verified."""
     from pathlib import Path
 
     from appliance import flash as f
 
-    f.flash(Path(image) if image else f.default_image(), None if device == "choose" else Path(device),
+    f.flash(Path(image) if image else f.default_image(), Path(device) if device else None,
             bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file)
 
 
