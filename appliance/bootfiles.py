@@ -7,6 +7,7 @@ module list and cached by what shapes it (tree, kernel, modules, settings).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,6 @@ def check_layout(b: Board, sizes: dict[str, int]) -> None:
         if start < b.ram.base or end > end_of_ram:
             raise BuildError(f"board/{b.name}.yaml: load: {name} at {start:#x}-{end:#x} is outside RAM "
                              f"{b.ram.base:#x}-{end_of_ram:#x}")
-    for (n1, (s1, e1)), (n2, (s2, _)) in zip(regs, regs[1:]):
+    for (n1, (s1, e1)), (n2, (s2, _)) in itertools.pairwise(regs):
         if e1 > s2:
             raise BuildError(f"board/{b.name}.yaml: load: {n1} ({s1:#x}-{e1:#x}) overlaps {n2} at {s2:#x}")

@@ -128,6 +128,9 @@ def _build(recipe: str, *, dry_run: bool, authorized_keys: str | None) -> Output
     with step(f"Checking recipe {recipe}, its boards, overlays, templates and host tools"):
         ctx = verify(recipe, authorized_keys)
         cfg = ctx.cfg
+        if ctx.keys is None:
+            log.warn("the image will have no SSH authorized key, so nobody can log in to it: give one with "
+                     "--authorized-keys FILE or ssh.authorized_keys in the recipe")
         log.info(f"{cfg.image_name}: board {cfg.board.name} (+ {', '.join(b.name for b in cfg.also) or 'none'}),"
                  f" {cfg.recipe.suite}/{cfg.board.arch}, SOURCE_DATE_EPOCH={ctx.sde}")
     if dry_run:
@@ -235,7 +238,7 @@ def outputs(ctx: Context, out: Outputs, tmp_img: Path, base: rootfs.Base, kernel
             else str(cfg.recipe_path),
             "board": cfg.board.name, "also_boots": [b.name for b in cfg.also],
             "source_date_epoch": ctx.sde,
-            "build_date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "suite": cfg.recipe.suite, "arch": cfg.board.arch, "sources": meta["sources"],
             "suites_missing_at_build": meta["missing_suites"], "base_rootfs": meta["key"],
             "kernel": kernel.version, "xen": kernel.xen.name,

@@ -17,7 +17,6 @@ from typing import Any
 
 import jinja2
 
-from . import log
 from .config import Config, rel, wifi_passphrase
 from .errors import BuildError, RecipeError
 from .identity import Identity
@@ -168,8 +167,6 @@ def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: s
         os.chmod(ssh_dir / "authorized_keys", 0o600)
     else:
         shutil.rmtree(ssh_dir, ignore_errors=True)
-        log.warn("the image has no SSH authorized key, so nobody can log in to it: give one with "
-                 "--authorized-keys FILE or ssh.authorized_keys in the recipe")
     # The initramfs is made once, with a short module list (see bootfiles.initramfs).
     modules = sorted({m for b in (cfg.board, *cfg.also) for m in b.modules})
     (tree / "etc/initramfs-tools/modules").write_text(

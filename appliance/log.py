@@ -93,7 +93,7 @@ def run(
             proc = subprocess.run(
                 cmd, env=clean_env(env), cwd=cwd, input=input,
                 stdin=None if input is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                capture_output=True, check=False,
             )
             if DEBUG and proc.stderr:
                 for line in proc.stderr.decode(errors="replace").splitlines()[-20:]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import re
 import struct
@@ -149,7 +150,7 @@ def test_load_addresses_in_ram_and_loaded_files_do_not_overlap(built_image, scri
     ram_end = BOARD.ram.base + BOARD.ram.size
     for start, end, name in spans:
         assert BOARD.ram.base <= start and end <= ram_end, f"{name} outside RAM"
-    for (s1, e1, n1), (s2, _e2, n2) in zip(spans, spans[1:]):
+    for (_s1, e1, n1), (s2, _e2, n2) in itertools.pairwise(spans):
         assert e1 <= s2, f"{n1} overlaps {n2}"
     # U-Boot's own script buffer (scriptaddr 0x43100000) must survive while the script runs
     for start, end, name in spans:
