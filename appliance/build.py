@@ -85,6 +85,7 @@ def verify(recipe: str, authorized_keys: str | None, *, need_secrets: bool = Tru
     keys = configure.authorized_keys(authorized_keys or cfg.recipe.ssh.authorized_keys, cfg.recipe_path.parent)
     configure.render_overlays(cfg, configure.context(cfg, ident, need_secrets=need_secrets))
     bootfiles.boot_cmd(cfg, ident)
+    guest.check(cfg)
     rootfs.wanted_sources(cfg)
     return Context(cfg, ident, source_date_epoch(cfg), keys, cfg.root / "build", workspace(cfg))
 
@@ -143,7 +144,7 @@ def _build(recipe: str, *, dry_run: bool, authorized_keys: str | None) -> Output
         rootfs.copy_tree(base.tree, ctx.tree)
     with step("Configuring the rootfs (overlays, users, SSH, fstab)"):
         srcs = rootfs.wanted_sources(cfg)
-        configure.system(ctx.tree, cfg, ctx.ident, srcs, ctx.keys)
+        configure.system(ctx.tree, cfg, ctx.ident, srcs, ctx.keys, ctx.sde)
         configure.lay(ctx.tree, configure.render_overlays(cfg, configure.context(cfg, ctx.ident)))
         guest.install(cfg, base, ctx.tree)
         configure.undivert_initramfs(ctx.tree)

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ class Rendered:
 def context(cfg: Config, ident: Identity, *, need_secrets: bool = True) -> dict[str, Any]:
     rec = cfg.recipe
     iface = ipaddress.IPv4Interface(rec.network.address)
-    passphrase = wifi_passphrase(rec, cfg.recipe_path.parent) if need_secrets else (
+    passphrase = wifi_passphrase(rec, cfg.recipe_path) if need_secrets else (
         None if rec.wifi.open else "dry-run-passphrase")
     return {
         "recipe": rec, "board": cfg.board, "boards": (cfg.board, *cfg.also), "identity": ident,
@@ -68,6 +69,8 @@ def render_overlays(cfg: Config, ctx: dict[str, Any]) -> list[Rendered]:
                                  keep_trailing_newline=True, autoescape=False)
         for path in sorted(d.rglob("*")):
             rel = str(path.relative_to(d))
+            if "__pycache__" in path.parts:
+                continue
             mode = path.lstat().st_mode & 0o7777
             if path.is_symlink():
                 out.append(Rendered(rel, None, mode, link=os.readlink(path)))
@@ -137,7 +140,7 @@ def authorized_keys(path: str | None, base: Path) -> str | None:
     return "\n".join(keys) + "\n"
 
 
-def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: str | None) -> None:
+def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: str | None, sde: int) -> None:
     """Identity, users, SSH and mounts: the parts every image has, whatever its overlays."""
     hostname = cfg.recipe.hostname or cfg.recipe.name
     (tree / "etc/hostname").write_text(hostname + "\n")
@@ -155,6 +158,10 @@ def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: s
     # Host keys are made on each board at its first boot (appliance-ssh-hostkeys.service).
     for key in (tree / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
+    # A board without an RTC battery starts from the last saved clock; the image's is its build date.
+    clock = tree / "etc/fake-hwclock.data"
+    if clock.exists():
+        clock.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n", time.gmtime(sde)))
     # systemd makes a machine id at first boot, and ConditionFirstBoot units run then.
     (tree / "etc/machine-id").write_text("uninitialized\n")
     dbus_id = tree / "var/lib/dbus/machine-id"

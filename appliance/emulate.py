@@ -1,15 +1,19 @@
 """Boot an image file under QEMU the way a card boots: U-Boot -> the image's own boot.scr -> Xen -> dom0 -> guest.
 
-The image is never written (QEMU keeps the board's writes in a throw-away overlay); dom0's SSH and port 80
-are forwarded to free host ports, and the serial console goes to the terminal or to a log whose boot
-milestones are timed from power-on.
+The image is never written (QEMU keeps the board's writes in a throw-away overlay). dom0's SSH is forwarded
+to a free host port, the guest's HTTP to another (through that SSH, as the guest sits on dom0's bridge), and
+the serial console goes to the terminal or to a log whose boot milestones are timed from power-on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
+import logging
 import os
 import re
+import select
 import shlex
 import socket
 import subprocess
@@ -24,7 +28,7 @@ import paramiko
 
 from . import ROOT, log
 from .config import Board as BoardSpec
-from .config import load_board
+from .config import load, load_board
 from .errors import EmulateError
 
 DEFAULT_BOARD = "qemu-virt"
@@ -35,8 +39,9 @@ MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
     ("u-boot", re.compile(rb"^U-Boot \d{4}\.")),
     ("boot.scr", re.compile(rb"appliance: booting Xen on")),
     ("xen", re.compile(rb"\(XEN\) ")),
-    ("dom0 kernel", re.compile(rb"Booting Linux on physical CPU")),
-    ("dom0 init", re.compile(rb"Run /init as init process|Run /sbin/init|systemd\[1\]: |Welcome to ")),
+    ("dom0 kernel", re.compile(rb"Booting Linux on physical CPU|Linux version \d")),
+    ("dom0 initramfs", re.compile(rb"Run /init as init process|Loading, please wait")),
+    ("dom0 systemd", re.compile(rb"systemd\[1\]: |Welcome to ")),
     ("login prompt", re.compile(rb" login: ")),
 )
 # Console lines after which waiting longer cannot help; the error quotes the console's tail.
@@ -48,7 +53,20 @@ FATAL: tuple[tuple[re.Pattern[bytes], str], ...] = (
     (re.compile(rb"\(XEN\) (Panic on CPU|\*+ PANIC)"), "Xen panicked"),
     (re.compile(rb"Kernel panic - not syncing"), "the dom0 kernel panicked"),
     (re.compile(rb"Dropping to a shell|Gave up waiting for root"), "dom0's initramfs did not find the root filesystem"),
+    (re.compile(rb"Press any key to proceed"), "the boot waits for a key on the console (systemd-firstboot prompts)"),
 )
+
+# A GET from dom0 with only the Python the image has: prints the status, then the body.
+_FETCH = """import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))
+    status, body = r.status, r.read()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read()
+except Exception as exc:
+    status, body = 0, repr(exc).encode()
+sys.stdout.write(f"{status}\\n{body.decode(errors='replace')}")
+"""
 
 
 @dataclass(frozen=True)
@@ -73,7 +91,6 @@ class Console:
         self.fatal: tuple[str, bytes] | None = None
         self._stream = stream
         self._partial = b""
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._pump, name="qemu-console", daemon=True)
         self._thread.start()
 
@@ -83,13 +100,11 @@ class Console:
             while chunk := os.read(fd, 65536):
                 now = time.monotonic() - self.start
                 out.write(chunk)
-                with self._lock:
-                    *lines, self._partial = (self._partial + chunk).split(b"\n")
-                    # A prompt has no newline yet, so the unfinished line is looked at too.
-                    for line in [*lines, self._partial]:
-                        self._note(line.rstrip(b"\r"), now)
-                    if len(self._partial) > 4096:
-                        self._partial = self._partial[-4096:]
+                *lines, self._partial = (self._partial + chunk).split(b"\n")
+                # A prompt has no newline yet, so the unfinished line is looked at too.
+                for line in [*lines, self._partial]:
+                    self._note(line.rstrip(b"\r"), now)
+                self._partial = self._partial[-4096:]
 
     def _note(self, line: bytes, now: float) -> None:
         for name, pattern in MILESTONES:
@@ -108,7 +123,61 @@ class Console:
             text = self.log_path.read_bytes()[-16384:].decode(errors="replace")
         except OSError:
             return "(no console log)"
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # systemd's colours
         return "\n".join(line.rstrip("\r") for line in text.splitlines()[-lines:])
+
+
+class Tunnel:
+    """A host port whose connections are carried over dom0's SSH to an address on the board's bridge.
+
+    The port is bound before QEMU starts, so it cannot be taken meanwhile; connections made before SSH is
+    up are closed at once, as a board that is not serving yet would.
+    """
+
+    def __init__(self, target: tuple[str, int], transport: Callable[[], paramiko.Transport]) -> None:
+        self.target, self._transport = target, transport
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="guest-tunnel", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._carry, args=(conn, peer), daemon=True).start()
+
+    def _carry(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        with conn:
+            try:
+                chan = self._transport().open_channel("direct-tcpip", self.target, peer, timeout=30)
+            except (paramiko.SSHException, OSError, EOFError, EmulateError):
+                return
+            with chan:
+                sources: list[socket.socket | paramiko.Channel] = [conn, chan]
+                while not self._stop.is_set():
+                    ready, _, _ = select.select(sources, [], [], 1.0)
+                    if conn in ready:
+                        data = conn.recv(65536)
+                        if data:
+                            chan.sendall(data)
+                        else:  # the client has sent its request; the answer may still come
+                            chan.shutdown_write()
+                            sources.remove(conn)
+                    if chan in ready:
+                        data = chan.recv(65536)
+                        if not data:
+                            return
+                        conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
 
 
 @dataclass
@@ -119,14 +188,26 @@ class Board:
     spec: BoardSpec
     image: Path
     ssh_port: int
-    http_port: int
     key: Path
     console: Path
     started: float
-    _console: Console
     ssh_config: Path
+    guest: tuple[str, int]                 # the served guest's address and port on dom0's bridge
+    _console: Console = field(repr=False)
     _client: paramiko.SSHClient | None = field(default=None, repr=False)
+    _tunnel_client: paramiko.SSHClient | None = field(default=None, repr=False)
+    _tunnel: Tunnel | None = field(default=None, repr=False)
     host_key: str | None = None
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tunnel = Tunnel(self.guest, self._tunnel_transport)
+
+    @property
+    def http_port(self) -> int:
+        """The host port that reaches the guest's HTTP (through dom0's SSH)."""
+        assert self._tunnel is not None
+        return self._tunnel.port
 
     @property
     def milestones(self) -> dict[str, float]:
@@ -154,9 +235,20 @@ class Board:
     def tail(self, lines: int = 25) -> str:
         return self._console.tail(lines)
 
-    def _fail(self, what: str) -> EmulateError:
+    def fail(self, what: str) -> EmulateError:
+        """An EmulateError naming the image and board, with the tail of the console log."""
         return EmulateError(f"{self.image.name} on {self.spec.name}: {what}; the console log {self.console} "
                             f"ends:\n{self.tail()}")
+
+    def check_alive(self, when: str) -> None:
+        """Raise at once if QEMU has exited or the console showed a boot that cannot go on."""
+        if not self.alive():
+            raise self.fail(f"QEMU exited with status {self.proc.returncode} {when}")
+        if self._console.fatal:
+            why, line = self._console.fatal
+            raise self.fail(f"{why} ({line.decode(errors='replace').strip()!r}) {when}")
+
+    # ------------------------------------------------------------ SSH
 
     def _connect(self, timeout: float) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
@@ -174,60 +266,69 @@ class Board:
         self.host_key = transport.get_remote_server_key().get_base64()
         return client
 
-    def type_keys(self, text: str) -> None:
-        """Type text on the serial console, as someone at the board's UART would."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode())
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def wait_ssh(self, timeout: float, *, unless_boot_id: str | None = None) -> float:
-        """Poll until root can log in over SSH (and, after a reboot, the boot is a new one); seconds taken."""
-        start = time.monotonic()
-        deadline = start + timeout
-        last = "no attempt yet"
-        while True:
-            self._check_alive("before dom0's SSH answered")
-            try:
-                self.close()
-                # slirp accepts the host's connection before the board listens, then drops it; a plain read
-                # of sshd's banner tells that apart quietly, before paramiko is asked to log in.
-                if not self._banner(timeout=min(10.0, max(deadline - time.monotonic(), 1.0))):
-                    raise EOFError("no SSH banner yet")
-                self._client = self._connect(timeout=min(30.0, max(deadline - time.monotonic(), 5.0)))
-                if unless_boot_id is None or self.boot_id() != unless_boot_id:
-                    return time.monotonic() - start
-                last = "the board has not rebooted yet"
-            except (paramiko.SSHException, OSError, EOFError, EmulateError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                raise self._fail(f"dom0 did not accept an SSH login on port {self.ssh_port} within {timeout:.0f} s "
-                                 f"(last: {last})")
-            time.sleep(1)
-
     def _banner(self, timeout: float) -> bool:
+        # slirp accepts the host's connection before the board listens, then drops it; reading sshd's
+        # banner tells the two apart quietly, before paramiko is asked to log in.
         try:
             with socket.create_connection(("127.0.0.1", self.ssh_port), timeout=timeout) as sock:
                 return sock.recv(4).startswith(b"SSH-")
         except OSError:
             return False
 
-    def _check_alive(self, when: str) -> None:
-        if not self.alive():
-            raise self._fail(f"QEMU exited with status {self.proc.returncode} {when}")
-        if self._console.fatal:
-            why, line = self._console.fatal
-            raise self._fail(f"{why} ({line.decode(errors='replace').strip()!r}) {when}")
+    def _tunnel_transport(self) -> paramiko.Transport:
+        with self._lock:
+            t = self._tunnel_client.get_transport() if self._tunnel_client else None
+            if t is None or not t.is_active():
+                if self._tunnel_client:
+                    self._tunnel_client.close()
+                self._tunnel_client = self._connect(timeout=30)
+                t = self._tunnel_client.get_transport()
+            assert t is not None
+            return t
+
+    def close(self) -> None:
+        """Drop the SSH connections (the next command reconnects)."""
+        for c in (self._client, self._tunnel_client):
+            if c is not None:
+                c.close()
+        self._client = self._tunnel_client = None
+
+    def wait_ssh(self, timeout: float, *, unless_boot_id: str | None = None) -> float:
+        """Poll until root can log in over SSH (and, after a reboot, the boot is a new one); seconds taken."""
+        start = time.monotonic()
+        deadline = start + timeout
+        last = "no attempt yet"
+        quiet = logging.getLogger("paramiko")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # each refused attempt would print a traceback
+        try:
+            while True:
+                self.check_alive("before dom0's SSH answered")
+                try:
+                    self.close()
+                    if not self._banner(timeout=min(10.0, max(deadline - time.monotonic(), 1.0))):
+                        raise EOFError("no SSH banner yet")
+                    self._client = self._connect(timeout=min(30.0, max(deadline - time.monotonic(), 5.0)))
+                    if unless_boot_id is None or self.boot_id() != unless_boot_id:
+                        return time.monotonic() - start
+                    last = "the board has not rebooted yet"
+                except (paramiko.SSHException, OSError, EOFError, EmulateError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                if time.monotonic() >= deadline:
+                    raise self.fail(f"dom0 did not accept an SSH login on port {self.ssh_port} within "
+                                    f"{timeout:.0f} s (last: {last})")
+                time.sleep(1)
+        finally:
+            quiet.setLevel(level)
 
     def run(self, cmd: str, *, check: bool = True, timeout: float = 120) -> Result:
         """Run a shell command in dom0 as root; with check, a non-zero exit raises EmulateError."""
         if self._client is None or not (t := self._client.get_transport()) or not t.is_active():
-            self._check_alive(f"while running {cmd!r}")
-            self._client = self._connect(timeout=30)
+            self.check_alive(f"while running {cmd!r}")
+            try:
+                self._client = self._connect(timeout=30)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise EmulateError(f"{cmd!r}: cannot log in to the emulated board ({exc})") from None
         try:
             _, stdout, stderr = self._client.exec_command(cmd, timeout=timeout)
             out = stdout.read().decode(errors="replace")
@@ -255,13 +356,13 @@ class Board:
         self.close()
         return self.wait_ssh(timeout, unless_boot_id=old)
 
-    def http_get(self, path: str = "/", timeout: float = 10) -> tuple[int, str]:
-        """GET through the host's forward of the board's port 80: (status, body); (0, reason) if no answer."""
-        import http.client
+    # ------------------------------------------------------------ HTTP
 
+    def http_get(self, path: str = "/", timeout: float = 30) -> tuple[int, str]:
+        """GET from the guest through the host's forwarded port: (status, body); (0, reason) if no answer."""
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
         try:
-            conn.request("GET", path, headers={"Host": "emulated.booth"})
+            conn.request("GET", path)
             resp = conn.getresponse()
             return resp.status, resp.read().decode(errors="replace")
         except (OSError, http.client.HTTPException) as exc:
@@ -277,8 +378,18 @@ class Board:
         status, _, body = r.out.partition("\n")
         return (int(status), body) if status.strip().isdigit() else (0, (r.err or r.out).strip())
 
+    # ------------------------------------------------------------ power
+
+    def type_keys(self, text: str) -> None:
+        """Type text on the serial console, as someone at the board's UART would."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
     def stop(self) -> None:
         """Power off at once: every write went to the throw-away overlay, so nothing is lost."""
+        if self._tunnel is not None:
+            self._tunnel.close()
         self.close()
         if self.alive():
             self.proc.terminate()
@@ -290,19 +401,6 @@ class Board:
         self._console.join()
 
 
-# A GET from dom0 with only the Python the image has: prints the status, then the body.
-_FETCH = """import sys, urllib.request, urllib.error
-try:
-    r = urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))
-    status, body = r.status, r.read()
-except urllib.error.HTTPError as exc:
-    status, body = exc.code, exc.read()
-except Exception as exc:
-    status, body = 0, repr(exc).encode()
-sys.stdout.write(f"{status}\\n{body.decode(errors='replace')}")
-"""
-
-
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 1.0,
              board: Board | None = None) -> T:
     """Poll probe() until it returns something other than None/False, or raise EmulateError after timeout."""
@@ -312,7 +410,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
         if value is not None and value is not False:
             return value
         if board is not None:
-            board._check_alive(f"while waiting for {what}")
+            board.check_alive(f"while waiting for {what}")
         if time.monotonic() >= deadline:
             raise EmulateError(f"{what}: not within {timeout:.0f} s")
         time.sleep(interval)
@@ -339,7 +437,7 @@ def _escape(value: Path | str) -> str:
     return str(value).replace(",", ",,")  # QEMU's option syntax doubles a literal comma
 
 
-def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, http_port: int, serial: str) -> list[str]:
+def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, serial: str) -> list[str]:
     """The QEMU command line that boots img on the board, disk read-only underneath a throw-away overlay."""
     q = spec.qemu
     if q is None:
@@ -354,8 +452,7 @@ def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, http_port: int, serial:
                  "-device", "virtio-blk-device,drive=hd0"]
     else:
         raise EmulateError(f"board/{spec.name}.yaml: qemu.disk: '{q.disk}' is not supported (virtio)")
-    fwd = f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,hostfwd=tcp:127.0.0.1:{http_port}-:80"
-    argv += ["-netdev", f"user,id=net0,{fwd}", "-device", f"{q.nic},netdev=net0"]
+    argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22", "-device", f"{q.nic},netdev=net0"]
     return argv
 
 
@@ -366,6 +463,17 @@ def _check_image(img: Path) -> Path:
     if img.suffix != ".img":
         raise EmulateError(f"{img}: QEMU boots a raw .img; decompress {img.name} first")
     return img
+
+
+def guest_of(img: Path) -> tuple[str, int]:
+    """The served guest's address and port, from the recipe the image's manifest names (default: booth)."""
+    name = "booth"
+    manifest = img.with_suffix(".manifest.json")
+    with contextlib.suppress(OSError, ValueError):
+        name = json.loads(manifest.read_text()).get("recipe_file", name)
+        name = name if Path(name).is_absolute() or "/" not in name else str(ROOT / name)
+    g = load(name).recipe.guest
+    return g.address, g.port
 
 
 def _ssh_config(log_path: Path) -> Path:
@@ -385,43 +493,47 @@ def boot(img: Path, *, log_path: Path, key: Path, board: str = DEFAULT_BOARD, ti
         raise EmulateError(f"{key}: no such SSH private key")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    b = _start(spec, img, log_path, key, extra_args)
+    b = start(spec, img, log_path, key, extra_args)
     try:
         b.wait_ssh(timeout)
         b.mark("ssh")
-        log.info(f"{spec.name}: dom0 answers SSH on 127.0.0.1:{b.ssh_port} after {b.milestones['ssh']:.1f} s "
-                 f"(board port 80 on 127.0.0.1:{b.http_port}; console {log_path})")
+        assert b._tunnel is not None
+        b._tunnel.start()
+        log.info(f"{spec.name}: dom0 answers SSH on 127.0.0.1:{b.ssh_port} after {b.milestones['ssh']:.1f} s; "
+                 f"the guest's HTTP is on 127.0.0.1:{b.http_port}; console in {log_path}")
         yield b
     finally:
         b.stop()
 
 
-def _start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Sequence[str]) -> Board:
-    """Start QEMU with fresh ports; if a port was taken meanwhile, try again with others."""
+def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Sequence[str] = ()) -> Board:
+    """Start QEMU (not waiting for anything); if the SSH port was taken meanwhile, try again with another."""
+    guest = guest_of(img)
     for attempt in range(3):
-        ssh_port, http_port = free_port(), free_port()
-        argv = [*qemu_argv(spec, img, ssh_port, http_port, serial="stdio"), "-monitor", "none", *extra_args]
+        ssh_port = free_port()
+        argv = [*qemu_argv(spec, img, ssh_port, serial="stdio"), "-monitor", "none", *extra_args]
         log_path.write_bytes(b"")
         log.debug(f"+ {shlex.join(argv)}")
-        start = time.monotonic()
+        t0 = time.monotonic()
         try:
+            # stdin is a pipe so that type_keys() can reach the console; QEMU is its own process group.
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=log.clean_env(), start_new_session=True)
         except FileNotFoundError:
             raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \
                 from None
         assert proc.stdout is not None
-        console = Console(proc.stdout, log_path, start)
-        b = Board(proc, spec, img, ssh_port, http_port, key, log_path, start, console, _ssh_config(log_path))
+        console = Console(proc.stdout, log_path, t0)
+        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path), guest, console)
         # QEMU refuses a taken port at once; past a second it is booting.
         try:
             proc.wait(timeout=1.5)
         except subprocess.TimeoutExpired:
             return b
-        console.join()
+        b.stop()
         if b"host forwarding rule" in log_path.read_bytes() and attempt < 2:
             continue
-        raise b._fail(f"QEMU exited with status {proc.returncode} at start")
+        raise b.fail(f"QEMU exited with status {proc.returncode} at start")
     raise AssertionError("unreachable")
 
 
@@ -429,10 +541,13 @@ def interactive(img: Path, *, board: str = DEFAULT_BOARD, timeout: float | None 
     """Boot img with the serial console on this terminal (Ctrl-A X quits); QEMU's exit status."""
     img = _check_image(img)
     spec = load_board(board)
-    ssh_port, http_port = free_port(), free_port()
-    argv = qemu_argv(spec, img, ssh_port, http_port, serial="mon:stdio")
-    log.info(f"{img.name} on {spec.name}: dom0 SSH at 127.0.0.1:{ssh_port}, board port 80 at 127.0.0.1:{http_port}")
-    log.info(f"  ssh -p {ssh_port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@127.0.0.1")
+    ssh_port = free_port()
+    address, port = guest_of(img)
+    argv = qemu_argv(spec, img, ssh_port, serial="mon:stdio")
+    ssh = f"ssh -p {ssh_port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+    log.info(f"{img.name} on {spec.name}; the image file is not modified")
+    log.info(f"  dom0:  {ssh} root@127.0.0.1")
+    log.info(f"  guest: {ssh} -N -L 8080:{address}:{port} root@127.0.0.1, then http://127.0.0.1:8080/")
     log.info("  console: Ctrl-A X quits QEMU, Ctrl-A C its monitor; Ctrl-A three times switches Xen/dom0")
     log.debug(f"+ {shlex.join(argv)}")
     try:
@@ -457,12 +572,12 @@ def headless(img: Path, *, key: Path, log_path: Path, board: str = DEFAULT_BOARD
     """Boot img with the console to a log, print how to reach it, and keep it running for `stay` seconds
     (None: until interrupted; 0: power off once SSH answers). Returns the milestones."""
     with boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
-        print(f"ssh:     {b.ssh_command()}\nport 80: http://127.0.0.1:{b.http_port}/\nconsole: {b.console}",
+        print(f"dom0:    {b.ssh_command()}\nguest:   http://127.0.0.1:{b.http_port}/\nconsole: {b.console}",
               flush=True)
         end = None if stay is None else time.monotonic() + stay
         while end is None or time.monotonic() < end:
             if not b.alive():
-                raise b._fail(f"QEMU exited with status {b.proc.returncode}")
+                raise b.fail(f"QEMU exited with status {b.proc.returncode}")
             time.sleep(1.0 if end is None else min(1.0, max(0.0, end - time.monotonic())))
         return b.milestones
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from . import log, rootfs
+from . import config, log, rootfs
 from .config import Config
 from .errors import GuestError
 from .log import run, step
@@ -261,18 +261,43 @@ def read_bundle(path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     return data, files
 
 
+def user_bundle(cfg: Config) -> Path | None:
+    """The bundle the recipe names (guest.bundle, relative to the recipe), or None for the demo guest."""
+    spec = cfg.recipe.guest.bundle
+    if not spec:
+        return None
+    src = Path(spec).expanduser()
+    src = src if src.is_absolute() else cfg.recipe_path.parent / src
+    if not src.exists():
+        raise GuestError(f"{config.rel(cfg.recipe_path)}: guest.bundle: no such file or directory {src}")
+    return src
+
+
+def check(cfg: Config) -> None:
+    """For `--dry-run`: the recipe's own bundle is complete, its checksums match and its kernel is a zImage."""
+    src = user_bundle(cfg)
+    if src is None:
+        missing = [n for n in ("init", "site/index.html", "site/game.js") if not (cfg.root / "guest" / n).is_file()]
+        if missing:
+            raise GuestError(f"the demo guest's sources are incomplete: guest/{', guest/'.join(missing)} missing")
+        return
+    manifest, files = read_bundle(src)
+    sums = manifest.get("sha256") or {}
+    for fname, p in files.items():
+        if not p.is_file():
+            raise GuestError(f"{src}: {fname}: no such file in the bundle")
+        if not isinstance(sums, dict) or sums.get(fname) != sha256(p):
+            raise GuestError(f"{src}/guest.yaml: sha256: {fname} is missing or does not match the file")
+    if not launcher(cfg).is_zimage(files[manifest["kernel"]]):
+        raise GuestError(f"{files[manifest['kernel']]}: not an ARM zImage (Linux zImage, Mini-OS or MirageOS .xen)")
+
+
 def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> str | None:
     """Lay the recipe's guest (guest.bundle, else the demo) into the tree's store as `current`; its version."""
-    spec = cfg.recipe.guest.bundle
-    if not spec and "booth" not in cfg.recipe.overlays:
+    src = user_bundle(cfg)
+    if src is None and "booth" not in cfg.recipe.overlays:
         return None  # no launcher in this image, so no guest to serve
-    if spec:
-        src = Path(spec).expanduser()
-        src = src if src.is_absolute() else cfg.recipe_path.parent / src
-        if not src.exists():
-            raise GuestError(f"{cfg.recipe_path.name}: guest.bundle: no such file or directory {src}")
-    else:
-        src = build(cfg, base).path
+    src = src or build(cfg, base).path
     manifest, files = read_bundle(src)
     version = str(manifest.get("version", ""))
     if not version or "/" in version or version.startswith(".") or version in ("current", "previous"):

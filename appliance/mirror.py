@@ -23,7 +23,8 @@ class Source:
 
 
 def _deb822(text: str) -> list[dict[str, str]]:
-    stanzas, cur = [], {}
+    stanzas: list[dict[str, str]] = []
+    cur: dict[str, str] = {}
     for raw in text.splitlines() + [""]:
         if raw.startswith("#"):
             continue

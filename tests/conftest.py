@@ -92,7 +92,7 @@ def host(request):
     if request.param == "chroot":
         rootfs = request.getfixturevalue("image_rootfs")
         assert (rootfs / "etc/os-release").exists(), f"{rootfs} is not a rootfs"
-        h = testinfra.get_host(f"chroot://{rootfs}")
+        h = testinfra.get_host(str(rootfs), connection="chroot")
     else:
         board = request.getfixturevalue("booted_board")
         h = testinfra.get_host(board.testinfra_url, ssh_identity_file=str(board.key))

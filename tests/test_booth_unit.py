@@ -534,6 +534,19 @@ def test_install_a_user_bundle(tmp_path: Path):
     m = json.loads((store / "7/guest.yaml").read_text())
     assert m["memory"] == 48 and m["vcpus"] == 1 and m["mac"] == "00:16:3e:42:00:02"
     assert m["health"] == {"port": 80, "path": "/", "deadline": 120}
+    guest.check(cfg)
     (bundle / "kernel.xen").write_bytes(b"no zImage here" * 4)
     with pytest.raises(GuestError, match="sha256 does not match"):
         guest.install(cfg, None, tree)
+    with pytest.raises(GuestError, match=r"guest.yaml: sha256: kernel.xen is missing or does not match the file"):
+        guest.check(cfg)
+
+
+def test_a_missing_bundle_is_named(tmp_path: Path):
+    text = RECIPE.format(name="u", wifi="  open: true", network="  uplink: dhcp") + "guest:\n  bundle: nowhere\n"
+    (tmp_path / "u.yaml").write_text(text)
+    cfg = config.load(str(tmp_path / "u.yaml"))
+    with pytest.raises(GuestError) as err:
+        guest.check(cfg)
+    assert str(err.value) == f"{tmp_path}/u.yaml: guest.bundle: no such file or directory {tmp_path}/nowhere"
+    guest.check(config.load("booth"))  # the demo's sources are all there
