@@ -34,7 +34,7 @@ def test_no_account_has_a_password(host):
 
 def test_sshd_refuses_passwords(host):
     # sshd -T needs a host key; a throwaway one in /tmp keeps the image's /etc/ssh untouched.
-    host.run_test("rm -f /tmp/hk && ssh-keygen -q -t ed25519 -N '' -f /tmp/hk")
+    host.run_test("mkdir -p /run/sshd && rm -f /tmp/hk && ssh-keygen -q -t ed25519 -N '' -f /tmp/hk")
     conf = host.check_output("sshd -T -h /tmp/hk -C user=root,host=x,addr=10.0.0.9")
     settings = dict(line.split(" ", 1) for line in conf.splitlines() if " " in line)
     assert settings["passwordauthentication"] == "no"

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import os
 import re
 import struct
 import subprocess
@@ -200,6 +201,9 @@ def test_xz_decompresses_to_the_image(built_image):
 
 def test_rebuild_is_bit_identical(built_image, test_key):
     from appliance import build
+
+    if os.environ.get("APPLIANCE_TEST_REUSE"):
+        pytest.skip("the reused image may come from other inputs")
 
     before = hashlib.sha256(built_image.img.read_bytes()).hexdigest()
     out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
