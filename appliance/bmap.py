@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FlashError
+from .files import write_atomic
 
 BLOCK_SIZE = 4096
 CHUNK = 1 << 20
@@ -173,12 +174,9 @@ def scan(image: Path) -> BlockMap:
 def create(image: Path, out: Path) -> None:
     """Write the bmap of `image` to `out`; the same image always gives the same bytes."""
     data = render(scan(image))
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        tmp.write_bytes(data)
-        tmp.replace(out)     # never leave a half-written bmap for a flasher to trust
+        write_atomic(out, data)  # never leave a half-written bmap for a flasher to trust
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise FlashError(f"cannot write the bmap {out}: {exc.strerror}") from None
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from . import ROOT, bootfiles, configure, guest, image, log, rootfs
 from .config import Config, load
 from .errors import BuildError, ToolError
+from .files import partial, sha256, write_atomic
 from .identity import Identity, derive
 from .log import run, step
 
@@ -160,7 +161,7 @@ def _build(recipe: str, *, dry_run: bool, authorized_keys: str | None) -> Output
         log.info(f"{n} files; boot {lay.boot_size >> 20} MiB at 1 MiB, root {lay.root_size >> 20} MiB")
         image.make_boot_fs(files_for_boot(files), ctx.work / "boot.vfat", lay.boot_size, ctx.ident, ctx.sde)
         image.make_root_fs(ctx.tree, ctx.work / "root.ext4", lay.root_size, ctx.ident, ctx.sde)
-        tmp_img = _tmp(out.img)
+        tmp_img = partial(out.img)
         image.assemble(tmp_img, lay, ctx.ident, ctx.work / "boot.vfat", ctx.work / "root.ext4", spl,
                        cfg.board.uboot.offset)
     outputs(ctx, out, tmp_img, base, kernel, lay, start)
@@ -188,22 +189,10 @@ def extract_spl(base: rootfs.Base, cfg: Config, work: Path) -> Path | None:
     return spl
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
 def _drop_partial(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for p in out_dir.glob(".*.partial"):
         p.unlink()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def outputs(ctx: Context, out: Outputs, tmp_img: Path, base: rootfs.Base, kernel: bootfiles.Kernel,
@@ -212,7 +201,7 @@ def outputs(ctx: Context, out: Outputs, tmp_img: Path, base: rootfs.Base, kernel
 
     cfg = ctx.cfg
     with step("Writing the block map, the compressed image, checksums and the manifest"):
-        tmp_bmap, tmp_xz = _tmp(out.bmap), _tmp(out.xz)
+        tmp_bmap, tmp_xz = partial(out.bmap), partial(out.xz)
         # xz is the slow part: it runs on every core while the block map and the checksum are made.
         with open(tmp_xz, "wb") as xz_out:
             xz = subprocess.Popen(["xz", "-T0", "-1", "-c", str(tmp_img)], stdout=xz_out, stderr=subprocess.PIPE)
@@ -227,7 +216,7 @@ def outputs(ctx: Context, out: Outputs, tmp_img: Path, base: rootfs.Base, kernel
         sums[out.xz.name] = sha256(tmp_xz)
         for tmp, final in ((tmp_bmap, out.bmap), (tmp_xz, out.xz), (tmp_img, out.img)):
             tmp.rename(final)
-        _write(out.sums, "".join(f"{h}  {name}\n" for name, h in sums.items()))
+        write_atomic(out.sums, "".join(f"{h}  {name}\n" for name, h in sums.items()).encode())
         latest = ctx.out_dir / "latest"
         latest.unlink(missing_ok=True)
         latest.symlink_to(out.img.name)
@@ -252,7 +241,7 @@ def outputs(ctx: Context, out: Outputs, tmp_img: Path, base: rootfs.Base, kernel
             "packages": meta["packages"],
             "steps": dict(log.durations), "total_seconds": round(time.monotonic() - start, 1),
         }
-        _write(out.manifest, json.dumps(manifest, indent=1) + "\n")
+        write_atomic(out.manifest, (json.dumps(manifest, indent=1) + "\n").encode())
     log.info(f"built {out.img} ({out.img.stat().st_size >> 20} MiB, {mapped >> 20} MiB of data; "
              f"{out.xz.name} {out.xz.stat().st_size >> 20} MiB) in {time.monotonic() - start:.0f} s")
 
@@ -262,12 +251,6 @@ def _mapped_bytes(bmap_path: Path) -> int:
 
     bm = bmap.parse(bmap_path)
     return int(bm.mapped_blocks * bm.block_size)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    tmp.rename(path)
 
 
 def clean(everything: bool = False, root: Path = ROOT) -> None:

@@ -26,6 +26,7 @@ import yaml
 from . import config, log, rootfs
 from .config import Config
 from .errors import GuestError
+from .files import sha256
 from .log import run, step
 
 DEMO_NAME = "demo"
@@ -195,14 +196,6 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
         if dest:
             entries.append(_file(dest, p.read_bytes(), mode))
     return list({e.path: e for e in entries}.values())  # a directory named twice is packed once
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- bundles and the store

@@ -1,0 +1,31 @@
+"""Small file helpers shared by the build, the guest bundles and the block maps.
+
+A file is written whole or not at all: under a temporary name beside it, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def partial(path: Path) -> Path:
+    """The temporary name a file is made under; a build drops leftovers of these at its start."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = partial(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
