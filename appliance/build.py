@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ROOT, bootfiles, configure, guest, image, log, rootfs
-from .config import Config, load
+from .config import Config, load, rel
 from .errors import BuildError, ToolError
 from .files import partial, sha256, write_atomic
 from .identity import Identity, derive
@@ -83,7 +83,11 @@ def verify(recipe: str, authorized_keys: str | None, *, need_secrets: bool = Tru
     if missing:
         raise ToolError(f"host tools missing: {', '.join(missing)}", hint="run ./setup.sh")
     ident = derive(cfg.digest)
-    keys = configure.authorized_keys(authorized_keys or cfg.recipe.ssh.authorized_keys, cfg.recipe_path.parent)
+    if authorized_keys:  # the command line's path is the user's, relative to where they are
+        keys = configure.authorized_keys(authorized_keys, Path.cwd(), "--authorized-keys")
+    else:
+        keys = configure.authorized_keys(cfg.recipe.ssh.authorized_keys, cfg.recipe_path.parent,
+                                         f"{rel(cfg.recipe_path)}: ssh.authorized_keys")
     configure.render_overlays(cfg, configure.context(cfg, ident, need_secrets=need_secrets))
     bootfiles.boot_cmd(cfg, ident)
     guest.check(cfg)

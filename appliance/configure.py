@@ -122,7 +122,8 @@ def lay(tree: Path, files: list[Rendered]) -> None:
             os.chown(dest, 0, 0)
 
 
-def authorized_keys(path: str | None, base: Path) -> str | None:
+def authorized_keys(path: str | None, base: Path, where: str = "ssh.authorized_keys") -> str | None:
+    """The public keys in the user's file (relative to base); `where` names the setting in errors."""
     if not path:
         return None
     p = Path(path).expanduser()
@@ -130,7 +131,7 @@ def authorized_keys(path: str | None, base: Path) -> str | None:
     try:
         text = p.read_text()
     except OSError as exc:
-        raise RecipeError(f"ssh.authorized_keys: cannot read {p}: {exc.strerror}") from None
+        raise RecipeError(f"{where}: cannot read {rel(p)}: {exc.strerror}") from None
     keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     for n, key in enumerate(keys, 1):
         if not _KEY.match(key):
