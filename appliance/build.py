@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ROOT, bootfiles, configure, guest, image, log, rootfs
+from . import ROOT, bootfiles, compress, configure, guest, image, log, rootfs
 from .config import Config, load, rel
 from .errors import BuildError, ToolError
 from .files import partial, sha256, write_atomic
@@ -206,16 +206,14 @@ def outputs(ctx: Context, out: Outputs, tmp_img: Path, base: rootfs.Base, kernel
     cfg = ctx.cfg
     with step("Writing the block map, the compressed image, checksums and the manifest"):
         tmp_bmap, tmp_xz = partial(out.bmap), partial(out.xz)
-        # xz is the slow part: it runs on every core while the block map and the checksum are made.
-        with open(tmp_xz, "wb") as xz_out:
-            xz = subprocess.Popen(["xz", "-T0", "-1", "-c", str(tmp_img)], stdout=xz_out, stderr=subprocess.PIPE)
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                img_sum = pool.submit(sha256, tmp_img)
-                bmap.create(tmp_img, tmp_bmap)
-                sums = {out.img.name: img_sum.result()}
-            _, err = xz.communicate()
-        if xz.returncode != 0:
-            raise ToolError(f"xz failed: {err.decode(errors='replace').strip()}")
+        # xz is the slow part: its chunks are cached (see compress.py) and run while the block map is made.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            packed = pool.submit(compress.xz, tmp_img, tmp_xz, rootfs.cache_dir(cfg) / "xz" / cfg.image_name)
+            img_sum = pool.submit(sha256, tmp_img)
+            bmap.create(tmp_img, tmp_bmap)
+            sums = {out.img.name: img_sum.result()}
+            chunks, fresh = packed.result()
+        log.info(f"{out.xz.name}: {fresh} of {chunks} chunks compressed anew, the rest from the cache")
         sums[out.bmap.name] = sha256(tmp_bmap)
         sums[out.xz.name] = sha256(tmp_xz)
         for tmp, final in ((tmp_bmap, out.bmap), (tmp_xz, out.xz), (tmp_img, out.img)):
