@@ -144,6 +144,15 @@ def _build(recipe: str, *, dry_run: bool, authorized_keys: str | None) -> Output
         return None
     out = ctx.outputs()
     _drop_partial(ctx.out_dir)
+    try:
+        return _make(ctx, out, start)
+    except BaseException:
+        _drop_partial(ctx.out_dir)  # a failed or interrupted build leaves the last finished image alone
+        raise
+
+
+def _make(ctx: Context, out: Outputs, start: float) -> Outputs:
+    cfg = ctx.cfg
     base = rootfs.ensure(cfg)
     with step("Copying the base tree into the workspace"):
         rootfs.copy_tree(base.tree, ctx.tree)

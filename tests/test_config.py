@@ -98,3 +98,14 @@ def test_recipe_mirror_wins_and_missing_mirror_is_an_error(tmp_path: Path):
     assert mirror.sources("bookworm", ("main",), mirror="http://two.invalid/d", etc=d)[0].uri == "http://two.invalid/d"
     with pytest.raises(RecipeError, match="no apt source for 'trixie'"):
         mirror.sources("trixie", ("main",), etc=d)
+
+
+def test_clean_drops_caches_and_keeps_outputs_unless_all(tmp_path: Path):
+    (tmp_path / ".cache" / "rootfs" / "k").mkdir(parents=True)
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "x.img").write_bytes(b"img")
+    build.clean(root=tmp_path)
+    assert not (tmp_path / ".cache" / "rootfs").exists()
+    assert (tmp_path / "build" / "x.img").exists()
+    build.clean(everything=True, root=tmp_path)
+    assert not (tmp_path / "build").exists()

@@ -208,3 +208,19 @@ def test_rebuild_is_bit_identical(built_image, test_key):
     before = hashlib.sha256(built_image.img.read_bytes()).hexdigest()
     out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
     assert hashlib.sha256(out.img.read_bytes()).hexdigest() == before
+
+
+def test_a_failed_build_leaves_the_finished_image_alone(built_image, test_key, monkeypatch):
+    from appliance import bmap, build
+    from appliance.errors import BuildError
+
+    before = hashlib.sha256(built_image.img.read_bytes()).hexdigest()
+
+    def broken(image, out):
+        raise BuildError("simulated failure while writing the block map")
+
+    monkeypatch.setattr(bmap, "create", broken)
+    with pytest.raises(BuildError, match="simulated failure"):
+        build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
+    assert hashlib.sha256(built_image.img.read_bytes()).hexdigest() == before
+    assert not list(built_image.img.parent.glob(".*.partial"))
