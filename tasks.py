@@ -96,14 +96,14 @@ def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file
 
 
 @task(help={"image": "the .img to boot (default: build/latest, the last built)",
-            "board": "the emulated board: qemu-virt (default)",
+            "board": "qemu-virt or orangepi-pc (default: what the image's manifest says QEMU can boot)",
             "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
             "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key)",
             "timeout": "power off after this many seconds (with --log/--check: also the deadline for SSH)",
             "check": "boot to a log, wait for dom0's SSH, print the milestones and power off",
             "debug": "show commands and tracebacks"})
 @_cli
-def emulate(c, image=None, board="qemu-virt", log=None, key=None, timeout=None, check=False, debug=False):
+def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=False, debug=False):
     """Boot the image under QEMU through its own U-Boot script, Xen and dom0; never modifies the image."""
     from pathlib import Path
 

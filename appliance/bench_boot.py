@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from . import ROOT, config, emulate, log
+from . import ROOT, emulate, log
 from .errors import EmulateError
 
 GOAL_S = 45.0  # first HTTP 200 from the guest, from power-on
@@ -54,17 +54,7 @@ print(json.dumps({"xl_create": t1 - t0, "http": t2 - t0 if ok else None}))
 """
 
 
-def _recipe_for(img: Path) -> config.Recipe:
-    """The recipe the image was built from (its manifest names it), for the guest's address and port."""
-    manifest = img.with_suffix(".manifest.json")
-    name = "booth"
-    if manifest.exists():
-        name = json.loads(manifest.read_text()).get("recipe_file", name)
-        name = str(ROOT / name) if not Path(name).is_absolute() else name
-    return config.load(name).recipe
-
-
-def bench(img: Path, key: Path | None = None, *, board: str = emulate.DEFAULT_BOARD, log_path: Path | None = None,
+def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_path: Path | None = None,
           timeout: float = 600) -> dict[str, Any]:
     """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board."""
     img = Path(img).resolve()
@@ -72,10 +62,11 @@ def bench(img: Path, key: Path | None = None, *, board: str = emulate.DEFAULT_BO
     if key is None:
         raise EmulateError("the boot benchmark needs the SSH private key the image trusts",
                            hint="build with --authorized-keys KEY.pub and pass key=KEY")
-    guest = _recipe_for(img).guest
-    url = f"http://{guest.address}:{guest.port}{guest.health_path}"
+    address, port = emulate.guest_of(img)
+    url = f"http://{address}:{port}/"
     log_path = log_path or ROOT / "build" / "bench" / "boot-console.log"
     figures: dict[str, Any] = {}
+    board = board or emulate.board_for(img)
     with log.step(f"Booting {img.name} on {board} and timing it"), \
             emulate.boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
         r = b.run(f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}", check=False, timeout=timeout + 30)
@@ -105,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("image", nargs="?", type=Path, default=ROOT / "build" / "latest")
     ap.add_argument("--key", type=Path)
-    ap.add_argument("--board", default=emulate.DEFAULT_BOARD)
+    ap.add_argument("--board")
     args = ap.parse_args()
     b.report(bench(args.image, args.key, board=args.board))
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import paramiko
 
@@ -123,8 +123,8 @@ class Console:
             text = self.log_path.read_bytes()[-16384:].decode(errors="replace")
         except OSError:
             return "(no console log)"
-        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # systemd's colours
-        return "\n".join(line.rstrip("\r") for line in text.splitlines()[-lines:])
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r\n", "\n")  # systemd's colours, CRLF
+        return "\n".join(line.rstrip() for line in text.split("\n")[-lines:])
 
 
 class Tunnel:
@@ -197,6 +197,7 @@ class Board:
     _client: paramiko.SSHClient | None = field(default=None, repr=False)
     _tunnel_client: paramiko.SSHClient | None = field(default=None, repr=False)
     _tunnel: Tunnel | None = field(default=None, repr=False)
+    scratch: Path | None = None            # a card copy QEMU writes to (SD boards), removed at power-off
     host_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -399,6 +400,8 @@ class Board:
                 self.proc.kill()
                 self.proc.wait()
         self._console.join()
+        if self.scratch is not None:
+            self.scratch.unlink(missing_ok=True)
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 1.0,
@@ -450,10 +453,28 @@ def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, serial: str) -> list[st
     if q.disk == "virtio":
         argv += ["-drive", f"if=none,file={_escape(img)},format=raw,id=hd0,snapshot=on",
                  "-device", "virtio-blk-device,drive=hd0"]
+    elif q.disk == "sd":
+        # img is already the card-sized scratch copy (see sd_card); the boot ROM model reads the SPL from it.
+        argv += ["-drive", f"if=sd,file={_escape(img)},format=raw"]
     else:
-        raise EmulateError(f"board/{spec.name}.yaml: qemu.disk: '{q.disk}' is not supported (virtio)")
-    argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22", "-device", f"{q.nic},netdev=net0"]
+        raise EmulateError(f"board/{spec.name}.yaml: qemu.disk: '{q.disk}' must be virtio or sd")
+    fwd = f"user,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+    if q.nic == "builtin":
+        argv += ["-nic", fwd]  # the SoC's own Ethernet
+    else:
+        argv += ["-netdev", f"{fwd},id=net0", "-device", f"{q.nic},netdev=net0"]
     return argv
+
+
+def sd_card(img: Path, work: Path) -> Path:
+    """A scratch copy of img the size of a real card (QEMU's SD model takes only powers of two), for QEMU to
+    write to; the image itself stays untouched. The copy is sparse, so only the image's data is copied."""
+    size = img.stat().st_size
+    card = work / f"{img.stem}.sd-card.img"
+    card.unlink(missing_ok=True)
+    log.run(["cp", "--sparse=always", "--reflink=auto", img, card], what=f"copying {img.name} to a scratch card")
+    os.truncate(card, 1 << (size - 1).bit_length())
+    return card
 
 
 def _check_image(img: Path) -> Path:
@@ -465,15 +486,29 @@ def _check_image(img: Path) -> Path:
     return img
 
 
+def _manifest(img: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(img.with_suffix(".manifest.json").read_text())
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
 def guest_of(img: Path) -> tuple[str, int]:
     """The served guest's address and port, from the recipe the image's manifest names (default: booth)."""
-    name = "booth"
-    manifest = img.with_suffix(".manifest.json")
-    with contextlib.suppress(OSError, ValueError):
-        name = json.loads(manifest.read_text()).get("recipe_file", name)
-        name = name if Path(name).is_absolute() or "/" not in name else str(ROOT / name)
+    name = str(_manifest(img).get("recipe_file", "booth"))
+    name = name if Path(name).is_absolute() or "/" not in name else str(ROOT / name)
     g = load(name).recipe.guest
     return g.address, g.port
+
+
+def board_for(img: Path) -> str:
+    """The board to emulate for img: its own if QEMU can boot that, else one the card also boots."""
+    m = _manifest(img)
+    for name in (m.get("board"), *m.get("also_boots", [])):
+        if isinstance(name, str) and load_board(name).qemu is not None:
+            return name
+    return DEFAULT_BOARD
 
 
 def _ssh_config(log_path: Path) -> Path:
@@ -483,11 +518,14 @@ def _ssh_config(log_path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def boot(img: Path, *, log_path: Path, key: Path, board: str = DEFAULT_BOARD, timeout: float = 600,
+def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, timeout: float = 600,
          extra_args: Sequence[str] = ()) -> Iterator[Board]:
-    """Boot img under QEMU, wait until root can log in over SSH, yield the Board; power off on exit."""
+    """Boot img under QEMU, wait until root can log in over SSH, yield the Board; power off on exit.
+
+    board: which emulated board (default: the image's own if QEMU has it, else one its card also boots).
+    """
     img = _check_image(img)
-    spec = load_board(board)
+    spec = load_board(board or board_for(img))
     key = Path(key)
     if not key.is_file():
         raise EmulateError(f"{key}: no such SSH private key")
@@ -509,9 +547,10 @@ def boot(img: Path, *, log_path: Path, key: Path, board: str = DEFAULT_BOARD, ti
 def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Sequence[str] = ()) -> Board:
     """Start QEMU (not waiting for anything); if the SSH port was taken meanwhile, try again with another."""
     guest = guest_of(img)
+    disk = sd_card(img, log_path.parent) if spec.qemu and spec.qemu.disk == "sd" else img
     for attempt in range(3):
         ssh_port = free_port()
-        argv = [*qemu_argv(spec, img, ssh_port, serial="stdio"), "-monitor", "none", *extra_args]
+        argv = [*qemu_argv(spec, disk, ssh_port, serial="stdio"), "-monitor", "none", *extra_args]
         log_path.write_bytes(b"")
         log.debug(f"+ {shlex.join(argv)}")
         t0 = time.monotonic()
@@ -524,7 +563,8 @@ def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Seq
                 from None
         assert proc.stdout is not None
         console = Console(proc.stdout, log_path, t0)
-        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path), guest, console)
+        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path), guest, console,
+                  scratch=disk if disk != img else None)
         # QEMU refuses a taken port at once; past a second it is booting.
         try:
             proc.wait(timeout=1.5)
@@ -537,13 +577,14 @@ def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Seq
     raise AssertionError("unreachable")
 
 
-def interactive(img: Path, *, board: str = DEFAULT_BOARD, timeout: float | None = None) -> int:
+def interactive(img: Path, *, board: str | None = None, timeout: float | None = None) -> int:
     """Boot img with the serial console on this terminal (Ctrl-A X quits); QEMU's exit status."""
     img = _check_image(img)
-    spec = load_board(board)
+    spec = load_board(board or board_for(img))
     ssh_port = free_port()
     address, port = guest_of(img)
-    argv = qemu_argv(spec, img, ssh_port, serial="mon:stdio")
+    disk = sd_card(img, ROOT / "build") if spec.qemu and spec.qemu.disk == "sd" else img
+    argv = qemu_argv(spec, disk, ssh_port, serial="mon:stdio")
     ssh = f"ssh -p {ssh_port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
     log.info(f"{img.name} on {spec.name}; the image file is not modified")
     log.info(f"  dom0:  {ssh} root@127.0.0.1")
@@ -565,9 +606,11 @@ def interactive(img: Path, *, board: str = DEFAULT_BOARD, timeout: float | None 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if disk != img:
+            disk.unlink(missing_ok=True)
 
 
-def headless(img: Path, *, key: Path, log_path: Path, board: str = DEFAULT_BOARD, timeout: float = 600,
+def headless(img: Path, *, key: Path, log_path: Path, board: str | None = None, timeout: float = 600,
              stay: float | None = None) -> dict[str, float]:
     """Boot img with the console to a log, print how to reach it, and keep it running for `stay` seconds
     (None: until interrupted; 0: power off once SSH answers). Returns the milestones."""
