@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,16 @@ def recipe() -> config.Recipe:
 @pytest.fixture(scope="module")
 def board(booted_board: Board) -> Board:
     return booted_board
+
+
+@pytest.fixture(autouse=True)
+def console_on_failure(request: pytest.FixtureRequest, booted_board: Board) -> Iterator[None]:
+    """When a test fails, show the end of the board's serial console beside it (the whole log stays in
+    build/test/console.log as the run's artifact)."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        sys.stderr.write(f"--- the end of {booted_board.console} ---\n{booted_board.tail(40)}\n")
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +268,9 @@ def test_launcher_restarts_a_destroyed_guest(board, guest, recipe):
     assert new != domid
 
 
-FIRST_BOOT_UNITS = "grep -lE '^Condition(PathExists=!|FirstBoot=yes)' /etc/systemd/system/*.service"
+# The appliance's own units (files, not the packages' aliases) that run only until their work is done.
+FIRST_BOOT_UNITS = ("find /etc/systemd/system -maxdepth 1 -type f -name '*.service' "
+                    "-exec grep -lE '^Condition(PathExists=!|FirstBoot=yes)' {} +")
 
 
 def test_reboot_comes_back_serving_without_redoing_first_boot(board, recipe):
