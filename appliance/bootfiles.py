@@ -61,25 +61,35 @@ def boot_cmd(cfg: Config, ident: Identity, xen_version: str = "4.17") -> str:
         xen_args=lambda b: xen_args(cfg, b), dom0_args=lambda b: dom0_args(cfg, ident, b))
 
 
-def initramfs(cfg: Config, tree: Path, kernel: Kernel, base_key: str) -> Path:
-    """Make (or take from the cache) the initramfs for the boards' module list."""
-    conf = [tree / "etc/initramfs-tools/modules", tree / "etc/initramfs-tools/conf.d/appliance.conf",
-            tree / "etc/initramfs-tools/initramfs.conf"]
-    h = hashlib.sha256(f"{base_key}:{kernel.version}".encode())
-    for p in conf:
-        h.update(p.read_bytes())
+def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Path:
+    """Make (or take from the cache) the initramfs for the boards' module list.
+
+    It is made in a scratch copy of the base tree, never in the image's tree: running mkinitramfs leaves
+    traces (/run, /var/tmp), and a cached and a fresh initramfs must give the same image.
+    """
+    conf = ["etc/initramfs-tools/modules", "etc/initramfs-tools/conf.d/appliance.conf",
+            "etc/initramfs-tools/initramfs.conf"]
+    h = hashlib.sha256(f"{base.path.name}:{kernel.version}".encode())
+    for rel in conf:
+        h.update((tree / rel).read_bytes())
     cached = rootfs.cache_dir(cfg) / "initrd" / f"initrd-{h.hexdigest()[:16]}.img"
     target = tree / "boot" / f"initrd.img-{kernel.version}"
     if cached.exists():
         log.info(f"initramfs from cache ({cached.name})")
     else:
         with step(f"Making the initramfs for {kernel.version} (MODULES=list, qemu-user)"):
-            chroot(tree, ["mkinitramfs", "-o", f"/boot/initrd.img-{kernel.version}", kernel.version],
-                   what="mkinitramfs")
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            shutil.copyfile(target, tmp)
-            tmp.rename(cached)
+            scratch = tree.with_name(tree.name + ".initramfs")
+            rootfs.copy_tree(base.tree, scratch)
+            try:
+                for rel in conf:
+                    shutil.copyfile(tree / rel, scratch / rel)
+                chroot(scratch, ["mkinitramfs", "-o", "/tmp/initrd.img", kernel.version], what="mkinitramfs")
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(".tmp")
+                shutil.copyfile(scratch / "tmp/initrd.img", tmp)
+                tmp.rename(cached)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
     shutil.copyfile(cached, target)
     return target
 

@@ -163,7 +163,7 @@ def _make(ctx: Context, out: Outputs, start: float) -> Outputs:
         guest.install(cfg, base, ctx.tree)
         configure.undivert_initramfs(ctx.tree)
     kernel = bootfiles.find_kernel(ctx.tree)
-    initrd = bootfiles.initramfs(cfg, ctx.tree, kernel, base.path.name)
+    initrd = bootfiles.initramfs(cfg, ctx.tree, kernel, base)
     with step("Collecting boot files and compiling boot.scr"):
         files = bootfiles.collect(cfg, ctx.ident, ctx.tree, kernel, initrd, ctx.work / "boot", ctx.sde)
         spl = extract_spl(base, cfg, ctx.work)

@@ -74,18 +74,19 @@ def make_root_fs(tree: Path, out: Path, size: int, ident: Identity, sde: int) ->
     run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-U", ident.root_uuid, "-m", "1",
          "-E", f"hash_seed={ident.hash_seed},lazy_itable_init=0,nodiscard", "-d", tree, out],
         env={"E2FSPROGS_FAKE_TIME": str(sde)}, what="mke2fs -d (root filesystem)")
-    fix_ctimes(tree, out, sde)
+    fix_times(tree, out, sde)
 
 
-def fix_ctimes(tree: Path, fs: Path, sde: int) -> None:
-    """mke2fs -d copies each file's ctime, which is the time of the copy; set them to SDE for reproducibility."""
-    cmds = [f'sif "/" ctime @{sde}']
+def fix_times(tree: Path, fs: Path, sde: int) -> None:
+    """mke2fs -d copies each file's ctime (the time of the copy) and atime (which its own reading may have
+    just set, relatime); set both to SDE for reproducibility."""
+    cmds = [f'sif "/" ctime @{sde}', f'sif "/" atime @{sde}']
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in dirnames + filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), tree)
             if '"' in rel or "\n" in rel:
                 raise BuildError(f"rootfs path {rel!r} cannot be stamped reproducibly (a quote or newline in it)")
-            cmds.append(f'sif "/{rel}" ctime @{sde}')
+            cmds += [f'sif "/{rel}" ctime @{sde}', f'sif "/{rel}" atime @{sde}']
     script = fs.with_suffix(".debugfs")
     script.write_text("\n".join(cmds) + "\n")
     run(["debugfs", "-w", "-f", script, fs], env={"E2FSPROGS_FAKE_TIME": str(sde)}, what="debugfs (timestamps)")
