@@ -83,7 +83,11 @@ def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Pat
             try:
                 for rel in conf:
                     shutil.copyfile(tree / rel, scratch / rel)
-                chroot(scratch, ["mkinitramfs", "-o", "/tmp/initrd.img", kernel.version], what="mkinitramfs")
+                # Reproducible, and independent of the image's SOURCE_DATE_EPOCH (so the cache holds across
+                # commits): its timestamps are the kernel's, which come from the package.
+                epoch = str(int(kernel.vmlinuz.stat().st_mtime))
+                chroot(scratch, ["mkinitramfs", "-o", "/tmp/initrd.img", kernel.version], what="mkinitramfs",
+                       env={"SOURCE_DATE_EPOCH": epoch})
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_suffix(".tmp")
                 shutil.copyfile(scratch / "tmp/initrd.img", tmp)
