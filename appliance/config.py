@@ -87,6 +87,7 @@ class Qemu:
     memory_mib: int = 2048
     disk: str = "virtio"         # "virtio" (-drive + virtio-blk-device) or "sd" (-sd IMAGE)
     nic: str = "virtio-net-device"
+    cntfrq: int | None = None    # Hz of the CPUs' generic-timer counter; None: QEMU's default (62.5 MHz in 7.2)
 
 
 @dataclass(frozen=True)

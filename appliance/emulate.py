@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 # The first console line matching each pattern marks a milestone (seconds from power-on).
 MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
+    ("spl", re.compile(rb"^U-Boot SPL \d{4}\.")),          # boards that boot U-Boot from the card
     ("u-boot", re.compile(rb"^U-Boot \d{4}\.")),
     ("boot.scr", re.compile(rb"appliance: booting Xen on")),
     ("xen", re.compile(rb"\(XEN\) ")),
@@ -445,7 +446,10 @@ def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, serial: str) -> list[st
     q = spec.qemu
     if q is None:
         raise EmulateError(f"board/{spec.name}.yaml has no qemu: section, so QEMU cannot boot it")
-    argv = [q.binary, "-M", q.machine, "-cpu", q.cpu, "-smp", str(q.smp), "-m", str(q.memory_mib),
+    # The counter must tick at the rate the firmware writes to CNTFRQ (what Xen and Linux go by), or time runs
+    # fast or slow on the board; QEMU ticks at its cntfrq property, whatever CNTFRQ says.
+    cpu = q.cpu if q.cntfrq is None else f"{q.cpu},cntfrq={q.cntfrq}"
+    argv = [q.binary, "-M", q.machine, "-cpu", cpu, "-smp", str(q.smp), "-m", str(q.memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", serial]
     fw = bios(spec)
     if fw is not None:

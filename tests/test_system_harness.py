@@ -49,6 +49,7 @@ def test_a_comma_in_the_path_is_escaped_for_qemu(no_firmware, tmp_path):
 def test_orangepi_pc_boots_its_spl_from_the_sd_card(no_firmware, tmp_path):
     argv = emulate.qemu_argv(load_board("orangepi-pc"), tmp_path / "card.img", 2222, serial="stdio")
     assert _opts(argv, "-M") == ["orangepi-pc"] and _opts(argv, "-smp") == ["4"] and _opts(argv, "-m") == ["1024"]
+    assert _opts(argv, "-cpu") == ["cortex-a7,cntfrq=24000000"], "the counter must tick at the 24 MHz U-Boot states"
     assert _opts(argv, "-bios") == []
     assert _opts(argv, "-drive") == [f"if=sd,file={tmp_path}/card.img,format=raw"]
     assert _opts(argv, "-nic") == ["user,hostfwd=tcp:127.0.0.1:2222-:22"]
