@@ -1,13 +1,15 @@
 """Benchmark: from power-on to the guest serving, under QEMU (TCG), and the launcher's `xl create` latency.
 
-Console milestones (U-Boot, boot.scr, Xen, dom0's kernel and init) are timed as the serial lines arrive;
-dom0's SSH login and the guest's first HTTP 200 on the bridge are polled. All are seconds from power-on.
+Console milestones (U-Boot, boot.scr, Xen, dom0's kernel and init, the launcher's start and its first
+HTTP 200 from the guest across the bridge) are timed as the serial lines arrive; dom0's SSH login and the
+guest's HTTP 200 once SSH answers are polled. All are seconds from power-on.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +73,19 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             emulate.boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
         r = b.run(f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}", check=False, timeout=timeout + 30)
         if r.rc == 0:
-            b.mark("guest HTTP 200")
+            b.mark("guest HTTP 200, polled over SSH")
+            # the launcher's own check answered about as soon: give its console line a moment to arrive
+            end = time.monotonic() + 15
+            while "guest HTTP 200 on the bridge" not in b.milestones and time.monotonic() < end:
+                time.sleep(0.2)
         else:
             log.warn(f"the guest did not answer {url} within {timeout:.0f} s")
         for name, t in sorted(b.milestones.items(), key=lambda kv: kv[1]):
             figures[f"power-on -> {name}, s"] = t
-        served = b.milestones.get("guest HTTP 200")
+        # The first 200 is the launcher's health check on the bridge (its console line), when dom0 serves
+        # before it lets anyone log in; else the poll that starts once SSH answers.
+        served = min((t for name, t in b.milestones.items() if name.startswith("guest HTTP 200")), default=None)
+        figures["power-on -> first HTTP 200 from the guest, s"] = served
         figures[f"guest serving within the {GOAL_S:.0f} s goal"] = served is not None and served <= GOAL_S
         out = b.run(f"python3 -c {shlex.quote(_CREATE)} {shlex.quote(url)}", check=False, timeout=600)
         try:

@@ -163,8 +163,11 @@ def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: s
     clock = tree / "etc/fake-hwclock.data"
     if clock.exists():
         clock.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n", time.gmtime(sde)))
-    # systemd makes a machine id at first boot, and ConditionFirstBoot units run then.
-    (tree / "etc/machine-id").write_text("uninitialized\n")
+    # An empty machine id: systemd makes one at the board's first boot and systemd-machine-id-commit keeps it.
+    # Not "uninitialized": that also means ConditionFirstBoot, and systemd then applies every unit's preset on
+    # a root that is still read-only, which fails after half a minute of work on an emulated board. No unit
+    # here needs ConditionFirstBoot; the first-boot work keys on its own results (host keys, the grown root).
+    (tree / "etc/machine-id").write_text("")
     dbus_id = tree / "var/lib/dbus/machine-id"
     if dbus_id.exists() or dbus_id.is_symlink():
         dbus_id.unlink()

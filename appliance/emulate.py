@@ -43,6 +43,9 @@ MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
     ("dom0 kernel", re.compile(rb"Booting Linux on physical CPU|Linux version \d")),
     ("dom0 initramfs", re.compile(rb"Run /init as init process|Loading, please wait")),
     ("dom0 systemd", re.compile(rb"systemd\[1\]: |Welcome to ")),
+    ("guest started", re.compile(rb"appliance-guest: starting ")),
+    # the launcher's own health check, an HTTP GET to the guest across the bridge, answered 200
+    ("guest HTTP 200 on the bridge", re.compile(rb"appliance-guest: .* answers at http")),
     ("login prompt", re.compile(rb" login: ")),
 )
 # Console lines after which waiting longer cannot help; the error quotes the console's tail.
@@ -53,7 +56,9 @@ FATAL: tuple[tuple[re.Pattern[bytes], str], ...] = (
     (re.compile(rb"Bad Linux ARM zImage magic"), "U-Boot did not find a zImage where boot.scr loaded Xen"),
     (re.compile(rb"\(XEN\) (Panic on CPU|\*+ PANIC)"), "Xen panicked"),
     (re.compile(rb"Kernel panic - not syncing"), "the dom0 kernel panicked"),
-    (re.compile(rb"Dropping to a shell|Gave up waiting for root"), "dom0's initramfs did not find the root filesystem"),
+    (re.compile(rb"Dropping to a shell|Gave up waiting for root|appliance-initramfs: root=.* not found"),
+     "dom0's initramfs did not find the root filesystem"),
+    (re.compile(rb"appliance-initramfs: cannot mount"), "dom0's initramfs could not mount the root filesystem"),
     (re.compile(rb"Press any key to proceed"), "the boot waits for a key on the console (systemd-firstboot prompts)"),
 )
 

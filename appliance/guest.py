@@ -14,7 +14,6 @@ import importlib.util
 import ipaddress
 import json
 import shutil
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,12 @@ from typing import Any
 
 import yaml
 
-from . import config, log, rootfs
+from . import config, cpio, log, rootfs
 from .config import Config
+from .cpio import Entry
 from .errors import GuestError
 from .files import sha256
-from .log import run, step
+from .log import step
 
 DEMO_NAME = "demo"
 DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
@@ -44,45 +44,6 @@ class Bundle:
     version: str
 
 
-# ---------------------------------------------------------------- a deterministic initramfs
-
-
-@dataclass(frozen=True)
-class Entry:
-    path: str                  # inside the archive, no leading slash
-    mode: int                  # with the file type bits
-    data: bytes = b""          # file contents, or a symlink's target
-    rdev: tuple[int, int] = (0, 0)
-
-
-def _pad(n: int) -> bytes:
-    return b"\0" * (-n % 4)
-
-
-def cpio(entries: list[Entry], mtime: int = 0) -> bytes:
-    """A cpio "newc" archive: entries sorted, owned by root, with one fixed mtime and inode numbers in order."""
-    out = bytearray()
-    for ino, e in enumerate(sorted(entries, key=lambda e: e.path), 1):
-        name = e.path.encode() + b"\0"
-        nlink = 2 if stat.S_ISDIR(e.mode) else 1
-        fields = (ino, e.mode, 0, 0, nlink, mtime, len(e.data), 0, 0, e.rdev[0], e.rdev[1], len(name), 0)
-        out += b"070701" + "".join(f"{v:08x}" for v in fields).encode() + name
-        out += _pad(110 + len(name))
-        out += e.data + _pad(len(e.data))
-    trailer = b"TRAILER!!!\0"
-    out += b"070701" + "".join(f"{v:08x}" for v in (0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(trailer), 0)).encode()
-    out += trailer + _pad(110 + len(trailer))
-    return bytes(out)
-
-
-def _dir(path: str) -> Entry:
-    return Entry(path, stat.S_IFDIR | 0o755)
-
-
-def _file(path: str, data: bytes, mode: int = 0o644) -> Entry:
-    return Entry(path, stat.S_IFREG | mode, data)
-
-
 # ---------------------------------------------------------------- the demo guest
 
 
@@ -93,31 +54,15 @@ def _kernel(tree: Path) -> tuple[str, Path]:
     return kernels[0].name.removeprefix("vmlinuz-"), kernels[0]
 
 
-def _module_closure(moddir: Path, module: str) -> list[str]:
-    """The module and what it depends on, from the tree's modules.dep (paths relative to moddir)."""
-    deps: dict[str, list[str]] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        deps[name] = rest.split()
-    if module not in deps:
-        raise GuestError(f"{moddir}/modules.dep: {module} is not listed (is it built into this kernel?)")
-    todo, seen = [module], []
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.append(m)
-            todo += deps.get(m, [])
-    return sorted(seen)
-
-
 def _inputs(cfg: Config, base: rootfs.Base) -> dict[str, Path]:
     kver, vmlinuz = _kernel(base.tree)
     moddir = base.tree / "usr/lib/modules" / kver
     files = {"vmlinuz": vmlinuz, "busybox.deb": base.deb("busybox-static")}
-    files.update({f"modules/{m}": moddir / m for m in _module_closure(moddir, NETFRONT)})
+    files.update({f"modules/{m}": moddir / m for m in cpio.module_paths(moddir, [NETFRONT])})
     demo = cfg.root / "guest"
     files.update({f"guest/{p.relative_to(demo)}": p for p in sorted(demo.rglob("*")) if p.is_file()})
     files["builder"] = Path(__file__)  # how the bundle is made is an input too
+    files["packer"] = Path(cpio.__file__)
     return files
 
 
@@ -143,7 +88,7 @@ def build(cfg: Config, base: rootfs.Base | None = None) -> Bundle:
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        initrd = gzip.compress(cpio(_initramfs(files, kver, version, tmp)), compresslevel=9, mtime=0)
+        initrd = gzip.compress(cpio.pack(_initramfs(files, kver, version, tmp)), compresslevel=9, mtime=0)
         (tmp / "initrd.gz").write_bytes(initrd)
         shutil.copyfile(files["vmlinuz"], tmp / "vmlinuz")
         manifest = {
@@ -153,7 +98,7 @@ def build(cfg: Config, base: rootfs.Base | None = None) -> Bundle:
             "built_from": {"kernel": kver, "busybox": files["busybox.deb"].name},
         }
         (tmp / "guest.yaml").write_text(json.dumps(manifest, indent=1) + "\n")
-        shutil.rmtree(tmp / "work")
+        shutil.rmtree(tmp / "work", ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         for old in out.parent.glob(f"{DEMO_NAME}-*"):
@@ -165,28 +110,13 @@ def build(cfg: Config, base: rootfs.Base | None = None) -> Bundle:
 
 
 def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> list[Entry]:
-    work = tmp / "work"
-    (work / "busybox").mkdir(parents=True)
-    run(["dpkg-deb", "-x", files["busybox.deb"], work / "busybox"], what=f"dpkg-deb -x {files['busybox.deb'].name}")
-    busybox = work / "busybox/bin/busybox"
-    if not busybox.exists():
-        raise GuestError(f"{files['busybox.deb'].name} holds no bin/busybox")
-    # depmod on the host for just these modules: it reads armhf modules fine, and the deb ships no modules.dep.
-    mods = {n.removeprefix("modules/"): p for n, p in files.items() if n.startswith("modules/")}
-    lib = work / "mods/lib/modules" / kver
-    for rel, p in mods.items():
-        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, lib / rel)
-    run(["depmod", "-b", work / "mods", kver], what="depmod for the demo guest's modules")
-    entries = [_dir(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "run", "sys", "tmp", "www",
-                                 "www/cgi-bin")]
-    entries += [Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
-                Entry("bin/sh", stat.S_IFLNK | 0o777, b"busybox"),
-                _file("bin/busybox", busybox.read_bytes(), 0o755),
-                _file("etc/guest-version", f"{version}\n".encode())]
-    for p in sorted((work / "mods/lib").rglob("*")):
-        rel = str(p.relative_to(work / "mods"))
-        entries.append(_dir(rel) if p.is_dir() else _file(rel, p.read_bytes()))
+    mods = [n.removeprefix("modules/") for n in files if n.startswith("modules/")]
+    entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "run", "sys", "tmp",
+                                           "www", "www/cgi-bin")]
+    entries += [cpio.CONSOLE, cpio.symlink("bin/sh", "busybox"),
+                cpio.file("bin/busybox", cpio.busybox(files["busybox.deb"], tmp), 0o755),
+                cpio.file("etc/guest-version", f"{version}\n".encode())]
+    entries += cpio.modules(files["vmlinuz"].parent.parent / "usr/lib/modules" / kver, kver, mods, tmp)
     for name, p in files.items():
         if not name.startswith("guest/"):
             continue
@@ -194,7 +124,7 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
         mode = 0o755 if p.stat().st_mode & 0o111 else 0o644
         dest = _PLACES.get(rel) or (f"www/{rel.removeprefix('site/')}" if rel.startswith("site/") else None)
         if dest:
-            entries.append(_file(dest, p.read_bytes(), mode))
+            entries.append(cpio.file(dest, p.read_bytes(), mode))
     return list({e.path: e for e in entries}.values())  # a directory named twice is packed once
 
 

@@ -29,9 +29,19 @@ def test_package_installed(host, package):
                                   "systemd-networkd.service", "appliance-guest.service",
                                   "appliance-growroot.service", "appliance-hostname.service",
                                   "appliance-ssh-hostkeys.service", "fake-hwclock.service",
-                                  "appliance-clock-save.timer", "appliance-resolv.path"])
+                                  "appliance-clock-save.timer", "appliance-resolv.path",
+                                  "xenstored.service", "xenconsoled.service"])
 def test_unit_enabled(host, unit):
     assert host.service(unit).is_enabled
+
+
+# Debian's LSB scripts for Xen are replaced by native units (xenstored, xenconsoled); the launcher, not
+# xendomains, starts the guest; and what the booth does not use is not started at all.
+@pytest.mark.parametrize("unit", ["xen.service", "xendomains.service", "wpa_supplicant.service",
+                                  "systemd-binfmt.service", "modprobe@drm.service"])
+def test_unit_masked(host, unit):
+    out = host.run(f"systemctl is-enabled {unit}")
+    assert out.stdout.strip() == "masked", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("path, lines", [

@@ -498,16 +498,26 @@ def wait_for(cond, timeout: float = 15) -> None:
 
 
 def test_cpio_is_deterministic_and_readable(tmp_path: Path):
-    import stat
+    from appliance import cpio
 
-    entries = [guest.Entry("www", stat.S_IFDIR | 0o755), guest.Entry("init", stat.S_IFREG | 0o755, b"#!/bin/sh\n"),
-               guest.Entry("www/index.html", stat.S_IFREG | 0o644, b"<p>hi</p>"),
-               guest.Entry("bin/sh", stat.S_IFLNK | 0o777, b"busybox"), guest.Entry("bin", stat.S_IFDIR | 0o755)]
-    a, b = guest.cpio(entries), guest.cpio(list(reversed(entries)))
+    entries = [cpio.directory("www"), cpio.file("init", b"#!/bin/sh\n", 0o755), cpio.file("www/index.html", b"<p>hi</p>"),
+               cpio.symlink("bin/sh", "busybox"), cpio.directory("bin")]
+    a, b = cpio.pack(entries), cpio.pack(list(reversed(entries)))
     assert a == b
     if shutil.which("cpio"):
         listing = subprocess.run(["cpio", "-t"], input=a, capture_output=True, check=True).stdout.decode().split()
         assert listing == ["bin", "bin/sh", "init", "www", "www/index.html"]
+
+
+def test_cpio_adds_the_parent_directories_the_kernel_would_not_make():
+    from appliance import cpio
+
+    archive = cpio.pack([cpio.file("lib/modules/6.1/kernel/ext4.ko", b"\x7fELF")])
+    if not shutil.which("cpio"):
+        pytest.skip("no cpio on this host")
+    listing = subprocess.run(["cpio", "-t"], input=archive, capture_output=True, check=True).stdout.decode().split()
+    assert listing == ["lib", "lib/modules", "lib/modules/6.1", "lib/modules/6.1/kernel",
+                       "lib/modules/6.1/kernel/ext4.ko"]
 
 
 def test_a_bare_zimage_is_a_bundle(tmp_path: Path):

@@ -87,11 +87,13 @@ def _console(tmp_path: Path, chunks: list[bytes]) -> emulate.Console:
 def test_console_notes_milestones_in_order_and_logs_everything(tmp_path):
     chunks = [b"\r\nU-Boot 2023.01+dfsg-2 (Jan 1 2024)\r\n", b"appliance: booting Xen on qemu-virt\r\n",
               b"(XEN) Xen version 4.17.5\r\n[    0.000000] Booting Linux on physical CPU 0x0\r\n",
-              b"Loading, please wait...\r\n", b"Welcome to Debian GNU/Linux 12 (bookworm)!\r\n",
+              b"[    3.172450] Run /init as init process\r\n", b"Welcome to Debian GNU/Linux 12 (bookworm)!\r\n",
+              b"[   73.9] appliance-guest[225]: appliance-guest: starting demo 1.0-e365b6bcda (96 MiB, 1 vcpu)\r\n",
+              b"[   90.6] appliance-guest[225]: appliance-guest: demo 1.0-e365b6bcda answers at http://10.42.0.2:80/\r\n",
               b"booth-0a1b2c log", b"in: "]
     c = _console(tmp_path, chunks)
     assert list(c.milestones) == ["u-boot", "boot.scr", "xen", "dom0 kernel", "dom0 initramfs", "dom0 systemd",
-                                  "login prompt"]
+                                  "guest started", "guest HTTP 200 on the bridge", "login prompt"]
     assert c.fatal is None
     assert (tmp_path / "console.log").read_bytes() == b"".join(chunks)
 
@@ -100,6 +102,10 @@ def test_console_notes_milestones_in_order_and_logs_everything(tmp_path):
     (b"BOOTP broadcast 1", "fell back to network boot"),
     (b"[   12.3] Kernel panic - not syncing: VFS: Unable to mount root fs", "dom0 kernel panicked"),
     (b"ALERT!  PARTUUID=f366c921-02 does not exist.  Dropping to a shell!", "did not find the root filesystem"),
+    (b"appliance-initramfs: root=PARTUUID=f366c921-02 not found within 30 s; block devices: vda vda1",
+     "did not find the root filesystem"),
+    (b"appliance-initramfs: cannot mount /dev/vda2 (PARTUUID=f366c921-02); a shell on the console",
+     "could not mount the root filesystem"),
     (b"-- Press any key to proceed --", "waits for a key on the console"),
 ])
 def test_console_recognises_a_boot_that_cannot_go_on(tmp_path, line, why):
