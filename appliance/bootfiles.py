@@ -63,11 +63,24 @@ def boot_cmd(cfg: Config, ident: Identity, xen_version: str = "4.17") -> str:
         xen_args=lambda b: xen_args(cfg, b), dom0_args=lambda b: dom0_args(cfg, ident, b))
 
 
+def early_modules(tree: Path) -> list[str]:
+    """The modules the tree's /etc/modules-load.d asks for (the overlays' Xen, bridge and nftables ones)."""
+    names: list[str] = []
+    for conf in sorted((tree / "etc/modules-load.d").glob("*.conf")):
+        for line in conf.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith(("#", ";")):
+                names.append(line)
+    return names
+
+
 def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Path:
     """dom0's initramfs: static busybox, board/initramfs-init and the boards' modules with what they depend
-    on, packed on the host (no emulation, no udev), reproducibly, and cached by its inputs."""
+    on, packed on the host (no emulation, no udev), reproducibly, and cached by its inputs. It also loads the
+    modules of the tree's modules-load.d: loaded there, before anything else runs, they cost a fraction of
+    the time systemd-modules-load took in a busy boot, and xenstored and the firewall no longer wait for it."""
     moddir = tree / "usr/lib/modules" / kernel.version
-    wanted = list(dict.fromkeys(m for b in (cfg.board, *cfg.also) for m in b.modules))
+    wanted = list(dict.fromkeys([*(m for b in (cfg.board, *cfg.also) for m in b.modules), *early_modules(tree)]))
     paths = cpio.module_paths(moddir, wanted)
     wanted = [*cpio.softdeps(moddir, paths), *wanted]
     paths = cpio.module_paths(moddir, wanted)

@@ -560,3 +560,15 @@ def test_a_missing_bundle_is_named(tmp_path: Path):
         guest.check(cfg)
     assert str(err.value) == f"{tmp_path}/u.yaml: guest.bundle: no such file or directory {tmp_path}/nowhere"
     guest.check(config.load("booth"))  # the demo's sources are all there
+
+
+def test_the_initramfs_loads_what_modules_load_d_names(tmp_path: Path):
+    from appliance import bootfiles
+
+    conf = tmp_path / "etc/modules-load.d"
+    conf.mkdir(parents=True)
+    (conf / "b.conf").write_text("# the firewall\nnf_tables\n\n; old style comment\n  nft_ct  \n")
+    (conf / "a.conf").write_text("xenfs\nxen-evtchn\n")
+    (conf / "README").write_text("not a .conf\n")
+    assert bootfiles.early_modules(tmp_path) == ["xenfs", "xen-evtchn", "nf_tables", "nft_ct"]
+    assert bootfiles.early_modules(tmp_path / "nothing") == []
