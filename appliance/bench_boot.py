@@ -17,6 +17,7 @@ from . import ROOT, emulate, log
 from .errors import EmulateError
 
 GOAL_S = 45.0  # first HTTP 200 from the guest, from power-on
+POLLED = "guest HTTP 200, polled over SSH"  # once dom0's SSH answers
 
 # Polls a URL from inside dom0 until it answers 200: one process, so the poll costs no SSH round trips.
 _POLL = """import sys, time, urllib.request
@@ -73,10 +74,10 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             emulate.boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
         r = b.run(f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}", check=False, timeout=timeout + 30)
         if r.rc == 0:
-            b.mark("guest HTTP 200, polled over SSH")
+            b.mark(POLLED)
             # the launcher's own check answered about as soon: give its console line a moment to arrive
             end = time.monotonic() + 15
-            while "guest HTTP 200 on the bridge" not in b.milestones and time.monotonic() < end:
+            while emulate.GUEST_SERVED not in b.milestones and time.monotonic() < end:
                 time.sleep(0.2)
         else:
             log.warn(f"the guest did not answer {url} within {timeout:.0f} s")
@@ -84,7 +85,7 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             figures[f"power-on -> {name}, s"] = t
         # The first 200 is the launcher's health check on the bridge (its console line), when dom0 serves
         # before it lets anyone log in; else the poll that starts once SSH answers.
-        served = min((t for name, t in b.milestones.items() if name.startswith("guest HTTP 200")), default=None)
+        served = min((t for name, t in b.milestones.items() if name in (emulate.GUEST_SERVED, POLLED)), default=None)
         figures["power-on -> first HTTP 200 from the guest, s"] = served
         figures[f"guest serving within the {GOAL_S:.0f} s goal"] = served is not None and served <= GOAL_S
         out = b.run(f"python3 -c {shlex.quote(_CREATE)} {shlex.quote(url)}", check=False, timeout=600)

@@ -99,13 +99,12 @@ def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Pat
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             try:
-                entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "root",
-                                                       "run", "sbin", "sys", "tmp")]
+                entries = [cpio.directory(d) for d in ("dev", "proc", "root", "run", "sys", "tmp")]  # mount points
                 entries += [cpio.CONSOLE, cpio.file("init", init.read_bytes(), 0o755),
                             cpio.file("bin/busybox", cpio.busybox(busybox, work), 0o755),
                             cpio.symlink("bin/sh", "busybox"), cpio.symlink("sbin/modprobe", "/bin/busybox"),
                             cpio.file("etc/modules", "".join(f"{m}\n" for m in wanted).encode())]
-                entries += cpio.modules(moddir, kernel.version, paths, work)
+                entries += cpio.modules(kernel.version, {rel: moddir / rel for rel in paths}, work)
                 (work / "initrd.img").write_bytes(gzip.compress(cpio.pack(entries), compresslevel=9, mtime=0))
                 (work / "initrd.img").rename(cached)
             finally:

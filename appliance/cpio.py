@@ -63,6 +63,11 @@ def symlink(path: str, target: str) -> Entry:
 CONSOLE = Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))  # the kernel opens it before /init runs
 
 
+def _name(path: str) -> str:
+    """A module's name as modprobe and modules.softdep spell it: kernel/fs/ext4/ext4.ko -> ext4, - as _."""
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
 def module_paths(moddir: Path, names: list[str]) -> list[str]:
     """The named modules (file names like `ext4` or paths like `kernel/fs/ext4/ext4.ko`) and what they depend
     on, from the tree's modules.dep, as paths relative to moddir in load order (dependencies first)."""
@@ -70,7 +75,7 @@ def module_paths(moddir: Path, names: list[str]) -> list[str]:
     for line in (moddir / "modules.dep").read_text().splitlines():
         name, _, rest = line.partition(":")
         deps[name] = rest.split()
-    by_name = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
+    by_name = {_name(p): p for p in deps}
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -90,7 +95,7 @@ def module_paths(moddir: Path, names: list[str]) -> list[str]:
 def softdeps(moddir: Path, paths: list[str]) -> list[str]:
     """Module names the given modules want loaded before them (modules.softdep's `pre:`, aliases resolved
     by modules.alias): ext4 asks the kernel for crypto-crc32c, which only a modprobe run could resolve."""
-    names = {Path(p).name.split(".ko")[0].replace("-", "_") for p in paths}
+    names = {_name(p) for p in paths}
     aliases: dict[str, list[str]] = {}
     for line in (moddir / "modules.alias").read_text().splitlines():
         parts = line.split()
@@ -105,18 +110,16 @@ def softdeps(moddir: Path, paths: list[str]) -> list[str]:
     return wanted
 
 
-def modules(moddir: Path, kver: str, paths: list[str], work: Path) -> list[Entry]:
-    """Entries for lib/modules/KVER with these modules and their modules.dep (made by the host's depmod)."""
+def modules(kver: str, sources: dict[str, Path], work: Path) -> list[Entry]:
+    """Entries for lib/modules/KVER with these modules (path under it -> the file) and their modules.dep,
+    made by the host's depmod; pack() adds the directories."""
     root = work / "modules"
     lib = root / "lib/modules" / kver
-    for rel in paths:
+    for rel, src in sources.items():
         (lib / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(moddir / rel, lib / rel)
-    run(["depmod", "-b", root, kver], what=f"depmod for {len(paths)} modules")
-    out = []
-    for p in sorted(lib.rglob("*")):
-        rel = str(p.relative_to(root))
-        out.append(directory(rel) if p.is_dir() else file(rel, p.read_bytes()))
+        shutil.copyfile(src, lib / rel)
+    run(["depmod", "-b", root, kver], what=f"depmod for {len(sources)} modules")
+    out = [file(str(p.relative_to(root)), p.read_bytes()) for p in sorted(lib.rglob("*")) if p.is_file()]
     shutil.rmtree(root)
     return out
 

@@ -34,6 +34,8 @@ from .errors import EmulateError
 DEFAULT_BOARD = "qemu-virt"
 T = TypeVar("T")
 
+# The launcher's own health check, an HTTP GET to the guest across the bridge, answered 200.
+GUEST_SERVED = "guest HTTP 200 on the bridge"
 # The first console line matching each pattern marks a milestone (seconds from power-on).
 MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
     ("spl", re.compile(rb"^U-Boot SPL \d{4}\.")),          # boards that boot U-Boot from the card
@@ -44,8 +46,7 @@ MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
     ("dom0 initramfs", re.compile(rb"Run /init as init process|Loading, please wait")),
     ("dom0 systemd", re.compile(rb"systemd\[1\]: |Welcome to ")),
     ("guest started", re.compile(rb"appliance-guest: starting ")),
-    # the launcher's own health check, an HTTP GET to the guest across the bridge, answered 200
-    ("guest HTTP 200 on the bridge", re.compile(rb"appliance-guest: .* answers at http")),
+    (GUEST_SERVED, re.compile(rb"appliance-guest: .* answers at http")),
     ("login prompt", re.compile(rb" login: ")),
 )
 # Console lines after which waiting longer cannot help; the error quotes the console's tail.

@@ -110,13 +110,12 @@ def build(cfg: Config, base: rootfs.Base | None = None) -> Bundle:
 
 
 def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> list[Entry]:
-    mods = [n.removeprefix("modules/") for n in files if n.startswith("modules/")]
-    entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "run", "sys", "tmp",
-                                           "www", "www/cgi-bin")]
+    mods = {n.removeprefix("modules/"): p for n, p in files.items() if n.startswith("modules/")}
+    entries = [cpio.directory(d) for d in ("dev", "proc", "run", "sys", "tmp", "www", "www/cgi-bin")]
     entries += [cpio.CONSOLE, cpio.symlink("bin/sh", "busybox"),
                 cpio.file("bin/busybox", cpio.busybox(files["busybox.deb"], tmp), 0o755),
                 cpio.file("etc/guest-version", f"{version}\n".encode())]
-    entries += cpio.modules(files["vmlinuz"].parent.parent / "usr/lib/modules" / kver, kver, mods, tmp)
+    entries += cpio.modules(kver, mods, tmp)
     for name, p in files.items():
         if not name.startswith("guest/"):
             continue
