@@ -21,6 +21,7 @@ import yaml
 
 from . import ROOT
 from .errors import RecipeError
+from .manager import names
 
 REQUIRED: Any = dataclasses.MISSING
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KiB|M|MiB|G|GiB)?\s*$")
@@ -141,26 +142,41 @@ class Wifi:
 
 @dataclass(frozen=True)
 class Network:
+    """The visitors' side: the access point (and the wired port when uplink is "bridge") on one bridge."""
+
     bridge: str = "br0"
-    address: str = "10.42.0.1/24"      # dom0 on the bridge; the prefix is the visitors' subnet
+    address: str = "10.42.0.1/22"      # dom0, the visitors' router; the prefix is the visitors' subnet
     dhcp_start: str = "10.42.0.100"
-    dhcp_end: str = "10.42.0.199"
+    dhcp_end: str = "10.42.3.250"      # about 900 leases: a crowd of a few hundred, phones passing by
+    lease_minutes: int = 30
+    leases_per_station: int = 4        # one station (one source MAC) holds at most this many leases
     uplink: str = "dhcp"               # "dhcp": the wired port is a DHCP client; "bridge": joined to the bridge
-    captive: bool = True               # booth mode: every name resolves to the served guest
-    names: tuple[str, ...] = ("demo.booth",)
+    captive: bool = True               # booth mode: every name resolves to the default (first) site
     unique_hostname: bool = True       # first boot: hostname becomes NAME-xxxxxx (MAC suffix), published over mDNS
 
 
 @dataclass(frozen=True)
-class GuestSpec:
+class GuestNet:
+    """The guests' side: a bridge with no physical port; dom0 routes visitors to the guests through the DNAT."""
+
+    bridge: str = "brg0"
+    address: str = "10.42.100.1/24"    # dom0 on the guests' bridge; each site's two slots get addresses here
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What visitors reach: names, a service address owned by dom0, a health check and the guest that serves."""
+
+    name: str = "demo"
+    names: tuple[str, ...] = ("demo.booth",)
+    address: str = "10.42.0.2"         # the service address, on the visitors' bridge
+    port: int = 80                     # the service port visitors use
     bundle: str | None = None          # a guest bundle directory or a bare Xen ARM zImage; None: the demo guest
-    address: str = "10.42.0.2"
-    mac: str = "00:16:3e:42:00:02"
     memory_mib: int = 96
     vcpus: int = 1
-    port: int = 80
-    health_path: str = "/"             # the launcher's health check: HTTP GET address:port/health_path
-    deadline: int = 120                # seconds a started guest has to answer it
+    health_path: str = "/"             # the health check: HTTP GET backend:port/health_path, no redirect followed
+    deadline: int = 120                # seconds a started guest has to pass it
+    drain: int = 30                    # seconds an old guest keeps its connections after a switch
 
 
 @dataclass(frozen=True)
@@ -181,7 +197,8 @@ class Recipe:
     ssh: Ssh = Ssh()
     wifi: Wifi = Wifi()
     network: Network = Network()
-    guest: GuestSpec = GuestSpec()
+    guests: GuestNet = GuestNet()
+    sites: tuple[SiteSpec, ...] = (SiteSpec(),)
 
 
 @dataclass(frozen=True)
@@ -316,12 +333,23 @@ def load(recipe: str = "booth", root: Path = ROOT, **overrides: Any) -> Config:
     path = recipe_path(recipe, root)
     data = read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    _moved(data, path)
     rec: Recipe = _build(Recipe, data, path)
     _check_recipe(rec, path)
     board = load_board(rec.board, root)
     also = tuple(load_board(b, root) for b in rec.also_boots if b != rec.board)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(rec), sort_keys=True, default=str).encode()).hexdigest()
     return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest)
+
+
+def _moved(data: dict[str, Any], path: Path) -> None:
+    """Keys of the one-guest recipes, replaced by sites: (README, "Sites"): refused with where they went."""
+    if "guest" in data:
+        raise _fail(path, "guest", "replaced by `sites:`, a list of sites (name, names, address, port, bundle, "
+                                   "memory_mib, vcpus, health_path, deadline, drain); see the README, \"Sites\"")
+    net = data.get("network")
+    if isinstance(net, dict) and "names" in net:
+        raise _fail(path, "network.names", "moved to `sites[].names` (each site has its own names)")
 
 
 # Channels each hardware mode may use as an access point (802.11g has no channel 14; 5 GHz channels 52-144 need
@@ -358,7 +386,7 @@ def _check_wifi(w: Wifi, path: Path) -> None:
 
 
 def _check_network(rec: Recipe, path: Path) -> None:
-    n, g = rec.network, rec.guest
+    n = rec.network
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,14}", n.bridge):
         raise _fail(path, "network.bridge", f"'{n.bridge}' is not an interface name (up to 15 characters)")
     try:
@@ -367,45 +395,78 @@ def _check_network(rec: Recipe, path: Path) -> None:
         raise _fail(path, "network.address", f"'{n.address}' is not an IPv4 address with a prefix") from None
     net = iface.network
     if net.prefixlen > 29 or iface.ip in (net.network_address, net.broadcast_address):
-        raise _fail(path, "network.address", f"{n.address} leaves no room for visitors and a guest")
-    ips = {}
-    for key, value in (("network.dhcp_start", n.dhcp_start), ("network.dhcp_end", n.dhcp_end),
-                       ("guest.address", g.address)):
-        try:
-            ip = ipaddress.IPv4Address(value)
-        except ValueError:
-            raise _fail(path, key, f"'{value}' is not an IPv4 address") from None
-        if ip not in net or ip in (net.network_address, net.broadcast_address):
-            raise _fail(path, key, f"{value} is outside the bridge's subnet {net}")
-        ips[key] = ip
-    first, last = ips["network.dhcp_start"], ips["network.dhcp_end"]
+        raise _fail(path, "network.address", f"{n.address} leaves no room for visitors and a site")
+    first = _host(n.dhcp_start, net, path, "network.dhcp_start")
+    last = _host(n.dhcp_end, net, path, "network.dhcp_end")
     if last < first:
         raise _fail(path, "network.dhcp_end", f"{last} comes before network.dhcp_start {first}")
     if first <= iface.ip <= last:
         raise _fail(path, "network.address", f"{iface.ip} is inside the DHCP range {first}-{last}")
-    if ips["guest.address"] == iface.ip:
-        raise _fail(path, "guest.address", f"{g.address} is the bridge's own address")
-    if first <= ips["guest.address"] <= last:
-        raise _fail(path, "guest.address", f"{g.address} is inside the DHCP range {first}-{last}")
+    if not 2 <= n.lease_minutes <= 24 * 60:
+        raise _fail(path, "network.lease_minutes", f"{n.lease_minutes} must be 2 to 1440 (minutes)")
+    if not 1 <= n.leases_per_station <= 64:
+        raise _fail(path, "network.leases_per_station", f"{n.leases_per_station} must be 1 to 64")
     if n.uplink not in ("dhcp", "bridge"):
         raise _fail(path, "network.uplink", f"'{n.uplink}' must be 'dhcp' or 'bridge'")
-    for i, name in enumerate(n.names):
-        if not _DNS_NAME.fullmatch(name):
-            raise _fail(path, f"network.names[{i}]", f"'{name}' is not a lower-case DNS name")
-    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", g.mac):
-        raise _fail(path, "guest.mac", f"'{g.mac}' is not a lower-case MAC address")
-    if int(g.mac[:2], 16) & 1:
-        raise _fail(path, "guest.mac", f"{g.mac} is a multicast address")
-    if not 16 <= g.memory_mib <= 2048:
-        raise _fail(path, "guest.memory_mib", f"{g.memory_mib} must be 16 to 2048 (MiB)")
-    if not 1 <= g.vcpus <= 4:
-        raise _fail(path, "guest.vcpus", f"{g.vcpus} must be 1 to 4")
-    if not 1 <= g.port <= 65535:
-        raise _fail(path, "guest.port", f"{g.port} is not a TCP port")
-    if not re.fullmatch(r"/[\x21-\x7e]*", g.health_path):
-        raise _fail(path, "guest.health_path", f"'{g.health_path}' must be a URL path starting with '/'")
-    if not 5 <= g.deadline <= 3600:
-        raise _fail(path, "guest.deadline", f"{g.deadline} must be 5 to 3600 (seconds)")
+    g = rec.guests
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,14}", g.bridge) or g.bridge == n.bridge:
+        raise _fail(path, "guests.bridge", f"'{g.bridge}' must be an interface name other than network.bridge")
+    try:
+        giface = ipaddress.IPv4Interface(g.address)
+    except ValueError:
+        raise _fail(path, "guests.address", f"'{g.address}' is not an IPv4 address with a prefix") from None
+    if giface.network.overlaps(net):
+        raise _fail(path, "guests.address", f"{giface.network} overlaps the visitors' subnet {net}")
+    if giface.network.num_addresses < 16 + 2 * len(rec.sites):
+        raise _fail(path, "guests.address", f"{giface.network} has no room for {len(rec.sites)} sites' two slots")
+    _check_sites(rec, path, iface, first, last)
+
+
+def _host(value: str, net: ipaddress.IPv4Network, path: Path, key: str) -> ipaddress.IPv4Address:
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise _fail(path, key, f"'{value}' is not an IPv4 address") from None
+    if ip not in net or ip in (net.network_address, net.broadcast_address):
+        raise _fail(path, key, f"{value} is outside the bridge's subnet {net}")
+    return ip
+
+
+def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first: ipaddress.IPv4Address,
+                 last: ipaddress.IPv4Address) -> None:
+    if not rec.sites:
+        raise _fail(path, "sites", "must list at least one site")
+    seen: dict[str, str] = {}
+    for i, s in enumerate(rec.sites):
+        key = f"sites[{i}]"
+        try:
+            names.check_site(s.name, f"{key}.name")
+        except names.Error as exc:
+            raise _fail(path, "", str(exc)) from None
+        ip = _host(s.address, router.network, path, f"{key}.address")
+        if ip == router.ip:
+            raise _fail(path, f"{key}.address", f"{s.address} is the router's own address (network.address)")
+        if first <= ip <= last:
+            raise _fail(path, f"{key}.address", f"{s.address} is inside the DHCP range {first}-{last}")
+        for what, value in (("name", s.name), ("address", s.address), *(("names", n) for n in s.names)):
+            if f"{what}:{value}" in seen:
+                raise _fail(path, f"{key}.{what}", f"'{value}' is already used by {seen[f'{what}:{value}']}")
+            seen[f"{what}:{value}"] = f"sites[{i}] ({s.name})"
+        for j, name in enumerate(s.names):
+            if not _DNS_NAME.fullmatch(name):
+                raise _fail(path, f"{key}.names[{j}]", f"'{name}' is not a lower-case DNS name")
+        if not 16 <= s.memory_mib <= 2048:
+            raise _fail(path, f"{key}.memory_mib", f"{s.memory_mib} must be 16 to 2048 (MiB)")
+        if not 1 <= s.vcpus <= 4:
+            raise _fail(path, f"{key}.vcpus", f"{s.vcpus} must be 1 to 4")
+        if not 1 <= s.port <= 65535:
+            raise _fail(path, f"{key}.port", f"{s.port} is not a TCP port")
+        if not re.fullmatch(r"/[\x21-\x7e]*", s.health_path):
+            raise _fail(path, f"{key}.health_path", f"'{s.health_path}' must be a URL path starting with '/'")
+        if not 5 <= s.deadline <= 3600:
+            raise _fail(path, f"{key}.deadline", f"{s.deadline} must be 5 to 3600 (seconds)")
+        if not 0 <= s.drain <= 3600:
+            raise _fail(path, f"{key}.drain", f"{s.drain} must be 0 to 3600 (seconds)")
 
 
 def _passphrase(w: Wifi, base: Path, recipe: Path | None, *, required: bool) -> str | None:

@@ -7,7 +7,6 @@ confined to the tree (a symlink never leads a write outside it).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from typing import Any
 
 import jinja2
 
+from . import sites
 from .config import Config, rel, wifi_passphrase
 from .errors import BuildError, RecipeError
 from .identity import Identity
@@ -39,14 +39,12 @@ class Rendered:
 
 def context(cfg: Config, ident: Identity, *, need_secrets: bool = True) -> dict[str, Any]:
     rec = cfg.recipe
-    iface = ipaddress.IPv4Interface(rec.network.address)
     passphrase = wifi_passphrase(rec, cfg.recipe_path) if need_secrets else (
         None if rec.wifi.open else "dry-run-passphrase")
     return {
         "recipe": rec, "board": cfg.board, "boards": (cfg.board, *cfg.also), "identity": ident,
         "hostname": rec.hostname or rec.name,
-        "net": {"address": str(iface.ip), "prefix": iface.network.prefixlen, "netmask": str(iface.netmask),
-                "network": str(iface.network), "cidr": str(iface)},
+        **sites.template_context(rec),   # net, gnet, sites, dom0_addresses, guest_macs, sites_json
         "wifi_passphrase": passphrase,
     }
 
@@ -85,10 +83,18 @@ def render_overlays(cfg: Config, ctx: dict[str, Any]) -> list[Rendered]:
                     raise RecipeError(f"{where}: template error: {exc.message}") from None
                 except RecipeError:
                     raise
-                out.append(Rendered(rel[:-3], text.encode(), mode))
+                out.append(Rendered(rel[:-3], text.encode(), _declared_mode(path) or mode))
             else:
                 out.append(Rendered(rel, path.read_bytes(), mode))
     return out
+
+
+def _declared_mode(template: Path) -> int | None:
+    """A template that holds a secret says so on its first line, `{#- mode: 0600 -#}`: git keeps no such mode,
+    and the file must have it in the image itself, not only once a boot script has run."""
+    with open(template) as f:
+        m = re.match(r"\{#-? mode: (0[0-7]{3}) -?#\}", f.readline())
+    return int(m.group(1), 8) if m else None
 
 
 def _inside(tree: Path, rel: str) -> Path:

@@ -505,11 +505,12 @@ def _manifest(img: Path) -> dict[str, Any]:
 
 
 def guest_of(img: Path) -> tuple[str, int]:
-    """The served guest's address and port, from the recipe the image's manifest names (default: booth)."""
+    """The default site's service address and port, from the recipe the image's manifest names (default:
+    booth): dom0 owns the address and passes its connections on to the site's active guest."""
     name = str(_manifest(img).get("recipe_file", "booth"))
     name = name if Path(name).is_absolute() or "/" not in name else str(ROOT / name)
-    g = load(name).recipe.guest
-    return g.address, g.port
+    site = load(name).recipe.sites[0]
+    return site.address, site.port
 
 
 def board_for(img: Path) -> str:

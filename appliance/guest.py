@@ -2,37 +2,35 @@
 
 `build()` makes the demo bundle from the cached base tree (the armmp zImage, and a deterministic initramfs of
 busybox httpd, xen-netfront and the site in guest/) with no emulation, cached by its inputs. `install()` lays
-the recipe's guest into the image's store as `current`, checked by the launcher's own code.
+each site's guest into the image's store as `current`, checked first by the board's own manifest validator.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.machinery
-import importlib.util
-import ipaddress
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
 from . import config, cpio, log, rootfs
-from .config import Config
+from .config import Config, SiteSpec
 from .cpio import Entry
 from .errors import GuestError
 from .files import sha256
 from .log import step
+from .manager import manifest
+from .manager.errors import Error as ManagerError
 
 DEMO_NAME = "demo"
 DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
-LAUNCHER = "overlays/booth/usr/local/sbin/appliance-guest"
-STORE = "var/lib/appliance/guests"
+DEFAULT_CMDLINE = "console=hvc0 ip={address}::{gateway}:{netmask}:{domain}:eth0:off"   # a Linux guest's
+DEMO_CMDLINE = "console=hvc0 ip={address}::{gateway}:{netmask}:{domain}:eth0:off appliance.port={port}"
+STORE = "var/lib/appliance/sites"
 NETFRONT = "kernel/drivers/net/xen-netfront.ko"
 _PLACES = {"init": "init", "httpd.conf": "etc/httpd.conf", "udhcpc.script": "etc/udhcpc.script"}  # guest/ -> initramfs
 
@@ -66,19 +64,21 @@ def _inputs(cfg: Config, base: rootfs.Base) -> dict[str, Path]:
     return files
 
 
-def _digest(files: dict[str, Path]) -> str:
-    h = hashlib.sha256(DEMO_RELEASE.encode())
+def _digest(files: dict[str, Path], release: str) -> str:
+    h = hashlib.sha256(release.encode())
     for name, p in sorted(files.items()):
         h.update(f"{name}\0{p.stat().st_mode & 0o111}\0".encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
 
-def build(cfg: Config, base: rootfs.Base | None = None) -> Bundle:
-    """The demo guest bundle (build/guests/demo-VERSION/): made once per set of inputs, then reused."""
+def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELEASE) -> Bundle:
+    """The demo guest bundle (build/guests/demo-VERSION/): made once per set of inputs, then reused.
+
+    Another `release` makes another version of the same demo (the tests switch between two of them)."""
     base = base or rootfs.ensure(cfg)
     files = _inputs(cfg, base)
-    version = f"{DEMO_RELEASE}-{_digest(files)[:10]}"
+    version = f"{release}-{_digest(files, release)[:10]}"
     out = cfg.root / "build" / "guests" / f"{DEMO_NAME}-{version}"
     if (out / "guest.yaml").exists():
         log.info(f"demo guest {version} from cache ({out.relative_to(cfg.root)})")
@@ -94,16 +94,15 @@ def build(cfg: Config, base: rootfs.Base | None = None) -> Bundle:
         manifest = {
             "name": DEMO_NAME, "version": version, "kernel": "vmlinuz", "ramdisk": "initrd.gz",
             "sha256": {n: sha256(tmp / n) for n in ("vmlinuz", "initrd.gz")},
-            "extra": "console=hvc0 ip={address}::{gateway}:{netmask}:{name}:eth0:off appliance.port={port}",
-            "built_from": {"kernel": kver, "busybox": files["busybox.deb"].name},
+            "cmdline": DEMO_CMDLINE,
         }
         (tmp / "guest.yaml").write_text(json.dumps(manifest, indent=1) + "\n")
         shutil.rmtree(tmp / "work", ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        for old in out.parent.glob(f"{DEMO_NAME}-*"):
+        for old in out.parent.glob(f"{DEMO_NAME}-{release}-*"):
             if old != out:
-                shutil.rmtree(old)  # earlier demo builds: their inputs are gone
+                shutil.rmtree(old)  # earlier builds of this release: their inputs are gone
         log.info(f"{out.relative_to(cfg.root)}: vmlinuz {files['vmlinuz'].stat().st_size >> 10} KiB, "
                  f"initrd.gz {len(initrd) >> 10} KiB")
     return Bundle(out, DEMO_NAME, version)
@@ -130,126 +129,132 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
 # ---------------------------------------------------------------- bundles and the store
 
 
-def launcher(cfg: Config) -> ModuleType:
-    """The board's own launcher, imported from the overlay, so the host checks a bundle as the board will."""
-    path = cfg.root / LAUNCHER
-    name = f"appliance_guest_launcher_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    loader = importlib.machinery.SourceFileLoader(name, str(path))
-    spec = importlib.util.spec_from_loader(name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    keep, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the overlay (or the image)
-    try:
-        loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = keep
-    return module
+def defaults(site: SiteSpec) -> dict[str, Any]:
+    """What a site gives the guests that serve it, where a bundle's guest.yaml leaves it out."""
+    return {"memory": site.memory_mib, "vcpus": site.vcpus, "port": site.port, "cmdline": DEFAULT_CMDLINE,
+            "health": {"path": site.health_path, "deadline": site.deadline}}
 
 
-def site(cfg: Config) -> dict[str, Any]:
-    """What /etc/appliance/guest.json says on the board: the recipe's guest and network values."""
-    g, n = cfg.recipe.guest, cfg.recipe.network
-    iface = ipaddress.IPv4Interface(n.address)
-    return {"bridge": n.bridge, "address": g.address, "netmask": str(iface.netmask), "prefix": iface.network.prefixlen,
-            "gateway": str(iface.ip), "mac": g.mac, "memory": g.memory_mib, "vcpus": g.vcpus, "port": g.port,
-            "health_path": g.health_path, "deadline": g.deadline}
+def _name(stem: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-.") or "guest"
 
 
-def read_bundle(path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """A bundle's manifest and files: a directory with guest.yaml, or a bare zImage (MirageOS/Mini-OS .xen)."""
+def read_bundle(path: Path, site: SiteSpec) -> tuple[manifest.Manifest, Path]:
+    """A bundle's checked manifest and the directory its files are in, before anything is copied: a directory
+    with guest.yaml, or a bare Xen ARM kernel (a zImage, a MirageOS or Mini-OS .xen) named by its content."""
     if path.is_file():
         digest = sha256(path)
-        name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in path.name.split(".")[0]) or "guest"
-        return ({"name": name, "version": f"{name}-{digest[:10]}", "kernel": path.name,
-                 "sha256": {path.name: digest}}, {path.name: path})
+        name = _name(path.name.split(".")[0])
+        data: Any = {"name": name, "version": f"{name}-{digest[:10]}", "kernel": path.name,
+                     "sha256": {path.name: digest}}
+        where, folder = str(path), path.parent
+    else:
+        where, folder = str(path / "guest.yaml"), path
+        try:
+            data = yaml.safe_load((path / "guest.yaml").read_text())
+        except OSError as exc:
+            raise GuestError(f"{where}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise GuestError(f"{where}: not UTF-8 text") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise GuestError(f"{where}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
     try:
-        data = yaml.safe_load((path / "guest.yaml").read_text())
-    except OSError as exc:
-        raise GuestError(f"{path}/guest.yaml: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError:
-        raise GuestError(f"{path}/guest.yaml: not valid YAML") from None
-    if not isinstance(data, dict):
-        raise GuestError(f"{path}/guest.yaml: must be a mapping of keys")
-    files = {}
-    for key in ("kernel", "ramdisk"):
-        fname = data.get(key)
-        if key == "kernel" and not isinstance(fname, str):
-            raise GuestError(f"{path}/guest.yaml: kernel: missing (the file name of the guest's zImage)")
-        if isinstance(fname, str):
-            files[fname] = path / fname
-    return data, files
+        m = manifest.validate(data, where, defaults(site))
+        manifest.check_files(m, folder, where)
+    except ManagerError as exc:
+        raise GuestError(str(exc)) from None
+    return m, folder
 
 
-def user_bundle(cfg: Config) -> Path | None:
-    """The bundle the recipe names (guest.bundle, relative to the recipe), or None for the demo guest."""
-    spec = cfg.recipe.guest.bundle
+def user_bundle(cfg: Config, i: int) -> Path | None:
+    """The bundle site i names (relative to the recipe), or None for the demo guest."""
+    spec = cfg.recipe.sites[i].bundle
     if not spec:
         return None
     src = Path(spec).expanduser()
     src = src if src.is_absolute() else cfg.recipe_path.parent / src
     if not src.exists():
-        raise GuestError(f"{config.rel(cfg.recipe_path)}: guest.bundle: no such file or directory {src}")
+        raise GuestError(f"{config.rel(cfg.recipe_path)}: sites[{i}].bundle: no such file or directory {src}")
     return src
 
 
 def check(cfg: Config) -> None:
-    """For `--dry-run`: the recipe's own bundle is complete, its checksums match and its kernel is a zImage."""
-    src = user_bundle(cfg)
-    if src is None:
-        missing = [n for n in ("init", "site/index.html", "site/game.js") if not (cfg.root / "guest" / n).is_file()]
-        if missing:
-            raise GuestError(f"the demo guest's sources are incomplete: guest/{', guest/'.join(missing)} missing")
-        return
-    manifest, files = read_bundle(src)
-    sums = manifest.get("sha256") or {}
-    for fname, p in files.items():
-        if not p.is_file():
-            raise GuestError(f"{src}: {fname}: no such file in the bundle")
-        if not isinstance(sums, dict) or sums.get(fname) != sha256(p):
-            raise GuestError(f"{src}/guest.yaml: sha256: {fname} is missing or does not match the file")
-    if not launcher(cfg).is_zimage(files[manifest["kernel"]]):
-        raise GuestError(f"{files[manifest['kernel']]}: not an ARM zImage (Linux zImage, Mini-OS or MirageOS .xen)")
+    """For `--dry-run`: every site's bundle is complete and checks out (its checksums, its kernel a zImage)."""
+    for i, site in enumerate(cfg.recipe.sites):
+        src = user_bundle(cfg, i)
+        if src is not None:
+            read_bundle(src, site)
+        elif "booth" in cfg.recipe.overlays:
+            missing = [n for n in ("init", "site/index.html", "site/game.js")
+                       if not (cfg.root / "guest" / n).is_file()]
+            if missing:
+                raise GuestError(f"the demo guest's sources are incomplete: guest/{', guest/'.join(missing)} missing")
 
 
-def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> str | None:
-    """Lay the recipe's guest (guest.bundle, else the demo) into the tree's store as `current`; its version."""
-    src = user_bundle(cfg)
-    if src is None and "booth" not in cfg.recipe.overlays:
-        return None  # no launcher in this image, so no guest to serve
-    src = src or build(cfg, base).path
-    manifest, files = read_bundle(src)
-    version = str(manifest.get("version", ""))
-    if not version or "/" in version or version.startswith(".") or version in ("current", "previous"):
-        raise GuestError(f"{src}: version: '{version}' cannot name a directory of the guest store")
-    s = site(cfg)
-    # What the bundle leaves out comes from the recipe, so the board's guest.yaml is complete on its own.
-    for key, value in (("memory", s["memory"]), ("vcpus", s["vcpus"]), ("mac", s["mac"]),
-                       ("health", {"port": s["port"], "path": s["health_path"], "deadline": s["deadline"]})):
-        manifest.setdefault(key, value)
-    store = tree / STORE
-    dest = store / version
-    with step(f"Installing guest {manifest.get('name')} {version} into /{STORE} as current"):
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        store.chmod(0o755)
-        for fname, p in files.items():
-            if not p.is_file():
-                raise GuestError(f"{src}: {fname}: no such file in the bundle")
-            shutil.copyfile(p, dest / fname)
-        (dest / "guest.yaml").write_text(json.dumps(manifest, indent=1) + "\n")
-        mod = launcher(cfg)
-        try:
-            mod.verify(mod.load(dest, s))
-        except mod.Error as exc:
-            raise GuestError(f"guest bundle {src}: {exc}") from None
-        current = store / "current"
-        if current.is_symlink() or current.exists():
-            current.unlink()
-        current.symlink_to(version)
-    return version
+def store(tree: Path, bundle: Path, site: SiteSpec, *, current: bool = True) -> str:
+    """Lay a bundle into the tree's store of its site, checked before any of it is copied; its version."""
+    m, folder = read_bundle(bundle, site)
+    root = tree / STORE / site.name
+    dest = root / m.version
+    tmp = root / f".{m.version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for fname in (m.kernel, m.ramdisk):
+        if fname:
+            shutil.copyfile(folder / fname, tmp / fname)
+    (tmp / "manifest.json").write_text(manifest.to_json(m))
+    try:
+        manifest.check_files(m, tmp, str(tmp / "manifest.json"))   # the copy, as the board will check it
+    except ManagerError as exc:
+        shutil.rmtree(tmp)
+        raise GuestError(str(exc)) from None
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    for d in (tree / "var/lib/appliance", tree / STORE, root):
+        d.chmod(0o755)
+    if current:
+        link = root / "current"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(m.version)
+    return m.version
+
+
+MANAGER = "usr/local/lib/appliance"    # /usr/local/sbin/appliance-guest imports appliance.manager from here
+
+
+def install_manager(cfg: Config, tree: Path) -> None:
+    """The board's guest manager: the very package the host imports, with its bytecode made here (the board's
+    python3 is the same 3.11; a hash-checked .pyc does not depend on file times, so the image stays the same)."""
+    import importlib.util
+    import py_compile
+
+    dest = tree / MANAGER / "appliance"
+    shutil.rmtree(dest, ignore_errors=True)
+    src = Path(manifest.__file__).parent
+    for p in [src.parent / "__init__.py", *sorted(src.glob("*.py"))]:
+        out = dest / p.relative_to(src.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, out)
+        py_compile.compile(str(out), cfile=importlib.util.cache_from_source(str(out)),
+                           dfile=f"/{MANAGER}/appliance/{p.relative_to(src.parent)}", doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    for d in [dest, *dest.rglob("*")]:
+        d.chmod(0o755 if d.is_dir() else 0o644)
+
+
+def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> dict[str, str]:
+    """Lay each site's guest (its bundle, else the demo) into the tree's store as current: site -> version."""
+    if "booth" not in cfg.recipe.overlays:
+        return {}  # no guest manager in this image, so no guest to serve
+    install_manager(cfg, tree)
+    out = {}
+    for i, site in enumerate(cfg.recipe.sites):
+        src = user_bundle(cfg, i) or build(cfg, base).path
+        with step(f"Installing the guest of site {site.name} from {config.rel(src)} into /{STORE}/{site.name}"):
+            out[site.name] = store(tree, src, site)
+    return out
 
 
 def build_task(recipe: str = "booth") -> Bundle:

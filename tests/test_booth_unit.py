@@ -1,23 +1,18 @@
-"""Unit tier for the booth: templates rendered for WPA2, open and bridged-uplink recipes; bad values refused;
-the launcher (imported from its overlay) rendering, parsing, switching and supervising with a fake `xl`.
+"""Unit tier for the booth: templates rendered for WPA2 (two sites), open and bridged-uplink recipes; bad values
+refused; guest bundles checked before they are laid into a site's store.
 """
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from appliance import ROOT, config, configure, guest
+from appliance import ROOT, config, configure, guest, sites
 from appliance.errors import GuestError, RecipeError
 from appliance.identity import derive
 
@@ -35,12 +30,14 @@ wifi:
 network:
 {network}
 """
-GUEST_50 = "guest:\n  address: 192.168.50.2\n  mac: 00:16:3e:00:00:50\n  port: 8080\n"
+SITES_50 = ("guests:\n  address: 192.168.60.1/24\nsites:\n  - name: game\n    address: 192.168.50.2\n    port: 8080\n"
+            "    names: [demo.booth, game.local]\n  - name: about\n    address: 192.168.50.3\n"
+            "    names: [about.booth]\n")
 KINDS = {
     "wpa2": (("  ssid: Booth WPA\n  country: FR\n  hw_mode: a\n  channel: 36\n  open: false\n"
               "  passphrase_file: wifi.pass\n  client_isolation: false"),
              ("  address: 192.168.50.1/24\n  dhcp_start: 192.168.50.20\n  dhcp_end: 192.168.50.80\n"
-              "  captive: false\n  names: [demo.booth, game.local]")),
+              "  captive: false")),
     "open": ("  ssid: Xen Booth\n  open: true", "  uplink: dhcp"),
     "bridged": ("  ssid: Bridged\n  open: true\n  channel: 11", "  uplink: bridge\n  unique_hostname: false"),
 }
@@ -54,7 +51,7 @@ def _env(monkeypatch):
 
 def recipe(tmp_path: Path, kind: str) -> config.Config:
     wifi, network = KINDS[kind]
-    text = RECIPE.format(name=f"t-{kind}", wifi=wifi, network=network) + (GUEST_50 if kind == "wpa2" else "")
+    text = RECIPE.format(name=f"t-{kind}", wifi=wifi, network=network) + (SITES_50 if kind == "wpa2" else "")
     (tmp_path / "wifi.pass").write_text("correct horse battery\n")
     path = tmp_path / f"{kind}.yaml"
     path.write_text(text)
@@ -74,21 +71,29 @@ def test_every_template_renders(tmp_path: Path, kind: str):
         assert "{{" not in files[rel] and "{%" not in files[rel], rel
 
 
-def test_wpa2_recipe(tmp_path: Path):
-    files = rendered(recipe(tmp_path, "wpa2"))
+def test_wpa2_recipe_with_two_sites(tmp_path: Path):
+    cfg = recipe(tmp_path, "wpa2")
+    files = rendered(cfg)
     ap = files["etc/hostapd/appliance.conf"].splitlines()
     for line in ("ssid=Booth WPA", "country_code=FR", "hw_mode=a", "channel=36", "wpa=2", "wpa_key_mgmt=WPA-PSK",
                  "rsn_pairwise=CCMP", "wpa_passphrase=correct horse battery", "ap_isolate=0", "bridge=br0"):
         assert line in ap
     assert not any(line.startswith("interface=") for line in ap), "the interface is found at boot"
     dns = files["etc/dnsmasq.d/appliance.conf"].splitlines()
-    assert "dhcp-range=192.168.50.20,192.168.50.80,255.255.255.0,1h" in dns
-    assert "dhcp-host=00:16:3e:00:00:50,192.168.50.2,guest,infinite" in dns
+    assert any(line.startswith("dhcp-range=192.168.50.20,192.168.50.80,") for line in dns)
     assert "resolv-file=/run/appliance/resolv.conf" in dns
     assert "address=/demo.booth/192.168.50.2" in dns and "address=/game.local/192.168.50.2" in dns
+    assert "address=/about.booth/192.168.50.3" in dns
     assert not any(line.startswith("address=/#/") for line in dns)
-    site = json.loads(files["etc/appliance/guest.json"])
-    assert (site["address"], site["gateway"], site["port"]) == ("192.168.50.2", "192.168.50.1", 8080)
+    assert not any(line.startswith("dhcp-host=") for line in dns), "guests are not on the visitors' bridge"
+    board = json.loads(files["etc/appliance/sites.json"])
+    assert board == sites.board_settings(cfg.recipe), "the board's sites.json and the host's view of it agree"
+    assert board["guests"] == {"bridge": "brg0", "address": "192.168.60.1", "prefix": 24, "netmask": "255.255.255.0"}
+    game, about = board["sites"]["game"], board["sites"]["about"]
+    assert (game["address"], game["port"], about["port"]) == ("192.168.50.2", 8080, 80)
+    assert game["slots"] == {"blue": {"address": "192.168.60.10", "mac": "00:16:3e:a8:3c:0a"},
+                             "green": {"address": "192.168.60.11", "mac": "00:16:3e:a8:3c:0b"}}
+    assert about["slots"]["blue"] == {"address": "192.168.60.12", "mac": "00:16:3e:a8:3c:0c"}
 
 
 def test_open_recipe(tmp_path: Path):
@@ -99,21 +104,24 @@ def test_open_recipe(tmp_path: Path):
     assert not any(line.startswith("wpa_passphrase") for line in ap)
     dns = files["etc/dnsmasq.d/appliance.conf"].splitlines()
     assert "address=/#/10.42.0.2" in dns and "no-resolv" in dns
-    assert "dhcp-host=00:16:3e:42:00:02,10.42.0.2,guest,infinite" in dns
     assert "DHCP=ipv4" in files["etc/systemd/network/30-appliance-uplink.network"]
-    assert "Address=10.42.0.1/24" in files["etc/systemd/network/20-appliance-bridge.network"]
-    assert 'iifname "br0" jump booth' in files["etc/nftables.conf"]
+    bridge = files["etc/systemd/network/20-appliance-bridge.network"].splitlines()
+    assert "Address=10.42.0.1/22" in bridge
+    assert any(line.startswith("Address=10.42.0.2") for line in bridge), "dom0 owns the service address"
     assert "UNIQUE_HOSTNAME=yes" in files["etc/appliance/booth.env"].splitlines()
-    site = json.loads(files["etc/appliance/guest.json"])
-    assert site == guest.site(cfg), "the board's guest.json and the host's view of it agree"
+
+
+def test_secrets_have_their_mode_in_the_image(tmp_path: Path):
+    cfg = recipe(tmp_path, "wpa2")
+    modes = {f.rel: f.mode for f in configure.render_overlays(cfg, configure.context(cfg, derive(cfg.digest)))}
+    assert modes["etc/hostapd/appliance.conf"] == 0o600
+    assert modes["etc/dnsmasq.d/appliance.conf"] == 0o644
 
 
 def test_bridged_uplink_recipe(tmp_path: Path):
     files = rendered(recipe(tmp_path, "bridged"))
     uplink = files["etc/systemd/network/30-appliance-uplink.network"]
     assert "Bridge=br0" in uplink and "DHCP=" not in uplink
-    assert "Name=!vif*" in uplink
-    assert 'iifname "br0" jump booth' not in files["etc/nftables.conf"], "wired hosts on the bridge keep SSH"
     assert "UNIQUE_HOSTNAME=no" in files["etc/appliance/booth.env"].splitlines()
     assert "channel=11" in files["etc/hostapd/appliance.conf"].splitlines()
 
@@ -125,7 +133,7 @@ def test_nft_checks_the_ruleset(tmp_path: Path, kind: str):
     subprocess.run(["nft", "-c", "-f", str(tmp_path / "nftables.conf")], check=True)
 
 
-@pytest.mark.parametrize("wifi, network, guest_, message", [
+@pytest.mark.parametrize("wifi, network, sites_, message", [
     ("  ssid: " + "x" * 33 + "\n  open: true", "  uplink: dhcp", None,
      "wifi.ssid: '" + "x" * 33 + "' must be 1 to 32 bytes long"),
     ("  ssid: \"" + "\\u00e9" * 17 + "\"\n  open: true", "  uplink: dhcp", None,
@@ -134,17 +142,26 @@ def test_nft_checks_the_ruleset(tmp_path: Path, kind: str):
      "wifi.channel: channel 11 is not allowed in hw_mode 'a'"),
     ("  hw_mode: b\n  channel: 36\n  open: true", "  uplink: dhcp", None,
      "wifi.channel: channel 36 is not allowed in hw_mode 'b'"),
-    ("  open: true", "  address: 10.42.0.1/24", "  address: 10.9.0.2",
-     "guest.address: 10.9.0.2 is outside the bridge's subnet 10.42.0.0/24"),
+    ("  open: true", "  address: 10.42.0.1/24", "  - address: 10.9.0.2",
+     "sites[0].address: 10.9.0.2 is outside the bridge's subnet 10.42.0.0/24"),
     ("  open: true", "  dhcp_start: 10.42.0.1", None, "network.address: 10.42.0.1 is inside the DHCP range"),
     ("  open: true", "  dhcp_start: 10.42.0.150\n  dhcp_end: 10.42.0.120", None,
      "network.dhcp_end: 10.42.0.120 comes before network.dhcp_start 10.42.0.150"),
-    ("  open: true", "  names: [Not A Name]", None, "network.names[0]: 'Not A Name' is not a lower-case DNS name"),
-    ("  open: true", "  uplink: dhcp", "  mac: 01:16:3e:42:00:02", "guest.mac: 01:16:3e:42:00:02 is a multicast"),
-    ("  open: true", "  uplink: dhcp", "  address: 10.42.0.1", "guest.address: 10.42.0.1 is the bridge's own address"),
+    ("  open: true", "  names: [demo.booth]", None, "network.names: moved to `sites[].names`"),
+    ("  open: true", "  uplink: dhcp", "  - names: [Not A Name]",
+     "sites[0].names[0]: 'Not A Name' is not a lower-case DNS name"),
+    ("  open: true", "  uplink: dhcp", "  - address: 10.42.0.1",
+     "sites[0].address: 10.42.0.1 is the router's own address"),
+    ("  open: true", "  uplink: dhcp", "  - name: a\n  - name: b\n    names: [demo.booth]\n    address: 10.42.0.3",
+     "sites[1].names: 'demo.booth' is already used by sites[0] (a)"),
+    ("  open: true", "  uplink: dhcp", "  - memory_mib: 4096", "sites[0].memory_mib: 4096 must be 16 to 2048"),
+    ("  open: true", "  leases_per_station: 0", None, "network.leases_per_station: 0 must be 1 to 64"),
+    ("  open: true", "  uplink: dhcp", "  - health_path: 'no slash'",
+     "sites[0].health_path: 'no slash' must be a URL path"),
+    ("  open: true", "  uplink: dhcp", "  - drain: -1", "sites[0].drain: -1 must be 0 to 3600"),
 ])
-def test_bad_values_are_refused(tmp_path: Path, wifi: str, network: str, guest_: str | None, message: str):
-    text = RECIPE.format(name="bad", wifi=wifi, network=network) + (f"guest:\n{guest_}\n" if guest_ else "")
+def test_bad_values_are_refused(tmp_path: Path, wifi: str, network: str, sites_: str | None, message: str):
+    text = RECIPE.format(name="bad", wifi=wifi, network=network) + (f"sites:\n{sites_}\n" if sites_ else "")
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(RecipeError) as err:
@@ -207,12 +224,23 @@ def test_cpio_adds_the_parent_directories_the_kernel_would_not_make():
                        "lib/modules/6.1/kernel/ext4.ko"]
 
 
+SITE = config.SiteSpec()
+
+
 def test_a_bare_zimage_is_a_bundle(tmp_path: Path):
     k = tmp_path / "mirage-www.xen"
     k.write_bytes(zimage(b"unikernel"))
-    manifest, files = guest.read_bundle(k)
-    assert manifest["name"] == "mirage-www" and manifest["version"].startswith("mirage-www-")
-    assert files == {"mirage-www.xen": k}
+    m, folder = guest.read_bundle(k, SITE)
+    assert m.name == "mirage-www" and m.version.startswith("mirage-www-") and m.kernel == "mirage-www.xen"
+    assert folder == tmp_path and m.ramdisk is None
+    assert (m.memory, m.vcpus, m.port) == (SITE.memory_mib, SITE.vcpus, SITE.port), "the site fills in the rest"
+
+
+def _user_recipe(tmp_path: Path, bundle: str) -> config.Config:
+    text = RECIPE.format(name="u", wifi="  open: true", network="  uplink: dhcp") + (
+        f"sites:\n  - name: mine\n    bundle: {bundle}\n")
+    (tmp_path / "u.yaml").write_text(text)
+    return config.load(str(tmp_path / "u.yaml"))
 
 
 def test_install_a_user_bundle(tmp_path: Path):
@@ -221,31 +249,54 @@ def test_install_a_user_bundle(tmp_path: Path):
     (bundle / "kernel.xen").write_bytes(zimage(b"mine"))
     (bundle / "guest.yaml").write_text(f"name: mine\nversion: '7'\nkernel: kernel.xen\nmemory: 48\nsha256:\n"
                                        f"  kernel.xen: {guest.sha256(bundle / 'kernel.xen')}\n")
-    text = RECIPE.format(name="u", wifi="  open: true", network="  uplink: dhcp") + "guest:\n  bundle: mybundle\n"
-    (tmp_path / "u.yaml").write_text(text)
-    cfg = config.load(str(tmp_path / "u.yaml"))
+    cfg = _user_recipe(tmp_path, "mybundle")
     tree = tmp_path / "tree"
-    assert guest.install(cfg, None, tree) == "7"
-    store = tree / guest.STORE
+    assert guest.install(cfg, None, tree) == {"mine": "7"}
+    store = tree / guest.STORE / "mine"
     assert os.readlink(store / "current") == "7"
-    m = json.loads((store / "7/guest.yaml").read_text())
-    assert m["memory"] == 48 and m["vcpus"] == 1 and m["mac"] == "00:16:3e:42:00:02"
-    assert m["health"] == {"port": 80, "path": "/", "deadline": 120}
+    assert sorted(p.name for p in (store / "7").iterdir()) == ["kernel.xen", "manifest.json"]
+    m = json.loads((store / "7/manifest.json").read_text())
+    assert m["memory"] == 48 and m["vcpus"] == 1 and m["port"] == 80
+    assert m["health"] == {"path": "/", "deadline": 120}
+    assert (tree / guest.MANAGER / "appliance/manager/manifest.py").is_file(), "the board gets the same validator"
     guest.check(cfg)
     (bundle / "kernel.xen").write_bytes(b"no zImage here" * 4)
-    with pytest.raises(GuestError, match="sha256 does not match"):
-        guest.install(cfg, None, tree)
-    with pytest.raises(GuestError, match=r"guest.yaml: sha256: kernel.xen is missing or does not match the file"):
+    with pytest.raises(GuestError, match="sha256"):
         guest.check(cfg)
+    with pytest.raises(GuestError, match="sha256"):
+        guest.install(cfg, None, tree)
+    assert os.readlink(store / "current") == "7" and (store / "7/kernel.xen").read_bytes() == zimage(b"mine")
+
+
+@pytest.mark.parametrize("kernel", ["../../escaped", "a\"b\niomem = [ '0x0,1' ]", "/etc/passwd", ".."])
+def test_a_hostile_bundle_is_refused_before_anything_is_copied(tmp_path: Path, kernel: str):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "guest.yaml").write_text(json.dumps({"name": "x", "version": "1", "kernel": kernel,
+                                                   "sha256": {kernel: "0" * 64}}))
+    cfg = _user_recipe(tmp_path, "b")
+    tree = tmp_path / "deep" / "tree"
+    with pytest.raises(GuestError, match="kernel"):
+        guest.install(cfg, None, tree)
+    assert not (tree / guest.STORE).exists() and not (tmp_path / "escaped").exists()
+
+
+def test_a_broken_guest_yaml_is_one_line(tmp_path: Path):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "guest.yaml").write_bytes(b"name: 'unclosed\n")
+    with pytest.raises(GuestError, match=r"guest.yaml: not valid YAML at line \d"):
+        guest.read_bundle(bundle, SITE)
+    (bundle / "guest.yaml").write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(GuestError, match="guest.yaml: not UTF-8 text"):
+        guest.read_bundle(bundle, SITE)
 
 
 def test_a_missing_bundle_is_named(tmp_path: Path):
-    text = RECIPE.format(name="u", wifi="  open: true", network="  uplink: dhcp") + "guest:\n  bundle: nowhere\n"
-    (tmp_path / "u.yaml").write_text(text)
-    cfg = config.load(str(tmp_path / "u.yaml"))
+    cfg = _user_recipe(tmp_path, "nowhere")
     with pytest.raises(GuestError) as err:
         guest.check(cfg)
-    assert str(err.value) == f"{tmp_path}/u.yaml: guest.bundle: no such file or directory {tmp_path}/nowhere"
+    assert str(err.value) == f"{tmp_path}/u.yaml: sites[0].bundle: no such file or directory {tmp_path}/nowhere"
     guest.check(config.load("booth"))  # the demo's sources are all there
 
 

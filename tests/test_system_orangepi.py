@@ -87,7 +87,7 @@ def test_the_clock_keeps_wall_time(opi):
 
 def test_guest_serves(opi):
     board, recipe = opi
-    g = recipe.guest
+    g = recipe.sites[0]
 
     def serving() -> bool:
         names = board.run("xl list", timeout=120).out

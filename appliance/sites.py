@@ -1,0 +1,63 @@
+"""Sites as the board sees them: each site's two slots (blue, green) on the guests' bridge, and the board's
+/etc/appliance/sites.json, derived from the recipe once, here.
+
+Site i (in recipe order) has its slot j (blue 0, green 1) at guests-network + 10 + 2i + j, with the MAC
+00:16:3e (Xen's prefix) followed by that address's last three octets; its Xen domain is `<site>.<slot>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from .config import Recipe
+
+SLOTS = ("blue", "green")
+
+
+def _net(address: str, bridge: str) -> dict[str, Any]:
+    iface = ipaddress.IPv4Interface(address)
+    return {"bridge": bridge, "address": str(iface.ip), "prefix": iface.network.prefixlen,
+            "netmask": str(iface.netmask), "network": str(iface.network), "cidr": str(iface)}
+
+
+def visitors(rec: Recipe) -> dict[str, Any]:
+    return _net(rec.network.address, rec.network.bridge)
+
+
+def guests(rec: Recipe) -> dict[str, Any]:
+    return _net(rec.guests.address, rec.guests.bridge)
+
+
+def slot(rec: Recipe, index: int, j: int) -> dict[str, str]:
+    ip = ipaddress.IPv4Interface(rec.guests.address).network.network_address + 10 + 2 * index + j
+    return {"address": str(ip), "mac": "00:16:3e:" + ":".join(f"{b:02x}" for b in ip.packed[1:])}
+
+
+def resolved(rec: Recipe) -> list[dict[str, Any]]:
+    """Every site with its slots, in recipe order (the first is the default site)."""
+    return [{"name": s.name, "names": list(s.names), "address": s.address, "port": s.port, "memory": s.memory_mib,
+             "vcpus": s.vcpus, "health_path": s.health_path, "deadline": s.deadline, "drain": s.drain,
+             "slots": {name: slot(rec, i, j) for j, name in enumerate(SLOTS)}}
+            for i, s in enumerate(rec.sites)]
+
+
+def board_settings(rec: Recipe) -> dict[str, Any]:
+    """What /etc/appliance/sites.json says: the networks and every site, for the board's guest manager."""
+    keep = ("bridge", "address", "prefix", "netmask")
+    return {"visitors": {k: visitors(rec)[k] for k in keep}, "guests": {k: guests(rec)[k] for k in keep},
+            "sites": {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in resolved(rec)}}
+
+
+def board_json(rec: Recipe) -> str:
+    return json.dumps(board_settings(rec), indent=1) + "\n"
+
+
+def template_context(rec: Recipe) -> dict[str, Any]:
+    """What the overlays' templates see of the sites and networks (see configure.context)."""
+    all_sites = resolved(rec)
+    return {"net": visitors(rec), "gnet": guests(rec), "sites": all_sites,
+            "dom0_addresses": [visitors(rec)["address"], *(s["address"] for s in all_sites)],
+            "guest_macs": [sl["mac"] for s in all_sites for sl in s["slots"].values()],
+            "sites_json": board_json(rec)}
