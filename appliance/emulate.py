@@ -352,6 +352,15 @@ class Board:
             raise EmulateError(f"{cmd!r} on the emulated board exited with {rc}: {detail}")
         return Result(rc, out, err)
 
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a directory's files to a new directory in dom0 over SFTP (a .tmp beside it, then one rename)."""
+        self.run(f"rm -rf {shlex.quote(remote)}.tmp && mkdir -p {shlex.quote(remote)}.tmp")
+        assert self._client is not None
+        with self._client.open_sftp() as sftp:
+            for p in sorted(local.iterdir()):
+                sftp.put(str(p), f"{remote}.tmp/{p.name}")
+        self.run(f"mv {shlex.quote(remote)}.tmp {shlex.quote(remote)}")
+
     def boot_id(self) -> str:
         return self.run("cat /proc/sys/kernel/random/boot_id", timeout=30).out.strip()
 

@@ -1,7 +1,7 @@
 """The booth as testinfra sees it: on the built image's rootfs (chroot, image tier) and on the booted board (ssh).
 
-The rendered files must carry the default recipe's values, dnsmasq and nft must accept them, and the guest
-store must hold the demo guest with matching checksums.
+The rendered files must carry the default recipe's values, dnsmasq and nft must accept them, and each site's
+store must hold its guest with matching checksums, checked by the board's own guest manager.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import subprocess
 
 import pytest
 
-from appliance import config
+from appliance import config, sites
 
 REC = config.load("booth").recipe
-STORE = "/var/lib/appliance/guests"
+SITE = REC.sites[0]
+STORE = f"/var/lib/appliance/sites/{SITE.name}"
 
 
 @pytest.mark.parametrize("package", ["hostapd", "dnsmasq", "nftables", "avahi-daemon", "iw", "wireless-regdb",
-                                     "fake-hwclock", "python3", "firmware-realtek", "firmware-atheros",
+                                     "fake-hwclock", "python3", "conntrack", "firmware-realtek", "firmware-atheros",
                                      "firmware-misc-nonfree", "firmware-brcm80211", "fdisk", "e2fsprogs"])
 def test_package_installed(host, package):
     assert host.package(package).is_installed
@@ -50,7 +51,7 @@ def test_unit_masked(host, unit):
                                      f"bridge={REC.network.bridge}",
                                      f"ap_isolate={int(REC.wifi.client_isolation)}"]),
     ("/etc/dnsmasq.d/appliance.conf", [f"interface={REC.network.bridge}",
-                                       f"dhcp-host={REC.guest.mac},{REC.guest.address},guest,infinite"]),
+                                       *(f"address=/{n}/{SITE.address}" for n in SITE.names)]),
     ("/etc/systemd/network/20-appliance-bridge.network", [f"Name={REC.network.bridge}",
                                                           f"Address={REC.network.address}"]),
     ("/etc/systemd/network/10-appliance-bridge.netdev", [f"Name={REC.network.bridge}", "Kind=bridge"]),
@@ -66,7 +67,7 @@ def test_rendered_files_carry_the_recipe(host, path, lines):
 def test_dnsmasq_range_and_mode(host):
     content = host.file("/etc/dnsmasq.d/appliance.conf").content_string
     assert f"dhcp-range={REC.network.dhcp_start},{REC.network.dhcp_end}," in content
-    assert (f"address=/#/{REC.guest.address}" in content) == REC.network.captive
+    assert (f"address=/#/{SITE.address}" in content) == REC.network.captive
 
 
 def test_dnsmasq_accepts_its_configuration(host):
@@ -88,34 +89,40 @@ def test_nft_accepts_the_ruleset(host, request):
     subprocess.run(["nft", "-c", "-f", str(rootfs / "etc/nftables.conf")], check=True)
 
 
-def test_guest_settings_match_the_recipe(host):
-    site = json.loads(host.file("/etc/appliance/guest.json").content_string)
-    assert (site["address"], site["mac"], site["bridge"]) == (REC.guest.address, REC.guest.mac, REC.network.bridge)
-    assert (site["memory"], site["vcpus"], site["port"]) == (REC.guest.memory_mib, REC.guest.vcpus, REC.guest.port)
+def test_sites_settings_match_the_recipe(host):
+    assert json.loads(host.file("/etc/appliance/sites.json").content_string) == sites.board_settings(REC)
+
+
+def test_the_access_points_secret_is_root_only(host):
+    f = host.file("/etc/hostapd/appliance.conf")
+    assert (f.mode, f.user, f.group) == (0o600, "root", "root")
 
 
 def test_demo_guest_in_the_store(host):
     current = host.file(f"{STORE}/current")
     assert current.is_symlink
     version = current.linked_to.rstrip("/").split("/")[-1]
-    manifest = json.loads(host.file(f"{STORE}/{version}/guest.yaml").content_string)
+    manifest = json.loads(host.file(f"{STORE}/{version}/manifest.json").content_string)
     assert manifest["version"] == version
-    if not REC.guest.bundle:
+    if not SITE.bundle:
         assert manifest["name"] == "demo"
         assert set(manifest["sha256"]) == {"vmlinuz", "initrd.gz"}
     for name, digest in manifest["sha256"].items():
         assert host.file(f"{STORE}/{version}/{name}").sha256sum == digest, name
 
 
-def test_launcher_lists_and_checks_the_store(host):
-    out = host.run("/usr/local/sbin/appliance-guest list")
-    assert out.rc == 0, out.stderr
+def test_guest_manager_lists_and_checks_the_store(host):
+    out = host.run(f"/usr/local/sbin/appliance-guest list {SITE.name}")
+    assert out.rc == 0, out.stdout + out.stderr
     listing = json.loads(out.stdout)
-    assert listing["ok"] and listing["current"]
-    assert all(v["ok"] for v in listing["versions"]), listing
-    cfg = host.check_output("/usr/local/sbin/appliance-guest config")
-    assert f"vif = ['mac={REC.guest.mac},bridge={REC.network.bridge}']" in cfg
-    assert f"memory = {REC.guest.memory_mib}" in cfg
+    assert listing["ok"], listing
+    assert "Traceback" not in out.stderr
+    text = json.dumps(listing)
+    assert host.file(f"{STORE}/current").linked_to.rstrip("/").split("/")[-1] in text
+    cfg = json.loads(host.check_output(f"/usr/local/sbin/appliance-guest config {SITE.name}"))
+    blue = sites.resolved(REC)[0]["slots"]["blue"]
+    assert f"mac={blue['mac']},bridge={REC.guests.bridge}" in json.dumps(cfg)
+    assert f"memory = {SITE.memory_mib}" in json.dumps(cfg)
 
 
 @pytest.mark.parametrize("path", ["/usr/local/sbin/appliance-guest", "/usr/local/sbin/appliance-wifi",
@@ -139,6 +146,7 @@ def test_live_services(host):
         pytest.skip("live only")
     for unit in ("dnsmasq", "nftables", "systemd-networkd", "avahi-daemon", "appliance-guest"):
         assert host.service(unit).is_running, unit  # nftables: a oneshot that remains active
-    assert host.interface(REC.network.bridge).exists
-    status = json.loads(host.run("/usr/local/sbin/appliance-guest status").stdout)
-    assert status["running"] and status["healthy"], status
+    assert host.interface(REC.network.bridge).exists and host.interface(REC.guests.bridge).exists
+    out = host.run(f"/usr/local/sbin/appliance-guest status {SITE.name}")
+    assert out.rc == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["ok"]

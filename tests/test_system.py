@@ -7,7 +7,9 @@ deadline; none sleeps a fixed time.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import re
 import shlex
 import sys
@@ -64,11 +66,12 @@ def domains(board: Board) -> dict[str, int]:
 
 
 def guest_serving(board: Board, recipe: config.Recipe) -> tuple[str, int] | None:
-    """(guest name, domain id) once a guest runs and answers HTTP on the bridge; else None."""
+    """(guest name, domain id) once a guest runs and answers HTTP at the site's service address; else None."""
     guests = {n: d for n, d in domains(board).items() if n != "Domain-0"}
     if not guests:
         return None
-    status, _ = board.fetch(f"http://{recipe.guest.address}:{recipe.guest.port}{recipe.guest.health_path}")
+    site = recipe.sites[0]
+    status, _ = board.fetch(f"http://{site.address}:{site.port}{site.health_path}")
     if status != 200:
         return None
     name = next(iter(guests))
@@ -114,8 +117,8 @@ def test_guest_is_listed_by_xl(board, guest):
     assert domains(board).get(name) == domid and domid > 0
 
 
-def test_guest_answers_on_the_bridge(board, guest, recipe):
-    status, body = board.fetch(f"http://{recipe.guest.address}:{recipe.guest.port}/")
+def test_guest_answers_at_the_service_address(board, guest, recipe):
+    status, body = board.fetch(f"http://{recipe.sites[0].address}:{recipe.sites[0].port}/")
     assert status == 200
     assert title(body), "the demo page has no <title>"
 
@@ -126,7 +129,7 @@ def test_guest_answers_through_the_forwarded_port(board, guest):
     assert title(body)
 
 
-def test_launcher_is_active(dom0, guest):
+def test_guest_manager_is_active(dom0, guest):
     assert dom0.service("appliance-guest").is_running
 
 
@@ -224,17 +227,18 @@ def test_visitor_gets_a_lease_from_dnsmasq(visitor, recipe):
 
 @pytest.mark.parametrize("name", ["demo.booth", "example.com", "any-name.at.all"])
 def test_visitor_resolves_names_to_the_guest(board, visitor, recipe, name):
-    if not recipe.network.captive and name not in recipe.network.names:
+    if not recipe.network.captive and name not in recipe.sites[0].names:
         pytest.skip("not a captive booth: only the recipe's names point at the guest")
     out = board.run(f"ip netns exec {NETNS} getent ahostsv4 {name}", check=False).out
-    assert out.split()[:1] == [recipe.guest.address], out
+    assert out.split()[:1] == [recipe.sites[0].address], out
 
 
 def test_visitor_fetches_the_demo_page(board, visitor, guest, recipe):
-    name = recipe.network.names[0] if recipe.network.names else recipe.guest.address
+    site = recipe.sites[0]
+    name = site.names[0] if site.names else site.address
     status, body = board.fetch(f"http://{name}/", netns=NETNS)
     assert status == 200, body
-    direct = board.fetch(f"http://{recipe.guest.address}:{recipe.guest.port}/")[1]
+    direct = board.fetch(f"http://{site.address}:{site.port}/")[1]
     assert title(body) and title(body) == title(direct)
 
 
@@ -248,9 +252,149 @@ def test_visitor_cannot_reach_dom0_ssh(board, visitor, guest, recipe):
         return r.out.strip() == "0"
 
     # The same path reaches the guest, so a refusal below is the rules at work, not a dead link.
-    assert reach(recipe.guest.address, recipe.guest.port)
+    assert reach(recipe.sites[0].address, recipe.sites[0].port)
     for ip in dom0_ips:
         assert not reach(ip, 22), f"a visitor reaches dom0's SSH at {ip}"
+
+
+# ---------------------------------------------------------------- the blue-green switch, seen by a visitor
+
+# A steady visitor: fetches the site's status page in a loop over the simulated wifi, each request a new TCP
+# connection through dom0's DNAT, until the stop file appears; counts answers, failures and the versions seen.
+VISIT = """import json, os, sys, time, urllib.request
+url, out, stop = sys.argv[1:4]
+n = {"ok": 0, "failed": 0, "versions": [], "errors": []}
+while not os.path.exists(stop):
+    try:
+        with urllib.request.urlopen(url, timeout=15) as r:
+            v = json.loads(r.read()).get("version")
+        n["ok"] += 1
+        if not n["versions"] or n["versions"][-1] != v:
+            n["versions"].append(v)
+    except Exception as exc:
+        n["failed"] += 1
+        n["errors"] = (n["errors"] + [repr(exc)[:160]])[-5:]
+    with open(out + ".tmp", "w") as f:
+        json.dump(n, f)
+    os.replace(out + ".tmp", out)
+"""
+STORE = "/var/lib/appliance/sites"
+SWITCH_S = 600
+
+
+def manager(board: Board, args: str, timeout: float = SWITCH_S) -> tuple[int, dict]:
+    r = board.run(f"appliance-guest {args}", check=False, timeout=timeout)
+    try:
+        return r.rc, json.loads(r.out)
+    except ValueError:
+        raise AssertionError(f"appliance-guest {args} printed no JSON (rc {r.rc}): {r.out[-300:]} "
+                             f"{r.err[-300:]}") from None
+
+
+def current(board: Board, site: str) -> str:
+    return board.run(f"readlink {STORE}/{site}/current").out.strip()
+
+
+@dataclass
+class Visiting:
+    board: Board
+    out: str
+
+    def counts(self) -> dict:
+        r = self.board.run(f"cat {self.out} 2>/dev/null", check=False)
+        return json.loads(r.out) if r.out.strip() else {"ok": 0, "failed": 0, "versions": [], "errors": []}
+
+    def wait_answers(self, more: int) -> dict:
+        start = self.counts()["ok"]
+        return wait_for(f"{more} more answers to the steady visitor",
+                        lambda: (c := self.counts())["ok"] >= start + more and c or None, GUEST_S, board=self.board)
+
+
+@contextlib.contextmanager
+def steady_visitor(board: Board, recipe: config.Recipe) -> Iterator[Visiting]:
+    site = recipe.sites[0]
+    out, stop = "/run/visit.json", "/run/visit.stop"
+    board.run(f"rm -f {out} {stop}; printf %s {shlex.quote(VISIT)} > /run/visit.py")
+    board.run(f"ip netns exec {NETNS} nohup python3 /run/visit.py http://{site.address}:{site.port}/cgi-bin/status "
+              f"{out} {stop} >/dev/null 2>&1 &")
+    v = Visiting(board, out)
+    try:
+        v.wait_answers(3)
+        yield v
+        v.wait_answers(3)   # after the switch too
+    finally:
+        board.run(f"touch {stop}", check=False)
+
+
+@pytest.fixture(scope="module")
+def versions(board: Board, recipe: config.Recipe, guest, tmp_path_factory) -> dict[str, str]:
+    """Versions of the demo site made on the host and copied into the board's store: the image's own (`one`),
+    a second release of the demo (`two`), one whose guest never answers its health check (it serves another
+    port) and one that crashes at start (its kernel panics: no init)."""
+    from appliance import guest as g
+
+    cfg = config.load("booth")
+    site = cfg.recipe.sites[0]
+    tree = tmp_path_factory.mktemp("store")
+    demo = g.build(cfg).path
+    made = {"one": current(board, site.name), "two": g.store(tree, g.build(cfg, release="2.0").path, site,
+                                                              current=False)}
+    base = json.loads((demo / "guest.yaml").read_text())
+    for kind, cmdline in (("never", g.DEMO_CMDLINE.replace("appliance.port={port}", "appliance.port=8081")),
+                          ("crash", g.DEMO_CMDLINE + " rdinit=/no-such-init")):
+        bundle = tree / f"bundle-{kind}"
+        bundle.mkdir()
+        for name in ("vmlinuz", "initrd.gz"):
+            (bundle / name).symlink_to(demo / name)
+        (bundle / "guest.yaml").write_text(json.dumps({**base, "version": f"{kind}-{base['version']}",
+                                                       "cmdline": cmdline, "health": {"path": "/", "deadline": 45}}))
+        made[kind] = g.store(tree, bundle, site, current=False)
+    for kind, version in made.items():
+        if kind != "one":
+            board.put(tree / g.STORE / site.name / version, f"{STORE}/{site.name}/{version}")
+    return made
+
+
+def test_blue_green_switch_drops_no_request(board, visitor, versions, recipe):
+    site = recipe.sites[0].name
+    with steady_visitor(board, recipe) as v:
+        rc, out = manager(board, f"switch {site} {versions['two']}")
+        assert rc == 0 and out["ok"], out
+    seen = v.counts()
+    assert seen["failed"] == 0, seen
+    assert seen["versions"] == [versions["one"], versions["two"]], seen
+    assert current(board, site) == versions["two"]
+    assert board.run(f"readlink {STORE}/{site}/previous").out.strip() == versions["one"]
+    assert len([n for n in domains(board) if n != "Domain-0"]) == 1, "the old guest was stopped after draining"
+
+
+@pytest.mark.parametrize("kind", ["never", "crash"])
+def test_a_failing_version_leaves_the_old_one_serving(board, visitor, versions, recipe, kind):
+    site = recipe.sites[0].name
+    before = current(board, site)
+    with steady_visitor(board, recipe) as v:
+        rc, out = manager(board, f"switch {site} {versions[kind]}")
+        assert rc != 0 and not out["ok"], out
+        assert out.get("error"), out
+    seen = v.counts()
+    assert seen["failed"] == 0, seen
+    assert seen["versions"] == [before], seen
+    assert current(board, site) == before
+    assert len([n for n in domains(board) if n != "Domain-0"]) == 1, "the failed guest was destroyed"
+
+
+def test_a_second_switch_is_refused_while_one_runs(board, versions, recipe):
+    site = recipe.sites[0].name
+    board.run(f"rm -f /run/switch1.json; nohup appliance-guest switch {site} {versions['one']} "
+              f"> /run/switch1.json.tmp 2>/dev/null && mv /run/switch1.json.tmp /run/switch1.json &")
+    # Whichever of the two takes the site's lock first switches (a guest boot, many seconds); the other is refused.
+    rc, second = manager(board, f"switch {site} {versions['two']}")
+    first = json.loads(wait_for("the first switch to finish", lambda: board.run(
+        "cat /run/switch1.json 2>/dev/null", check=False).out.strip() or None, SWITCH_S, interval=3, board=board))
+    assert sorted([first["ok"], second["ok"]]) == [False, True], (first, second)
+    refused, won = (first, second) if second["ok"] else (second, first)
+    assert "pid" in refused["error"], refused
+    assert current(board, site) == (versions["two"] if second["ok"] else versions["one"])
 
 
 # ---------------------------------------------------------------- recovery
