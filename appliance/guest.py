@@ -145,7 +145,7 @@ def read_bundle(path: Path, site: SiteSpec) -> tuple[manifest.Manifest, Path]:
     if path.is_file():
         digest = sha256(path)
         name = _name(path.name.split(".")[0])
-        data: Any = {"name": name, "version": f"{name}-{digest[:10]}", "kernel": path.name,
+        data: Any = {"version": f"{name}-{digest[:10]}", "kernel": path.name,
                      "sha256": {path.name: digest}}
         where, folder = str(path), path.parent
     else:
@@ -159,6 +159,8 @@ def read_bundle(path: Path, site: SiteSpec) -> tuple[manifest.Manifest, Path]:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise GuestError(f"{where}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    if isinstance(data, dict):
+        data = {**data, "name": site.name}  # a version belongs to the site whose store holds it
     try:
         m = manifest.validate(data, where, defaults(site))
         manifest.check_files(m, folder, where)

@@ -231,7 +231,7 @@ def test_a_bare_zimage_is_a_bundle(tmp_path: Path):
     k = tmp_path / "mirage-www.xen"
     k.write_bytes(zimage(b"unikernel"))
     m, folder = guest.read_bundle(k, SITE)
-    assert m.name == "mirage-www" and m.version.startswith("mirage-www-") and m.kernel == "mirage-www.xen"
+    assert m.name == SITE.name and m.version.startswith("mirage-www-") and m.kernel == "mirage-www.xen"
     assert folder == tmp_path and m.ramdisk is None
     assert (m.memory, m.vcpus, m.port) == (SITE.memory_mib, SITE.vcpus, SITE.port), "the site fills in the rest"
 

@@ -7,11 +7,11 @@ deadline; none sleeps a fixed time.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import re
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ import pytest
 import testinfra
 
 from appliance import config
+from appliance.bench_switch import STORE, manager, steady_visitor, upload
 from appliance.emulate import Board, EmulateError, wait_for
 
 pytestmark = pytest.mark.system
@@ -259,71 +260,17 @@ def test_visitor_cannot_reach_dom0_ssh(board, visitor, guest, recipe):
 
 # ---------------------------------------------------------------- the blue-green switch, seen by a visitor
 
-# A steady visitor: fetches the site's status page in a loop over the simulated wifi, each request a new TCP
-# connection through dom0's DNAT, until the stop file appears; counts answers, failures and the versions seen.
-VISIT = """import json, os, sys, time, urllib.request
-url, out, stop = sys.argv[1:4]
-n = {"ok": 0, "failed": 0, "versions": [], "errors": []}
-while not os.path.exists(stop):
-    try:
-        with urllib.request.urlopen(url, timeout=15) as r:
-            v = json.loads(r.read()).get("version")
-        n["ok"] += 1
-        if not n["versions"] or n["versions"][-1] != v:
-            n["versions"].append(v)
-    except Exception as exc:
-        n["failed"] += 1
-        n["errors"] = (n["errors"] + [repr(exc)[:160]])[-5:]
-    with open(out + ".tmp", "w") as f:
-        json.dump(n, f)
-    os.replace(out + ".tmp", out)
-"""
-STORE = "/var/lib/appliance/sites"
 SWITCH_S = 600
-
-
-def manager(board: Board, args: str, timeout: float = SWITCH_S) -> tuple[int, dict]:
-    r = board.run(f"appliance-guest {args}", check=False, timeout=timeout)
-    try:
-        return r.rc, json.loads(r.out)
-    except ValueError:
-        raise AssertionError(f"appliance-guest {args} printed no JSON (rc {r.rc}): {r.out[-300:]} "
-                             f"{r.err[-300:]}") from None
 
 
 def current(board: Board, site: str) -> str:
     return board.run(f"readlink {STORE}/{site}/current").out.strip()
 
 
-@dataclass
-class Visiting:
-    board: Board
-    out: str
-
-    def counts(self) -> dict:
-        r = self.board.run(f"cat {self.out} 2>/dev/null", check=False)
-        return json.loads(r.out) if r.out.strip() else {"ok": 0, "failed": 0, "versions": [], "errors": []}
-
-    def wait_answers(self, more: int) -> dict:
-        start = self.counts()["ok"]
-        return wait_for(f"{more} more answers to the steady visitor",
-                        lambda: (c := self.counts())["ok"] >= start + more and c or None, GUEST_S, board=self.board)
-
-
-@contextlib.contextmanager
-def steady_visitor(board: Board, recipe: config.Recipe) -> Iterator[Visiting]:
+def visiting(board: Board, recipe: config.Recipe):
+    """The steady visitor over the simulated wifi: its own connection for every request, through the DNAT."""
     site = recipe.sites[0]
-    out, stop = "/run/visit.json", "/run/visit.stop"
-    board.run(f"rm -f {out} {stop}; printf %s {shlex.quote(VISIT)} > /run/visit.py")
-    board.run(f"ip netns exec {NETNS} nohup python3 /run/visit.py http://{site.address}:{site.port}/cgi-bin/status "
-              f"{out} {stop} >/dev/null 2>&1 &")
-    v = Visiting(board, out)
-    try:
-        v.wait_answers(3)
-        yield v
-        v.wait_answers(3)   # after the switch too
-    finally:
-        board.run(f"touch {stop}", check=False)
+    return steady_visitor(board, f"http://{site.address}:{site.port}/cgi-bin/status", netns=NETNS)
 
 
 @pytest.fixture(scope="module")
@@ -334,30 +281,26 @@ def versions(board: Board, recipe: config.Recipe, guest, tmp_path_factory) -> di
     from appliance import guest as g
 
     cfg = config.load("booth")
-    site = cfg.recipe.sites[0]
-    tree = tmp_path_factory.mktemp("store")
+    work = tmp_path_factory.mktemp("store")
     demo = g.build(cfg).path
-    made = {"one": current(board, site.name), "two": g.store(tree, g.build(cfg, release="2.0").path, site,
-                                                              current=False)}
+    made = {"one": current(board, cfg.recipe.sites[0].name),
+            "two": upload(board, cfg, g.build(cfg, release="2.0").path, work)}
     base = json.loads((demo / "guest.yaml").read_text())
     for kind, cmdline in (("never", g.DEMO_CMDLINE.replace("appliance.port={port}", "appliance.port=8081")),
                           ("crash", g.DEMO_CMDLINE + " rdinit=/no-such-init")):
-        bundle = tree / f"bundle-{kind}"
+        bundle = work / f"bundle-{kind}"
         bundle.mkdir()
         for name in ("vmlinuz", "initrd.gz"):
-            (bundle / name).symlink_to(demo / name)
+            shutil.copyfile(demo / name, bundle / name)
         (bundle / "guest.yaml").write_text(json.dumps({**base, "version": f"{kind}-{base['version']}",
                                                        "cmdline": cmdline, "health": {"path": "/", "deadline": 45}}))
-        made[kind] = g.store(tree, bundle, site, current=False)
-    for kind, version in made.items():
-        if kind != "one":
-            board.put(tree / g.STORE / site.name / version, f"{STORE}/{site.name}/{version}")
+        made[kind] = upload(board, cfg, bundle, work)
     return made
 
 
 def test_blue_green_switch_drops_no_request(board, visitor, versions, recipe):
     site = recipe.sites[0].name
-    with steady_visitor(board, recipe) as v:
+    with visiting(board, recipe) as v:
         rc, out = manager(board, f"switch {site} {versions['two']}")
         assert rc == 0 and out["ok"], out
     seen = v.counts()
@@ -372,7 +315,7 @@ def test_blue_green_switch_drops_no_request(board, visitor, versions, recipe):
 def test_a_failing_version_leaves_the_old_one_serving(board, visitor, versions, recipe, kind):
     site = recipe.sites[0].name
     before = current(board, site)
-    with steady_visitor(board, recipe) as v:
+    with visiting(board, recipe) as v:
         rc, out = manager(board, f"switch {site} {versions[kind]}")
         assert rc != 0 and not out["ok"], out
         assert out.get("error"), out

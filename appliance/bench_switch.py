@@ -1,0 +1,116 @@
+"""Benchmark: switching a site between two versions on a running board, blue-green against destroy-then-create.
+
+A steady visitor fetches the site's status page in a loop (each request a new TCP connection through dom0's
+DNAT) while the guest manager switches; each mode reports its switch time and failed requests out of the total.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import guest, log
+from .config import Config
+from .emulate import Board, wait_for
+
+STORE = "/var/lib/appliance/sites"
+ANSWERS_S = 300
+
+# The steady visitor, run on the board (in dom0 or in a visitor's network namespace) until the stop file appears.
+VISITOR = """import json, os, sys, time, urllib.request
+url, out, stop = sys.argv[1:4]
+n = {"ok": 0, "failed": 0, "versions": [], "errors": []}
+while not os.path.exists(stop):
+    try:
+        with urllib.request.urlopen(url, timeout=15) as r:
+            v = json.loads(r.read()).get("version")
+        n["ok"] += 1
+        if not n["versions"] or n["versions"][-1] != v:
+            n["versions"].append(v)
+    except Exception as exc:
+        n["failed"] += 1
+        n["errors"] = (n["errors"] + [repr(exc)[:160]])[-5:]
+    with open(out + ".tmp", "w") as f:
+        json.dump(n, f)
+    os.replace(out + ".tmp", out)
+"""
+
+
+class Visiting:
+    """The counts of a steady visitor running on the board."""
+
+    def __init__(self, board: Board, out: str) -> None:
+        self.board, self.out = board, out
+
+    def counts(self) -> dict[str, Any]:
+        r = self.board.run(f"cat {self.out} 2>/dev/null", check=False)
+        return dict(json.loads(r.out)) if r.out.strip() else {"ok": 0, "failed": 0, "versions": [], "errors": []}
+
+    def wait_answers(self, more: int) -> dict[str, Any]:
+        start = self.counts()["ok"]
+
+        def probe() -> dict[str, Any] | None:
+            c = self.counts()
+            return c if c["ok"] >= start + more else None
+
+        return wait_for(f"{more} more answers to the steady visitor", probe, ANSWERS_S, board=self.board)
+
+
+@contextmanager
+def steady_visitor(board: Board, url: str, netns: str | None = None) -> Iterator[Visiting]:
+    """Run the visitor until the block ends; it has had answers before the block starts and after it ends."""
+    out, stop = "/run/appliance-visit.json", "/run/appliance-visit.stop"
+    prefix = f"ip netns exec {shlex.quote(netns)} " if netns else ""
+    board.run(f"rm -f {out} {stop}; printf %s {shlex.quote(VISITOR)} > /run/appliance-visit.py")
+    board.run(f"{prefix}nohup python3 /run/appliance-visit.py {shlex.quote(url)} {out} {stop} >/dev/null 2>&1 &")
+    v = Visiting(board, out)
+    try:
+        v.wait_answers(3)
+        yield v
+        v.wait_answers(3)
+    finally:
+        board.run(f"touch {stop}", check=False)
+
+
+def manager(board: Board, args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
+    """Run `appliance-guest ARGS` on the board: its exit status and the JSON it printed."""
+    r = board.run(f"appliance-guest {args}", check=False, timeout=timeout)
+    try:
+        return r.rc, dict(json.loads(r.out))
+    except ValueError:
+        return r.rc, {"ok": False, "error": f"no JSON from appliance-guest {args}: {(r.err or r.out)[-300:]}"}
+
+
+def upload(board: Board, cfg: Config, bundle: Path, work: Path) -> str:
+    """Lay a bundle into a scratch store on the host (checked as the build checks it) and copy it to the
+    board's store of the recipe's first site; its version."""
+    site = cfg.recipe.sites[0]
+    version = guest.store(work, bundle, site, current=False)
+    board.put(work / guest.STORE / site.name / version, f"{STORE}/{site.name}/{version}")
+    return version
+
+
+def bench(board: Board, cfg: Config) -> dict[str, Any]:
+    """Switch the first site to a second demo release blue-green, then back destroy-then-create."""
+    site = cfg.recipe.sites[0]
+    url = f"http://{site.address}:{site.port}/cgi-bin/status"
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-switch-") as tmp:
+        one = board.run(f"readlink {STORE}/{site.name}/current").out.strip()
+        two = upload(board, cfg, guest.build(cfg, release="2.0").path, Path(tmp))
+    for mode, flag, target in (("blue-green", "", two), ("destroy-then-create", "--cold ", one)):
+        with log.step(f"Switching {site.name} to {target} ({mode}) under a steady visitor"):
+            with steady_visitor(board, url) as v:
+                start = time.monotonic()
+                rc, out = manager(board, f"switch {flag}{site.name} {target}")
+                took = time.monotonic() - start
+            seen = v.counts()
+        figures[f"{mode} switch, s"] = round(took, 1) if rc == 0 else f"failed: {out.get('error')}"
+        figures[f"{mode}: failed / total requests"] = f"{seen['failed']} / {seen['ok'] + seen['failed']}"
+    return figures
