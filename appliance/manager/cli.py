@@ -1,0 +1,138 @@
+"""appliance-guest: the board's guest manager. `run` is the systemd unit's supervisor; the other commands
+print one JSON object on stdout and exit 0 when it says ok. A bad sites.json, store or manifest is
+{"ok": false, "error": "..."}, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from typing import Any, NoReturn
+
+from . import supervisor
+from .context import Context, GuestFailed
+from .errors import Error
+from .net import healthy
+from .settings import Site
+from .switch import rollback, switch
+from .xl import config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise Error(f"{self.prog}: {message}")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="appliance-guest", description="The board's guest manager: sites, versions, the switch.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub.add_parser("run", help="keep every site serving (the systemd unit's command)")
+    for name, text in (("status", "what serves each site now"), ("list", "the versions in each site's store")):
+        sub.add_parser(name, help=text).add_argument("site", nargs="?")
+    sw = sub.add_parser("switch", help="blue-green switch of SITE to VERSION (or --cold: destroy, then create)")
+    sw.add_argument("--cold", action="store_true")
+    sw.add_argument("site")
+    sw.add_argument("version")
+    rb = sub.add_parser("rollback", help="switch SITE back to its previous version (or to VERSION)")
+    rb.add_argument("site")
+    rb.add_argument("version", nargs="?")
+    cf = sub.add_parser("config", help="the xl config of SITE's serving (or given) version")
+    cf.add_argument("site")
+    cf.add_argument("version", nargs="?")
+    return ap
+
+
+def site_status(ctx: Context, site: Site) -> dict[str, Any]:
+    store = ctx.store(site)
+    st = ctx.read_state(site)
+    out: dict[str, Any] = {"current": store.pointer("current"), "previous": store.pointer("previous"),
+                           "state": st.get("state"), "note": st.get("note"), "error": st.get("error")}
+    slot, version = ctx.served(site)
+    out.update(slot=slot.name if slot else None, version=version)
+    try:
+        active = ctx.net.active(site.address, site.port)
+        out["map"] = f"{site.address}:{site.port} -> {active[0]}:{active[1]}" if active else None
+    except Error as exc:
+        active, out["map"] = None, None
+        out["error"] = str(exc)
+    running = slot is not None and ctx.xl.domid(slot.domain) is not None
+    out.update(domain=slot.domain if slot else None, running=running, healthy=None)
+    if running and slot and version:
+        try:
+            m = store.load(version, site.defaults())
+            if m.health:
+                out["healthy"] = healthy(slot.address, m.port, m.health.path)[0]
+        except Error as exc:
+            out["error"] = str(exc)
+    out["ok"] = bool(running and out["healthy"] is not False and active is not None)
+    return out
+
+
+def status(ctx: Context, name: str | None) -> dict[str, Any]:
+    if name:
+        return {"site": name, **site_status(ctx, ctx.settings.site(name))}
+    sites = {s.name: site_status(ctx, s) for s in ctx.settings.sites.values()}
+    return {"ok": all(s["ok"] for s in sites.values()), "sites": sites}
+
+
+def listing(ctx: Context, name: str | None) -> dict[str, Any]:
+    def one(site: Site) -> dict[str, Any]:
+        store = ctx.store(site)
+        return {"current": store.pointer("current"), "previous": store.pointer("previous"),
+                "versions": store.listing(site.defaults())}
+
+    if name:
+        return {"ok": True, "site": name, **one(ctx.settings.site(name))}
+    return {"ok": True, "sites": {s.name: one(s) for s in ctx.settings.sites.values()}}
+
+
+def show_config(ctx: Context, name: str, version: str | None) -> dict[str, Any]:
+    site = ctx.settings.site(name)
+    store = ctx.store(site)
+    slot, served = ctx.served(site)
+    version = version or served or store.pointer("current")
+    if version is None:
+        raise Error(f"{store.dir}/current: site {name} has no current version")
+    slot = slot or site.slots[0]
+    m = store.load(version, site.defaults())
+    return {"ok": True, "site": name, "version": version, "slot": slot.name,
+            "config": config(site, slot, m, store.dir / version, ctx.settings.guests)}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    supervisor.run(ctx, stop)
+    return {"ok": True, "stopped": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    out: dict[str, Any]
+    try:
+        args = parser().parse_args(argv)
+        ctx = Context.from_env()
+        if args.cmd == "run":
+            out = run(ctx)
+        elif args.cmd == "status":
+            out = status(ctx, args.site)
+        elif args.cmd == "list":
+            out = listing(ctx, args.site)
+        elif args.cmd == "switch":
+            out = switch(ctx, args.site, args.version, cold=args.cold)
+        elif args.cmd == "rollback":
+            out = rollback(ctx, args.site, args.version)
+        else:
+            out = show_config(ctx, args.site, args.version)
+    except GuestFailed as exc:
+        out = {"ok": False, "error": str(exc), "console": exc.console}
+    except Error as exc:
+        out = {"ok": False, "error": str(exc)}
+    except KeyboardInterrupt:
+        out = {"ok": False, "error": "interrupted"}
+    except Exception as exc:   # never a traceback on the board's console  # noqa: BLE001
+        out = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+    print(json.dumps(out, indent=1), flush=True)
+    return 0 if out.get("ok") else 1

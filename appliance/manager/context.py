@@ -1,0 +1,186 @@
+"""What every command works with: the paths (from the environment, with the board's defaults, so the tests and
+the namespace double can redirect them), the settings, each site's store, xl and the network; the runtime
+state under /run/appliance/sites/<site>/; and starting one version in one slot until it passes its health check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import settings as settings_mod
+from .errors import Error
+from .lock import SiteLock
+from .manifest import Manifest
+from .net import Net, healthy
+from .settings import Settings, Site, Slot
+from .store import Store
+from .xl import Xl, config
+
+ENV = {  # variable: board default
+    "APPLIANCE_SITES": "/etc/appliance/sites.json",
+    "APPLIANCE_STORE": "/var/lib/appliance/sites",
+    "APPLIANCE_RUN": "/run/appliance/sites",
+    "APPLIANCE_CONSOLE": "/var/log/xen/console",
+    "APPLIANCE_SYSFS_NET": "/sys/class/net",
+    "APPLIANCE_XL": "xl",
+    "APPLIANCE_NFT": "nft",
+    "APPLIANCE_CONNTRACK": "conntrack",
+}
+CONSOLE_LINES = 20
+
+
+def log(message: str) -> None:
+    print(f"appliance-guest: {message}", file=sys.stderr, flush=True)
+
+
+class GuestFailed(Error):
+    """A version did not come up in its slot; carries the tail of its console log."""
+
+    def __init__(self, message: str, console: list[str]) -> None:
+        super().__init__(message)
+        self.console = console
+
+
+@dataclass
+class Context:
+    settings_path: Path
+    store_root: Path
+    run: Path
+    console_dir: Path
+    xl: Xl
+    net: Net
+    _settings: Settings | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Context:
+        e = {k: (env if env is not None else os.environ).get(k) or v for k, v in ENV.items()}
+        return cls(Path(e["APPLIANCE_SITES"]), Path(e["APPLIANCE_STORE"]), Path(e["APPLIANCE_RUN"]),
+                   Path(e["APPLIANCE_CONSOLE"]), Xl(e["APPLIANCE_XL"]),
+                   Net(e["APPLIANCE_NFT"], e["APPLIANCE_CONNTRACK"], Path(e["APPLIANCE_SYSFS_NET"])))
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = settings_mod.load(self.settings_path)
+        return self._settings
+
+    def store(self, site: Site) -> Store:
+        return Store(self.store_root, site.name)
+
+    def lock(self, site: Site, what: str, version: str | None, wait: float = 0.0) -> SiteLock:
+        return SiteLock(self.run, site.name, what, version, wait)
+
+    # ---------------------------------------------------------------- runtime state
+
+    def state_path(self, site: Site) -> Path:
+        return self.run / site.name / "state.json"
+
+    def read_state(self, site: Site) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_path(site).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_state(self, site: Site, **state: Any) -> dict[str, Any]:
+        """Replace the site's state (one rename: a reader sees the old state or the new)."""
+        data = {"site": site.name, "since": round(time.time(), 3), "pid": os.getpid(), **state}
+        path = self.state_path(site)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".state.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(json.dumps(data) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise Error(f"{path}: cannot write the site's state: {exc.strerror}") from None
+        return data
+
+    # ---------------------------------------------------------------- one version in one slot
+
+    def console_log(self, slot: Slot) -> Path:
+        return self.console_dir / f"guest-{slot.domain}.log"
+
+    def console_tail(self, slot: Slot, offset: int = 0, lines: int = CONSOLE_LINES) -> list[str]:
+        """The last lines the guest wrote since offset, printable only."""
+        try:
+            with open(self.console_log(slot), "rb") as f:
+                f.seek(offset if offset <= os.fstat(f.fileno()).st_size else 0)
+                data = f.read()[-16384:]
+        except OSError:
+            return []
+        text = data.decode("utf-8", errors="replace")
+        clean = ["".join(c if c.isprintable() else " " for c in line).rstrip() for line in text.splitlines()]
+        return [line for line in clean if line][-lines:]
+
+    def start(self, site: Site, slot: Slot, version: str, stop: threading.Event | None = None) -> Manifest:
+        """Start a version in a slot and wait for its health check on the slot's own address. On any failure the
+        new domain is destroyed and GuestFailed says why, with its console's tail."""
+        stop = stop or threading.Event()
+        m = self.store(site).load(version, site.defaults())
+        free = self.xl.free_memory()
+        if m.memory > free:
+            raise GuestFailed(f"site {site.name}: version {version} needs {m.memory} MiB and Xen has {free} MiB "
+                              f"free (out of memory)", [])
+        if self.xl.domid(slot.domain) is not None:
+            log(f"{slot.domain} is already running; destroying it to start {version} there")
+            self.xl.destroy(slot.domain)
+        cfg = self.run / site.name / f"{slot.name}.cfg"
+        try:
+            cfg.parent.mkdir(parents=True, exist_ok=True)
+            cfg.write_text(config(site, slot, m, self.store(site).dir / version, self.settings.guests))
+            offset = self.console_log(slot).stat().st_size if self.console_log(slot).exists() else 0
+        except OSError as exc:
+            raise Error(f"{cfg}: cannot write the xl config: {exc.strerror}") from None
+        log(f"starting {site.name} {version} in {slot.domain} ({m.memory} MiB, {m.vcpus} vcpu, {slot.address})")
+        try:
+            self.xl.create(cfg)
+            self._wait_healthy(site, slot, m, stop)
+        except Error as exc:
+            try:
+                self.xl.destroy(slot.domain)
+            except Error as again:
+                log(str(again))
+            raise GuestFailed(str(exc), self.console_tail(slot, offset)) from None
+        return m
+
+    def _wait_healthy(self, site: Site, slot: Slot, m: Manifest, stop: threading.Event) -> None:
+        if m.health is None:
+            return
+        url = f"http://{slot.address}:{m.port}{m.health.path}"
+        end = time.monotonic() + m.health.deadline
+        last = "no answer"
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise Error(f"site {site.name}: version {m.version} in {slot.domain} did not answer at {url} "
+                            f"within {m.health.deadline} s (last: {last})")
+            ok, last = healthy(slot.address, m.port, m.health.path, timeout=max(0.2, min(2.0, left)))
+            if ok:
+                log(f"{site.name} {m.version} answers at {url} ({last})")
+                return
+            if self.xl.domid(slot.domain) is None:
+                raise Error(f"site {site.name}: version {m.version} in {slot.domain} stopped before it answered "
+                            f"at {url} (it crashed or shut down)")
+            stop.wait(0.1)
+        raise Error(f"site {site.name}: stopped while {m.version} was starting")
+
+    def served(self, site: Site) -> tuple[Slot | None, str | None]:
+        """The slot and version that serve the site now: the runtime state, checked against the map."""
+        st = self.read_state(site)
+        slot = site.slot(st["slot"]) if st.get("slot") in ("blue", "green") else None
+        try:
+            active = self.net.active(site.address, site.port)
+        except Error:
+            active = None
+        if active is not None:
+            by_address = [s for s in site.slots if s.address == active[0]]
+            if by_address and by_address[0] != slot:
+                return by_address[0], None
+        return slot, st.get("version") if slot else None

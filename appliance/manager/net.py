@@ -1,0 +1,120 @@
+"""dom0's side of a site's network: the nftables map from a service address and port to the active backend
+(one `nft -f -` batch moves a site), the conntrack count that tells when an old backend has drained, dom0's
+MAC in the bridge filter, and the health check of a backend on its own address.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+from .errors import Error
+
+TABLE = "inet appliance"
+MAP = "svc"
+Backend = tuple[str, int]
+
+
+def _addr(address: str, port: int) -> str:
+    """An element key or value in nft syntax, refused unless it is an IPv4 address and a port."""
+    ip = ipaddress.IPv4Address(address)
+    if type(port) is not int or not 0 < port < 65536:
+        raise Error(f"nft: {port!r} is not a TCP port")
+    return f"{ip} . {port}"
+
+
+class Net:
+    def __init__(self, nft: str = "nft", conntrack: str = "conntrack", sysfs: Path = Path("/sys/class/net")) -> None:
+        self.nft, self.conntrack, self.sysfs = shlex.split(nft), shlex.split(conntrack), sysfs
+
+    def _run(self, argv: list[str], what: str, stdin: str | None = None, timeout: float = 30
+             ) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(argv, check=False, capture_output=True, text=True, input=stdin,
+                                  timeout=timeout, errors="replace",
+                                  **({} if stdin is not None else {"stdin": subprocess.DEVNULL}))
+        except subprocess.TimeoutExpired:
+            raise Error(f"{what}: no answer in {timeout:g} s") from None
+        except OSError as exc:
+            raise Error(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
+
+    def _nft(self, batch: str, what: str) -> None:
+        p = self._run([*self.nft, "-f", "-"], what, stdin=batch)
+        if p.returncode != 0:
+            tail = " / ".join(line.strip() for line in p.stderr.strip().splitlines()[:3]) or f"exit {p.returncode}"
+            raise Error(f"nft -f - ({what}) failed: {tail}")
+
+    def elements(self) -> dict[Backend, Backend]:
+        """The map's elements: service address and port -> backend address and port."""
+        p = self._run([*self.nft, "-j", "list", "map", *TABLE.split(), MAP], "nft list map")
+        if p.returncode != 0:
+            raise Error(f"nft -j list map {TABLE} {MAP} failed: {p.stderr.strip().splitlines()[:1]} (is the "
+                        f"ruleset loaded?)")
+        out: dict[Backend, Backend] = {}
+        try:
+            for item in json.loads(p.stdout)["nftables"]:
+                for key, value in item.get("map", {}).get("elem", []):
+                    a, b = key["concat"], value["concat"]
+                    out[(str(a[0]), int(a[1]))] = (str(b[0]), int(b[1]))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise Error(f"nft -j list map {TABLE} {MAP}: unexpected output ({exc})") from None
+        return out
+
+    def active(self, address: str, port: int) -> Backend | None:
+        return self.elements().get((address, port))
+
+    def point(self, address: str, port: int, backend: str, backend_port: int) -> None:
+        """Send the service address to the backend, in one transaction: `add` on an existing key fails, so the
+        old element goes in the same batch."""
+        key = _addr(address, port)
+        batch = ""
+        if self.active(address, port) is not None:
+            batch += f"delete element {TABLE} {MAP} {{ {key} }}\n"
+        batch += f"add element {TABLE} {MAP} {{ {key} : {_addr(backend, backend_port)} }}\n"
+        self._nft(batch, f"point {address}:{port} at {backend}:{backend_port}")
+
+    def remove(self, address: str, port: int) -> None:
+        if self.active(address, port) is not None:
+            self._nft(f"delete element {TABLE} {MAP} {{ {_addr(address, port)} }}\n", f"remove {address}:{port}")
+
+    def established(self, backend: str) -> int:
+        """TCP connections still established to a backend (their conntrack entries answer from it)."""
+        ipaddress.IPv4Address(backend)
+        argv = [*self.conntrack, "-L", "-p", "tcp", "--reply-src", backend, "--state", "ESTABLISHED"]
+        p = self._run(argv, "conntrack -L")
+        if p.returncode != 0:
+            raise Error(f"{shlex.join(argv)} failed: {p.stderr.strip().splitlines()[-1:] or p.returncode}")
+        return sum(1 for line in p.stdout.splitlines() if line.startswith("tcp"))
+
+    def mac(self, bridge: str) -> str | None:
+        try:
+            return (self.sysfs / bridge / "address").read_text().strip()
+        except OSError:
+            return None
+
+    def add_dom0_mac(self, bridge: str) -> str:
+        """Put the visitors' bridge's own MAC in the bridge filter's set: no visitor may send from it."""
+        mac = self.mac(bridge)
+        if mac is None or not all(len(p) == 2 for p in mac.split(":")) or len(mac) != 17:
+            raise Error(f"{self.sysfs / bridge / 'address'}: no MAC address for bridge {bridge}")
+        self._nft(f"add element bridge appliance dom0_macs {{ {mac} }}\n", f"dom0_macs {mac}")
+        return mac
+
+
+def healthy(address: str, port: int, path: str, timeout: float = 2.0) -> tuple[bool, str]:
+    """GET http://address:port/path from the guest itself: 2xx or 3xx is healthy; a redirect is not followed
+    (http.client follows none), and no proxy is asked. Returns (healthy, what happened)."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "appliance-guest health check", "Connection": "close"})
+        r = conn.getresponse()
+        r.read(65536)
+        return 200 <= r.status < 400, f"HTTP {r.status}"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()

@@ -1,0 +1,176 @@
+"""The board's /etc/appliance/sites.json, rendered from the recipe: both networks and every site with its two
+slots, read into frozen dataclasses. Anything unexpected is one Error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Error
+from .names import check_site
+
+SLOTS = ("blue", "green")
+MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+HEALTH_PATH = re.compile(r"/[\x21-\x7e]{0,255}")
+
+
+@dataclass(frozen=True)
+class Net:
+    bridge: str
+    address: str
+    prefix: int
+    netmask: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str        # blue or green
+    address: str     # the backend address on the guests' bridge
+    mac: str
+    domain: str      # the Xen domain's name, <site>.<slot>
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    names: tuple[str, ...]
+    address: str     # the service address, dom0's on the visitors' bridge
+    port: int
+    memory: int
+    vcpus: int
+    health_path: str
+    deadline: int
+    drain: float     # seconds an old guest keeps its established connections after a switch
+    slots: tuple[Slot, Slot]
+    probe_interval: float = 15.0    # seconds between health probes of the serving guest
+    probe_failures: int = 3         # probes missed in a row before it is restarted
+    stop_grace: float = 10.0        # seconds a stopped guest has to shut down before it is destroyed
+
+    def slot(self, name: str) -> Slot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise Error(f"site {self.name}: no slot {name!r} (slots: {', '.join(SLOTS)})")
+
+    def other(self, slot: Slot) -> Slot:
+        return self.slots[1] if slot.name == self.slots[0].name else self.slots[0]
+
+    def defaults(self) -> dict[str, Any]:
+        """What a version's manifest leaves out comes from its site."""
+        return {"name": self.name, "memory": self.memory, "vcpus": self.vcpus, "port": self.port,
+                "health": {"path": self.health_path, "deadline": self.deadline}}
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path
+    visitors: Net
+    guests: Net
+    sites: dict[str, Site]
+
+    def site(self, name: str) -> Site:
+        if name not in self.sites:
+            raise Error(f"{self.path}: no site {name!r} (sites: {', '.join(self.sites) or 'none'})")
+        return self.sites[name]
+
+
+class _Reader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, text: str) -> Error:
+        return Error(f"{self.path}: {key}: {text}")
+
+    def mapping(self, value: object, key: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"{value!r} must be a mapping")
+        for k in value:
+            if k not in required + optional:
+                raise self.fail(key, f"unknown key {k!r} (known: {', '.join(required + optional)})")
+        for k in required:
+            if k not in value:
+                raise self.fail(key, f"{k} is missing")
+        return value
+
+    def int(self, value: object, key: str, low: int, high: int) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise self.fail(key, f"{value!r} must be a whole number from {low} to {high}")
+        return value
+
+    def seconds(self, value: object, key: str, low: float, high: float) -> float:
+        if type(value) not in (int, float) or not low <= value <= high:   # type(): a bool is not a number here
+            raise self.fail(key, f"{value!r} must be a number of seconds from {low:g} to {high:g}")
+        return float(value)   # type: ignore[arg-type]
+
+    def ipv4(self, value: object, key: str) -> str:
+        try:
+            return str(ipaddress.IPv4Address(value))   # type: ignore[arg-type]
+        except ValueError:
+            raise self.fail(key, f"{value!r} is not an IPv4 address") from None
+
+    def text(self, value: object, key: str, pattern: re.Pattern[str], what: str) -> str:
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise self.fail(key, f"{value!r} must be {what}")
+        return value
+
+    def net(self, value: object, key: str) -> Net:
+        d = self.mapping(value, key, ("bridge", "address", "prefix", "netmask"))
+        return Net(self.text(d["bridge"], f"{key}.bridge", BRIDGE, "an interface name"),
+                   self.ipv4(d["address"], f"{key}.address"), self.int(d["prefix"], f"{key}.prefix", 8, 30),
+                   self.ipv4(d["netmask"], f"{key}.netmask"))
+
+    def site(self, name: str, value: object) -> Site:
+        key = f"sites.{name}"
+        try:
+            check_site(name, f"{self.path}: sites")
+        except Error:
+            raise self.fail("sites", f"{name!r} is not a site name") from None
+        d = self.mapping(value, key, ("names", "address", "port", "memory", "vcpus", "health_path", "deadline",
+                                      "drain", "slots"), ("probe_interval", "probe_failures", "stop_grace"))
+        names = d["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise self.fail(f"{key}.names", f"{names!r} must be a list of host names")
+        slots = self.mapping(d["slots"], f"{key}.slots", SLOTS)
+        made = []
+        for s in SLOTS:
+            sd = self.mapping(slots[s], f"{key}.slots.{s}", ("address", "mac"))
+            made.append(Slot(s, self.ipv4(sd["address"], f"{key}.slots.{s}.address"),
+                             self.text(sd["mac"], f"{key}.slots.{s}.mac", MAC, "a lower-case MAC address"),
+                             f"{name}.{s}"))
+        return Site(name, tuple(names), self.ipv4(d["address"], f"{key}.address"),
+                    self.int(d["port"], f"{key}.port", 1, 65535), self.int(d["memory"], f"{key}.memory", 16, 1 << 20),
+                    self.int(d["vcpus"], f"{key}.vcpus", 1, 64),
+                    self.text(d["health_path"], f"{key}.health_path", HEALTH_PATH, "a URL path"),
+                    self.int(d["deadline"], f"{key}.deadline", 1, 3600),
+                    self.seconds(d["drain"], f"{key}.drain", 0, 3600), (made[0], made[1]),
+                    self.seconds(d.get("probe_interval", 15), f"{key}.probe_interval", 0.05, 3600),
+                    self.int(d.get("probe_failures", 3), f"{key}.probe_failures", 1, 100),
+                    self.seconds(d.get("stop_grace", 10), f"{key}.stop_grace", 0, 600))
+
+
+def load(path: Path) -> Settings:
+    r = _Reader(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise Error(f"{path}: cannot read the board's site settings: {exc.strerror}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise Error(f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    except ValueError as exc:
+        raise Error(f"{path}: not JSON: {getattr(exc, 'msg', exc)} (line {getattr(exc, 'lineno', 0)}, "
+                    f"column {getattr(exc, 'colno', 0)})") from None
+    d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"))
+    sites = d["sites"]
+    if not isinstance(sites, dict):
+        raise r.fail("sites", f"{sites!r} must be a mapping of site name to site")
+    return Settings(path, r.net(d["visitors"], "visitors"), r.net(d["guests"], "guests"),
+                    {name: r.site(name, value) for name, value in sites.items()})

@@ -1,0 +1,251 @@
+"""Keeps every site serving. At boot it starts each site's current version in a slot, health-checks it and
+points the site's map element at it; then it watches, and starts a guest again (with a backoff) when it crashes
+or misses its health probes. A bad version never stops it: it serves what it can (previous, when current cannot
+start) and says so. Its starts hold the site's lock, and after a switch it follows the slot the switch recorded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .context import Context, log
+from .errors import Error
+from .lock import Busy
+from .net import healthy
+from .settings import Site, Slot
+
+BACKOFF_S = (0, 5, 10, 20, 40, 80, 160, 300)
+STABLE_S = 60.0        # a guest healthy this long has recovered: its next failure restarts it at once
+BRIDGE_WAIT_S = 120.0  # the manager starts early in the boot; networkd makes the bridges a little later
+
+
+def wait_bridges(sysfs: Path, bridges: Sequence[str], deadline: float, stop: threading.Event) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        missing = [b for b in bridges if not (sysfs / b).exists()]
+        if not missing:
+            return
+        if time.monotonic() >= end or stop.is_set():
+            raise Error(f"bridge {', '.join(missing)} does not exist after {deadline:g} s "
+                        f"({sysfs}; systemd-networkd makes it)")
+        stop.wait(0.1)
+
+
+@dataclass
+class SiteSupervisor:
+    ctx: Context
+    site: Site
+    stop: threading.Event
+    backoff_s: Sequence[float] = BACKOFF_S
+    stable_s: float = STABLE_S
+    failures: int = 0
+    restarts: int = 0
+    booted: bool = False
+    slot: Slot | None = None         # what this supervisor watches: the serving slot and version
+    version: str | None = None
+    up_since: float = 0.0
+    error: str | None = None
+    note: str | None = None
+    misses: int = 0
+    _next_probe: float = field(default=0.0, repr=False)
+
+    def delay(self) -> float:
+        return float(self.backoff_s[min(self.failures, len(self.backoff_s)) - 1]) if self.failures else 0.0
+
+    def state(self, state: str, **extra: object) -> None:
+        self.ctx.write_state(self.site, state=state, slot=self.slot.name if self.slot else None,
+                             domain=self.slot.domain if self.slot else None, version=self.version,
+                             backend=self.slot.address if self.slot else None, failures=self.failures,
+                             restarts=self.restarts, error=self.error, note=self.note, **extra)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if self.slot is None:
+                    self.bring_up()
+                else:
+                    self.watch()
+            except Error as exc:          # a failing command: say so, wait, try again; never give up
+                log(f"site {self.site.name}: {exc}")
+                self.error = str(exc)
+                self.stop.wait(max(1.0, self.delay()))
+            except Exception as exc:      # a bug must not stop the other sites or the serving guest  # noqa: BLE001
+                log(f"site {self.site.name}: internal error: {type(exc).__name__}: {exc}")
+                self.stop.wait(5)
+
+    # ---------------------------------------------------------------- starting
+
+    def candidates(self) -> list[str]:
+        store = self.ctx.store(self.site)
+        cur, prev = store.pointer("current"), store.pointer("previous")
+        out = [v for v in (self.version, cur, prev) if v]
+        return list(dict.fromkeys(out))
+
+    def bring_up(self) -> None:
+        delay = self.delay()
+        if delay:
+            log(f"site {self.site.name}: failure {self.failures} in a row: starting again in {delay:g} s")
+            self.ctx.write_state(self.site, state="backoff", retry_in=delay, error=self.error,
+                                 failures=self.failures, restarts=self.restarts)
+            if self.stop.wait(delay):
+                return
+        try:
+            lock = self.ctx.lock(self.site, "supervisor start", self.version).acquire()
+        except Busy:
+            self.stop.wait(0.2)           # a switch is starting a guest of this site: follow it when done
+            return
+        try:
+            if self.adopt():
+                return
+            self._bring_up()
+        finally:
+            lock.release()
+
+    def adopt(self) -> bool:
+        """A guest already serving (a switch just made it so, or this supervisor restarted) is kept."""
+        slot, version = self.ctx.served(self.site)
+        if slot is None or version is None or self.ctx.xl.domid(slot.domain) is None:
+            return False
+        try:
+            m = self.ctx.store(self.site).load(version, self.site.defaults())
+        except Error:
+            return False
+        if m.health and not healthy(slot.address, m.port, m.health.path)[0]:
+            return False
+        active = self.ctx.net.active(self.site.address, self.site.port)
+        if active != (slot.address, m.port):
+            self.ctx.net.point(self.site.address, self.site.port, slot.address, m.port)
+        self.slot, self.version, self.misses = slot, version, 0
+        self.up_since, self._next_probe = time.monotonic(), time.monotonic() + self.site.probe_interval
+        self.booted = True
+        log(f"site {self.site.name}: {version} serves from {slot.domain}")
+        self.state("serving")
+        return True
+
+    def _bring_up(self) -> None:
+        versions = self.candidates()
+        if not versions:
+            self.error = f"{self.ctx.store(self.site).dir}/current: no current version (install one and switch)"
+            self.failures += 1
+            self.state("failed")
+            return
+        st = self.ctx.read_state(self.site)
+        slot = self.site.slot(st["slot"]) if st.get("slot") in ("blue", "green") else self.site.slots[0]
+        reasons: list[str] = []
+        for version in versions:
+            self.version, self.slot = version, slot
+            self.state("starting")
+            try:
+                m = self.ctx.start(self.site, slot, version, self.stop)
+                self.ctx.net.point(self.site.address, self.site.port, slot.address, m.port)
+            except Error as exc:
+                reasons.append(str(exc))
+                log(str(exc))
+                try:
+                    self.ctx.xl.destroy(slot.domain)
+                except Error:
+                    pass
+                continue
+            finally:
+                self.slot = None
+            if self.stop.is_set():
+                return
+            cur = self.ctx.store(self.site).pointer("current")
+            self.note = None if version == cur else (
+                f"serving {version}, not current {cur}: {reasons[-1] if reasons else 'it did not start'}")
+            if self.note:
+                log(f"site {self.site.name}: {self.note}")
+            self.slot, self.misses, self.booted = slot, 0, True
+            self.up_since, self._next_probe = time.monotonic(), time.monotonic() + self.site.probe_interval
+            self.error = "; ".join(reasons) or None
+            self.state("serving")
+            return
+        self.failures += 1
+        self.error = "; ".join(reasons)
+        self.version = versions[0]
+        self.state("failed")
+
+    # ---------------------------------------------------------------- watching
+
+    def watch(self) -> None:
+        assert self.slot is not None
+        self.stop.wait(min(0.5, self.site.probe_interval))
+        if self.stop.is_set():
+            return
+        st = self.ctx.read_state(self.site)
+        if st.get("slot") in ("blue", "green") and (st.get("slot"), st.get("version")) != (self.slot.name,
+                                                                                          self.version):
+            if st.get("state") == "serving":   # a switch moved the site: watch its slot from now on
+                self.slot, self.version = self.site.slot(st["slot"]), st.get("version")
+                self.misses, self.up_since = 0, time.monotonic()
+                log(f"site {self.site.name}: following the switch to {self.version} in {self.slot.domain}")
+            return
+        reason = None
+        if self.ctx.xl.domid(self.slot.domain) is None:
+            reason = "is gone (crashed, shut down or destroyed)"
+        elif time.monotonic() >= self._next_probe:
+            self._next_probe = time.monotonic() + self.site.probe_interval
+            m = self.ctx.store(self.site).load(self.version or "", self.site.defaults())
+            if m.health:
+                ok, what = healthy(self.slot.address, m.port, m.health.path)
+                self.misses = 0 if ok else self.misses + 1
+                if self.misses >= self.site.probe_failures:
+                    reason = f"missed {self.misses} health probes at http://{self.slot.address}:{m.port}" \
+                             f"{m.health.path} ({what})"
+        if reason is None:
+            return
+        try:
+            lock = self.ctx.lock(self.site, "supervisor restart", self.version).acquire()
+        except Busy:
+            return                        # a switch is at work; look again once it is done
+        try:
+            st = self.ctx.read_state(self.site)
+            if (st.get("slot"), st.get("version")) != (self.slot.name, self.version):
+                return                    # a switch moved the site meanwhile
+            self.ctx.xl.destroy(self.slot.domain)
+            self.restarts += 1
+            self.failures = 1 if time.monotonic() - self.up_since >= self.stable_s else self.failures + 1
+            self.error = f"{self.site.name} {self.version} in {self.slot.domain} {reason}"
+            log(f"{self.error}; starting it again")
+            self.state("down")
+            self.slot = None
+        finally:
+            lock.release()
+        # keep the slot for the restart: bring_up reads it from the state written above
+        self.slot = None
+
+    def stop_guest(self) -> None:
+        slot, _ = self.ctx.served(self.site)
+        for s in self.site.slots:
+            try:
+                if self.ctx.xl.domid(s.domain) is not None:
+                    log(f"stopping {s.domain}")
+                    self.ctx.xl.stop(s.domain, self.site.stop_grace)
+            except Error as exc:
+                log(str(exc))
+        self.slot = slot
+        self.ctx.write_state(self.site, state="stopped", slot=slot.name if slot else None, version=self.version)
+
+
+def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S, **options: object) -> None:
+    """The systemd unit's `appliance-guest run`: every site in its own thread, until stop is set."""
+    s = ctx.settings
+    wait_bridges(ctx.net.sysfs, [s.visitors.bridge, s.guests.bridge], bridge_wait, stop)
+    try:
+        log(f"{s.visitors.bridge} is dom0's MAC {ctx.net.add_dom0_mac(s.visitors.bridge)} for the bridge filter")
+    except Error as exc:
+        log(str(exc))
+    sups = [SiteSupervisor(ctx, site, stop, **options) for site in s.sites.values()]  # type: ignore[arg-type]
+    threads = [threading.Thread(target=sup.run, name=sup.site.name, daemon=True) for sup in sups]
+    for t in threads:
+        t.start()
+    while not stop.wait(1):
+        pass
+    for t in threads:
+        t.join(30)
+    for sup in sups:
+        sup.stop_guest()

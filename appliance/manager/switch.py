@@ -1,0 +1,111 @@
+"""The blue-green switch of a site: the new version starts in the idle slot while the old one serves, and
+only once it passes its health check on its own address does one nft transaction move the service address to
+it; then it is recorded as current, the old guest drains and stops. A new version that fails is destroyed and
+the old one never stopped serving. `cold` is the old way (destroy, then create in the same slot), kept to
+measure what the blue-green switch saves.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .context import Context, GuestFailed, log
+from .errors import Error
+from .names import check_version
+from .settings import Site, Slot
+
+
+def _ms(t0: float) -> int:
+    return round((time.monotonic() - t0) * 1000)
+
+
+def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> dict[str, Any]:
+    site = ctx.settings.site(site_name)
+    check_version(version, f"site {site.name}: version")
+    store = ctx.store(site)
+    with ctx.lock(site, "cold switch" if cold else "switch", version, wait=0.3):
+        store.load(version, site.defaults())              # a bad version is refused before anything starts
+        slot, old = ctx.served(site)
+        if slot is not None and ctx.xl.domid(slot.domain) is None:
+            slot = None                                    # nothing runs there: nothing to keep serving
+        if cold:
+            return _cold(ctx, site, slot, old, version)
+        if slot is not None and old == version:
+            store.make_current(version)
+            return {"ok": True, "site": site.name, "version": version, "from": old, "slot": slot.name,
+                    "changed": False}
+        new = site.other(slot) if slot else site.slots[0]
+        t0 = time.monotonic()
+        try:
+            m = ctx.start(site, new, version)
+        except GuestFailed as exc:
+            keeps = f"{old} keeps serving from {slot.domain}" if slot else "nothing was serving"
+            tail = f"; its console ends: {' | '.join(exc.console[-3:])}" if exc.console else ""
+            raise GuestFailed(f"{exc}; {keeps}{tail}", exc.console) from None
+        health_ms = _ms(t0)
+        t1 = time.monotonic()
+        ctx.net.point(site.address, site.port, new.address, m.port)
+        switch_ms = _ms(t1)
+        prev = store.make_current(version)
+        ctx.write_state(site, state="serving", slot=new.name, domain=new.domain, version=version,
+                        backend=new.address, failures=0, restarts=0, error=None, note=None, switched_from=old)
+        log(f"site {site.name}: {site.address}:{site.port} now goes to {version} in {new.domain} "
+            f"({switch_ms} ms)")
+        drained: dict[str, Any] = {}
+        if slot is not None:
+            drained = _drain(ctx, site, slot)
+        return {"ok": True, "site": site.name, "version": version, "from": old, "previous": prev,
+                "slot": new.name, "backend": f"{new.address}:{m.port}", "changed": True, "start_ms": health_ms,
+                "switch_ms": switch_ms, **drained}
+
+
+def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
+    """Wait until no established connection is left to the old guest, or the site's drain deadline; stop it."""
+    t0 = time.monotonic()
+    left = -1
+    while True:
+        try:
+            left = ctx.net.established(old.address)
+        except Error as exc:
+            log(str(exc))
+            left = -1
+        if left == 0 or time.monotonic() - t0 >= site.drain:
+            break
+        time.sleep(0.1)
+    drain_ms = _ms(t0)
+    ctx.xl.stop(old.domain, site.stop_grace)
+    return {"drain_ms": drain_ms, "left_connections": max(left, 0), "stopped": old.domain}
+
+
+def _cold(ctx: Context, site: Site, slot: Slot | None, old: str | None, version: str) -> dict[str, Any]:
+    """Destroy, then create in the same slot: the site is down in between (for the benchmark's comparison)."""
+    slot = slot or site.slots[0]
+    t0 = time.monotonic()
+    ctx.xl.destroy(slot.domain)
+    try:
+        m = ctx.start(site, slot, version)
+    except GuestFailed as exc:
+        back = ""
+        if old:
+            try:
+                ctx.start(site, slot, old)
+                back = f"; {old} serves again from {slot.domain}"
+            except Error as again:
+                back = f"; {old} did not start again either: {again}"
+        raise GuestFailed(f"{exc}{back}", exc.console) from None
+    ctx.net.point(site.address, site.port, slot.address, m.port)
+    prev = ctx.store(site).make_current(version)
+    ctx.write_state(site, state="serving", slot=slot.name, domain=slot.domain, version=version,
+                    backend=slot.address, failures=0, restarts=0, error=None, note=None, switched_from=old)
+    return {"ok": True, "site": site.name, "version": version, "from": old, "previous": prev, "slot": slot.name,
+            "cold": True, "changed": True, "switch_ms": _ms(t0)}
+
+
+def rollback(ctx: Context, site_name: str, version: str | None = None) -> dict[str, Any]:
+    site = ctx.settings.site(site_name)
+    if version is None:
+        version = ctx.store(site).pointer("previous")
+        if version is None:
+            raise Error(f"{ctx.store(site).dir}/previous: site {site.name} has no previous version to go back to")
+    return switch(ctx, site.name, version)

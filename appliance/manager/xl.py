@@ -1,0 +1,118 @@
+"""The few xl commands the manager runs, and the xl domain config of one version in one slot. Every value that
+goes between quotes is checked here again, whatever the manifest validator already said.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import Error
+from .manifest import Manifest
+from .settings import Net, Site, Slot
+
+SAFE = re.compile(r"[A-Za-z0-9_.,:=/+@~-]*")   # what a quoted xl value may hold: no quotes, backslash, space
+VIF = re.compile(r"mac=([0-9a-f]{2}:){5}[0-9a-f]{2},bridge=[A-Za-z0-9_.-]{1,15}")
+DOMAIN = re.compile(r"[a-z][a-z0-9-]{0,30}\.(blue|green)")
+
+
+def _quoted(value: str, key: str, pattern: re.Pattern[str] = SAFE) -> str:
+    if not pattern.fullmatch(value):
+        raise Error(f"xl config: {key}: {value!r} could break out of its quotes; refused")
+    return f'"{value}"'
+
+
+def values(site: Site, slot: Slot, m: Manifest, guests: Net) -> dict[str, Any]:
+    """The cmdline placeholders' values for a version in a slot."""
+    return {"address": slot.address, "gateway": guests.address, "netmask": guests.netmask,
+            "prefix": guests.prefix, "domain": slot.domain, "port": m.port, "site": site.name,
+            "version": m.version, "mac": slot.mac}
+
+
+def config(site: Site, slot: Slot, m: Manifest, directory: Path, guests: Net) -> str:
+    """The domain config: the files by the version directory's resolved path (never through `current`)."""
+    d = directory.resolve()
+    extra = m.render(values(site, slot, m, guests), f"xl config: {slot.domain}: extra")
+    if not re.fullmatch(r"[\x20-\x7e]*", extra) or '"' in extra or "\\" in extra:
+        raise Error(f"xl config: extra: {extra!r} could break out of its quotes; refused")
+    vif = f"mac={slot.mac},bridge={guests.bridge}"
+    if not VIF.fullmatch(vif):
+        raise Error(f"xl config: vif: {vif!r} could break out of its quotes; refused")
+    lines = [
+        f"# {site.name} {m.version} in slot {slot.name}: written by appliance-guest",
+        f"name = {_quoted(slot.domain, 'name', DOMAIN)}",
+        f"kernel = {_quoted(str(d / m.kernel), 'kernel')}",
+        *([f"ramdisk = {_quoted(str(d / m.ramdisk), 'ramdisk')}"] if m.ramdisk else []),
+        f"memory = {int(m.memory)}",
+        f"vcpus = {int(m.vcpus)}",
+        f"vif = ['{vif}']",
+        f'extra = "{extra}"',
+        'on_poweroff = "destroy"',
+        'on_reboot = "restart"',
+        'on_crash = "destroy"',    # the supervisor notices and starts it again, with a backoff
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class Xl:
+    def __init__(self, command: str = "xl") -> None:
+        self.argv = shlex.split(command)
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        cmd = [*self.argv, *args]
+        try:
+            return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL, errors="replace")
+        except subprocess.TimeoutExpired:
+            raise Error(f"{shlex.join(cmd)}: no answer in {timeout:g} s") from None
+        except OSError as exc:
+            raise Error(f"{shlex.join(cmd)}: cannot run: {exc.strerror} (xen-utils installed?)") from None
+
+    def _check(self, p: subprocess.CompletedProcess[str], what: str) -> str:
+        if p.returncode != 0:
+            tail = " / ".join(p.stderr.strip().splitlines()[-3:]) or f"exit status {p.returncode}"
+            raise Error(f"xl {what} failed: {tail}")
+        return p.stdout
+
+    def create(self, cfg: Path) -> None:
+        self._check(self.run("create", str(cfg)), f"create {cfg}")
+
+    def domid(self, name: str) -> int | None:
+        p = self.run("domid", name, timeout=30)
+        out = p.stdout.strip()
+        return int(out) if p.returncode == 0 and out.isdigit() else None
+
+    def destroy(self, name: str) -> None:
+        if self.domid(name) is not None:
+            self._check(self.run("destroy", name, timeout=60), f"destroy {name}")
+
+    def shutdown(self, name: str) -> None:
+        self.run("shutdown", name, timeout=30)
+
+    def stop(self, name: str, grace: float = 10) -> None:
+        """Ask the guest to shut down; destroy it if it has not within grace seconds."""
+        if self.domid(name) is None:
+            return
+        self.shutdown(name)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and self.domid(name) is not None:
+            time.sleep(0.1)
+        self.destroy(name)
+
+    def list(self) -> list[str]:
+        """The names of the running domains but Domain-0."""
+        out = self._check(self.run("list", timeout=30), "list")
+        names = [line.split()[0] for line in out.splitlines()[1:] if line.split()]
+        return [n for n in names if n != "Domain-0"]
+
+    def free_memory(self) -> int:
+        """MiB Xen can still give a guest (`xl info`'s free_memory)."""
+        out = self._check(self.run("info", timeout=30), "info")
+        m = re.search(r"^free_memory\s*:\s*(\d+)", out, re.M)
+        if not m:
+            raise Error("xl info: no free_memory line in its output")
+        return int(m.group(1))
