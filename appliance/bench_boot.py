@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ROOT, emulate, log
+from . import ROOT, bench_switch, emulate, log
 from .errors import EmulateError
 
 GOAL_S = 45.0  # first HTTP 200 from the guest, from power-on
@@ -32,13 +32,16 @@ while time.monotonic() < deadline:
 sys.exit(1)
 """
 
-# Stops the launcher (and its guest), then times `xl create` of the launcher's own config to the first 200.
-_CREATE = """import json, subprocess, sys, time, urllib.request
-url = sys.argv[1]
+# Stops the guest manager (and its guests), then times `xl create` of a site's own config to the first 200
+# from the guest's backend address (its slot on the guests' bridge).
+_CREATE = """import json, re, subprocess, sys, time, urllib.request
+site, path = sys.argv[1], sys.argv[2]
 run = lambda *a: subprocess.run(a, check=True, capture_output=True, text=True).stdout
 run("systemctl", "stop", "appliance-guest.service")
-cfg = run("appliance-guest", "config")
-name = next(l.split("=", 1)[1].strip().strip('"') for l in cfg.splitlines() if l.startswith("name"))
+cfg = json.loads(subprocess.run(["appliance-guest", "config", site], capture_output=True, text=True).stdout)["config"]
+name = re.search(r'^name = "(.*)"', cfg, re.M).group(1)
+port = re.search(r"appliance.port=(\\d+)", cfg)
+url = "http://%s:%s%s" % (re.search(r"ip=([0-9.]+)", cfg).group(1), port.group(1) if port else 80, path)
 subprocess.run(["xl", "destroy", name], capture_output=True)
 open("/run/bench-guest.cfg", "w").write(cfg)
 t0 = time.monotonic()
@@ -58,8 +61,9 @@ print(json.dumps({"xl_create": t1 - t0, "http": t2 - t0 if ok else None}))
 
 
 def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_path: Path | None = None,
-          timeout: float = 600) -> dict[str, Any]:
-    """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board."""
+          timeout: float = 600, switch: bool = True) -> dict[str, Any]:
+    """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board, and
+    (with switch) the blue-green switch against destroy-then-create under a steady visitor."""
     img = Path(img).resolve()
     key = key or emulate.default_key()
     if key is None:
@@ -67,6 +71,8 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
                            hint="build with --authorized-keys KEY.pub and pass key=KEY")
     address, port = emulate.guest_of(img)
     url = f"http://{address}:{port}/"
+    cfg = emulate.recipe_of(img)
+    site = cfg.recipe.sites[0]
     log_path = log_path or ROOT / "build" / "bench" / "boot-console.log"
     figures: dict[str, Any] = {}
     board = board or emulate.board_for(img)
@@ -88,13 +94,20 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
         served = min((t for name, t in b.milestones.items() if name in (emulate.GUEST_SERVED, POLLED)), default=None)
         figures["power-on -> first HTTP 200 from the guest, s"] = served
         figures[f"guest serving within the {GOAL_S:.0f} s goal"] = served is not None and served <= GOAL_S
-        out = b.run(f"python3 -c {shlex.quote(_CREATE)} {shlex.quote(url)}", check=False, timeout=600)
+        out = b.run(f"python3 -c {shlex.quote(_CREATE)} {shlex.quote(site.name)} {shlex.quote(site.health_path)}",
+                    check=False, timeout=600)
         try:
             times = json.loads(out.out.strip().splitlines()[-1])
             figures["xl create (command returns), s"] = round(times["xl_create"], 2)
             figures["xl create -> first HTTP 200, s"] = round(times["http"], 2) if times["http"] else None
         except (ValueError, IndexError, KeyError):
             log.warn(f"the xl create benchmark failed: {(out.err or out.out).strip()[-300:]}")
+        if switch:
+            ready = f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}"
+            if b.run(ready, check=False, timeout=timeout + 30).rc == 0:   # serving again after the xl benchmark
+                figures["switch"] = bench_switch.bench(b, cfg)
+            else:
+                log.warn(f"the site did not serve again at {url}: no switch benchmark")
     return figures
 
 

@@ -28,7 +28,7 @@ import paramiko
 
 from . import ROOT, log
 from .config import Board as BoardSpec
-from .config import load, load_board
+from .config import Config, load, load_board
 from .errors import EmulateError
 
 DEFAULT_BOARD = "qemu-virt"
@@ -513,12 +513,16 @@ def _manifest(img: Path) -> dict[str, Any]:
     return {}
 
 
-def guest_of(img: Path) -> tuple[str, int]:
-    """The default site's service address and port, from the recipe the image's manifest names (default:
-    booth): dom0 owns the address and passes its connections on to the site's active guest."""
+def recipe_of(img: Path) -> Config:
+    """The recipe the image's manifest names (default: booth)."""
     name = str(_manifest(img).get("recipe_file", "booth"))
-    name = name if Path(name).is_absolute() or "/" not in name else str(ROOT / name)
-    site = load(name).recipe.sites[0]
+    return load(name if Path(name).is_absolute() or "/" not in name else str(ROOT / name))
+
+
+def guest_of(img: Path) -> tuple[str, int]:
+    """The default site's service address and port: dom0 owns the address and passes its connections on to
+    the site's active guest."""
+    site = recipe_of(img).recipe.sites[0]
     return site.address, site.port
 
 

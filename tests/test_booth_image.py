@@ -119,10 +119,10 @@ def test_guest_manager_lists_and_checks_the_store(host):
     assert "Traceback" not in out.stderr
     text = json.dumps(listing)
     assert host.file(f"{STORE}/current").linked_to.rstrip("/").split("/")[-1] in text
-    cfg = json.loads(host.check_output(f"/usr/local/sbin/appliance-guest config {SITE.name}"))
+    cfg = json.loads(host.check_output(f"/usr/local/sbin/appliance-guest config {SITE.name}"))["config"]
     blue = sites.resolved(REC)[0]["slots"]["blue"]
-    assert f"mac={blue['mac']},bridge={REC.guests.bridge}" in json.dumps(cfg)
-    assert f"memory = {SITE.memory_mib}" in json.dumps(cfg)
+    assert f"vif = ['mac={blue['mac']},bridge={REC.guests.bridge}']" in cfg.splitlines()
+    assert f"memory = {SITE.memory_mib}" in cfg.splitlines()
 
 
 @pytest.mark.parametrize("path", ["/usr/local/sbin/appliance-guest", "/usr/local/sbin/appliance-wifi",
