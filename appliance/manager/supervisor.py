@@ -161,7 +161,7 @@ class SiteSupervisor:
                 log(f"site {self.site.name}: {self.note}")
             self.slot, self.misses, self.booted = slot, 0, True
             self.up_since, self._next_probe = time.monotonic(), time.monotonic() + self.site.probe_interval
-            self.error = "; ".join(reasons) or None
+            self.error = "; ".join(reasons) or self.error    # the last trouble stays visible in the state
             self.state("serving")
             return
         self.failures += 1
@@ -211,12 +211,10 @@ class SiteSupervisor:
             self.failures = 1 if time.monotonic() - self.up_since >= self.stable_s else self.failures + 1
             self.error = f"{self.site.name} {self.version} in {self.slot.domain} {reason}"
             log(f"{self.error}; starting it again")
-            self.state("down")
+            self.state("down")            # bring_up restarts in the slot this state names
             self.slot = None
         finally:
             lock.release()
-        # keep the slot for the restart: bring_up reads it from the state written above
-        self.slot = None
 
     def stop_guest(self) -> None:
         slot, _ = self.ctx.served(self.site)

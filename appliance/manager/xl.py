@@ -36,6 +36,7 @@ def values(site: Site, slot: Slot, m: Manifest, guests: Net) -> dict[str, Any]:
 def config(site: Site, slot: Slot, m: Manifest, directory: Path, guests: Net) -> str:
     """The domain config: the files by the version directory's resolved path (never through `current`)."""
     d = directory.resolve()
+    name = _quoted(slot.domain, "name", DOMAIN)     # first: the messages below name it
     extra = m.render(values(site, slot, m, guests), f"xl config: {slot.domain}: extra")
     if not re.fullmatch(r"[\x20-\x7e]*", extra) or '"' in extra or "\\" in extra:
         raise Error(f"xl config: extra: {extra!r} could break out of its quotes; refused")
@@ -44,7 +45,7 @@ def config(site: Site, slot: Slot, m: Manifest, directory: Path, guests: Net) ->
         raise Error(f"xl config: vif: {vif!r} could break out of its quotes; refused")
     lines = [
         f"# {site.name} {m.version} in slot {slot.name}: written by appliance-guest",
-        f"name = {_quoted(slot.domain, 'name', DOMAIN)}",
+        f"name = {name}",
         f"kernel = {_quoted(str(d / m.kernel), 'kernel')}",
         *([f"ramdisk = {_quoted(str(d / m.ramdisk), 'ramdisk')}"] if m.ramdisk else []),
         f"memory = {int(m.memory)}",
