@@ -1,0 +1,729 @@
+"""Network tier on the host: the booth's rendered firewall and dnsmasq in network namespaces wired like the board,
+attacked by a hostile visitor while a good visitor keeps fetching the demo site's page.
+
+    namespace "d" (dom0)   br0  10.42.0.1/22, 10.42.0.2/32 (the demo's service address)
+                                ports wlan0 -> "v0" (the good visitor), wlan1 -> "v1" (a visitor arriving during the
+                                attack), wlan2 -> "att" (the attacker)
+                           brg0 10.42.100.1/24, port vif1.0 -> "be" (the demo's blue slot: a Python http.server)
+                           eth0 192.168.77.1/24 -> "up" (the uplink: the venue's network, a web server)
+
+The rules are the real ones (the booth recipe rendered by appliance.configure, loaded with `nft -f`), and so is
+dnsmasq's configuration. The DHCP client of the visitors is busybox udhcpc. The helpers that run inside the
+namespaces (attacker, sniffer, web client, probes) are this file run as a script: see `main()`.
+Needs root, nft, ip, bridge, dnsmasq and busybox (setup.sh installs them); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+TOOLS = ("nft", "ip", "bridge", "dnsmasq", "busybox")
+PAGE = "the demo site, blue slot"
+ATTACKER_IP = "10.42.0.66"
+GUEST_MAC_SPOOF = 0  # index of the guest MAC the attacker takes (the demo's blue slot)
+UPLINK, UPLINK_PEER = "192.168.77.1", "192.168.77.2"
+
+
+def _needs() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if missing:
+        return f"needs {', '.join(missing)} (./setup.sh installs them)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packets (raw Ethernet frames for the attacker and the sniffer; no scapy)
+
+BROADCAST = b"\xff" * 6
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def mac_text(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def arp_frame(src_mac: bytes, sender_ip: str, target_ip: str, op: int = 1, dst: bytes = BROADCAST) -> bytes:
+    """An ARP request (op 1) or reply (op 2); sender_ip == target_ip makes it gratuitous."""
+    body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op, src_mac, socket.inet_aton(sender_ip),
+                       b"\0" * 6 if op == 1 else dst, socket.inet_aton(target_ip))
+    return dst + src_mac + b"\x08\x06" + body
+
+
+def udp_frame(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, sport: int, dport: int,
+              payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), random.getrandbits(16), 0, 64, 17, 0,
+                     socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + udp
+
+
+def bootp(op: int, xid: int, chaddr: bytes, options: dict[int, bytes], yiaddr: str = "0.0.0.0",
+          siaddr: str = "0.0.0.0") -> bytes:
+    """A BOOTP/DHCP message; flags ask for broadcast answers (the attacker's MAC is not the chaddr)."""
+    head = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", op, 1, 6, 0, xid, 0, 0x8000, b"\0" * 4,
+                       socket.inet_aton(yiaddr), socket.inet_aton(siaddr), b"\0" * 4, chaddr.ljust(16, b"\0"),
+                       b"", b"")
+    opts = b"".join(bytes([k, len(v)]) + v for k, v in options.items()) + b"\xff"
+    msg = head + b"\x63\x82\x53\x63" + opts
+    return msg.ljust(300, b"\0")
+
+
+def parse_dhcp(frame: bytes) -> dict[str, Any] | None:
+    """The DHCP message in an Ethernet frame (IPv4, UDP 67/68), or None."""
+    if len(frame) < 14 + 20 + 8 + 240 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    udp = 14 + ihl
+    sport, dport = struct.unpack("!HH", frame[udp:udp + 4])
+    if {sport, dport} - {67, 68}:
+        return None
+    b = frame[udp + 8:]
+    if len(b) < 240 or b[236:240] != b"\x63\x82\x53\x63":
+        return None
+    opts: dict[int, bytes] = {}
+    i = 240
+    while i < len(b) and b[i] != 255:
+        if b[i] == 0:
+            i += 1
+            continue
+        if i + 1 >= len(b):
+            break
+        opts[b[i]] = b[i + 2:i + 2 + b[i + 1]]
+        i += 2 + b[i + 1]
+    return {"src_mac": mac_text(frame[6:12]), "sport": sport, "dport": dport, "op": b[0],
+            "xid": struct.unpack("!I", b[4:8])[0], "yiaddr": socket.inet_ntoa(b[16:20]),
+            "chaddr": mac_text(b[28:34]), "type": opts.get(53, b"\0")[0], "options": opts}
+
+
+def raw_socket(iface: str) -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    s.bind((iface, 0))
+    return s
+
+
+def receive(s: socket.socket) -> bytes:
+    """The next frame that came in (a packet socket also sees what this host sends: those are skipped)."""
+    while True:
+        frame, addr = s.recvfrom(2048)
+        if addr[2] != socket.PACKET_OUTGOING:
+            return frame
+
+
+def iface_mac(iface: str) -> str:
+    return Path(f"/sys/class/net/{iface}/address").read_text().strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The helpers run inside a namespace: `python tests/test_network.py MODE ARGS...`; each prints one JSON line.
+
+def _stopped(stop: str) -> bool:
+    return os.path.exists(stop)
+
+
+def h_serve(addr: str, port: str, text: str) -> None:
+    import http.server
+
+    body = text.encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer((addr, int(port)), Page).serve_forever()
+
+
+def h_listen(*ports: str) -> None:
+    """Stand-ins for dom0's SSH and other services: accept on every address and close."""
+    socks = []
+    for p in ports:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", int(p)))
+        s.listen(64)
+        socks.append(s)
+
+    def loop(s: socket.socket) -> None:
+        while True:
+            c, _ = s.accept()
+            c.close()
+
+    for s in socks[1:]:
+        threading.Thread(target=loop, args=(s,), daemon=True).start()
+    loop(socks[0])
+
+
+def h_fetch(url: str, stop: str, progress: str) -> None:
+    """A steady visitor: GET url in a loop, a new connection each time, until the stop file appears."""
+    import http.client
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    ok = fail = 0
+    errors: list[str] = []
+    while not _stopped(stop):
+        try:
+            c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=2)
+            c.request("GET", u.path or "/")
+            r = c.getresponse()
+            data = r.read().decode(errors="replace")
+            c.close()
+            if r.status == 200 and data == PAGE:
+                ok += 1
+            else:
+                fail += 1
+                errors.append(f"{r.status} {data[:40]!r}")
+        except OSError as e:
+            fail += 1
+            errors.append(repr(e))
+        Path(progress + ".tmp").write_text(f"{ok} {fail}")
+        os.replace(progress + ".tmp", progress)
+    print(json.dumps({"ok": ok, "fail": fail, "errors": errors[:5]}))
+
+
+def h_probe(*targets: str) -> None:
+    """TCP connects in parallel (0.5 s each): {target: connected}."""
+    out: dict[str, bool] = {}
+
+    def one(t: str) -> None:
+        host, port = t.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=0.5).close()
+            out[t] = True
+        except OSError:
+            out[t] = False
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(out))
+
+
+def h_dns(server: str, *names: str) -> None:
+    """A records for names from server: {name: [address, ...]}."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        qid = random.getrandbits(16)
+        q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+        q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(q, (server, 53))
+        r = s.recv(1500)
+        s.close()
+        ancount = struct.unpack("!H", r[6:8])[0]
+        i = len(q)
+        addrs = []
+        for _ in range(ancount):
+            i += 2 if r[i] & 0xC0 == 0xC0 else r.index(b"\0", i) - i + 1
+            rtype, _, _, rdlen = struct.unpack("!HHIH", r[i:i + 10])
+            i += 10
+            if rtype == 1:
+                addrs.append(socket.inet_ntoa(r[i:i + 4]))
+            i += rdlen
+        out[name] = addrs
+    print(json.dumps(out))
+
+
+def h_spoof(iface: str, stop: str, claims: str, macs: str) -> None:
+    """Attacks (a) and (b) until stopped: gratuitous ARP for each claimed address, and ARP frames with each
+    spoofed source MAC."""
+    s = raw_socket(iface)
+    own = mac_bytes(iface_mac(iface))
+    frames = []
+    for ip in claims.split(","):
+        frames += [arp_frame(own, ip, ip, 1), arp_frame(own, ip, ip, 2)]
+    for mac in macs.split(","):
+        frames += [arp_frame(mac_bytes(mac), ATTACKER_IP, "10.42.0.1", 1)]
+    sent = 0
+    while not _stopped(stop):
+        for f in frames:
+            s.send(f)
+            sent += 1
+        time.sleep(0.01)  # a pace, not a wait for anything
+    print(json.dumps({"sent": sent}))
+
+
+def _collect(s: socket.socket, want: set[int], kind: int, quiet: float, total: float) -> dict[int, dict[str, Any]]:
+    """DHCP answers of one kind for the xids in want, until every one came, or nothing came for quiet seconds,
+    or total seconds passed."""
+    got: dict[int, dict[str, Any]] = {}
+    end = time.monotonic() + total
+    last = time.monotonic()
+    while want - set(got) and time.monotonic() < min(end, last + quiet):
+        s.settimeout(max(0.01, min(end, last + quiet) - time.monotonic()))
+        try:
+            m = parse_dhcp(receive(s))
+        except TimeoutError:
+            break
+        if m and m["op"] == 2 and m["xid"] in want and m["type"] == kind:
+            got[m["xid"]] = m
+            last = time.monotonic()
+    return got
+
+
+def h_flood(iface: str, count: str) -> None:
+    """Attack (c): DISCOVER then REQUEST for count random client hardware addresses, all from one station."""
+    s = raw_socket(iface)
+    own = mac_bytes(iface_mac(iface))
+    clients = {random.getrandbits(32): bytes([0x02]) + random.randbytes(5) for _ in range(int(count))}
+    for xid, ch in clients.items():
+        s.send(udp_frame(own, BROADCAST, "0.0.0.0", "255.255.255.255", 68, 67,
+                         bootp(1, xid, ch, {53: b"\x01", 55: b"\x01\x03\x06"})))
+    offers = _collect(s, set(clients), 2, quiet=1.0, total=8)
+    for xid, m in offers.items():
+        s.send(udp_frame(own, BROADCAST, "0.0.0.0", "255.255.255.255", 68, 67,
+                         bootp(1, xid, clients[xid], {53: b"\x03", 50: socket.inet_aton(m["yiaddr"]),
+                                                       54: m["options"].get(54, b"\0" * 4)})))
+    acks = _collect(s, set(offers), 5, quiet=1.0, total=8)
+    print(json.dumps({"sent": len(clients), "offers": len(offers), "acks": len(acks),
+                      "chaddrs": [mac_text(c) for c in clients.values()]}))
+
+
+def h_rogue(iface: str, stop: str, victim: str) -> None:
+    """Attack (d): a rogue DHCP server. It answers every DISCOVER and REQUEST it sees (offering itself as the
+    router), and keeps broadcasting unsolicited offers and acks for the victim's MAC."""
+    s = raw_socket(iface)
+    s.settimeout(0.02)
+    own = mac_bytes(iface_mac(iface))
+    me = socket.inet_aton(ATTACKER_IP)
+    opts = {54: me, 3: me, 6: me, 1: socket.inet_aton("255.255.252.0"), 51: struct.pack("!I", 3600)}
+    answered = unsolicited = 0
+    while not _stopped(stop):
+        try:
+            m = parse_dhcp(receive(s))
+        except TimeoutError:
+            m = None
+        if m and m["op"] == 1 and m["type"] in (1, 3):
+            kind = b"\x02" if m["type"] == 1 else b"\x05"
+            s.send(udp_frame(own, BROADCAST, ATTACKER_IP, "255.255.255.255", 67, 68,
+                             bootp(2, m["xid"], mac_bytes(m["chaddr"]), {53: kind, **opts}, yiaddr="10.42.0.77")))
+            answered += 1
+        for kind in (b"\x02", b"\x05"):
+            s.send(udp_frame(own, BROADCAST, ATTACKER_IP, "255.255.255.255", 67, 68,
+                             bootp(2, random.getrandbits(32), mac_bytes(victim), {53: kind, **opts},
+                                   yiaddr="10.42.0.77")))
+            unsolicited += 1
+    print(json.dumps({"answered": answered, "unsolicited": unsolicited}))
+
+
+def h_sniff(iface: str, stop: str, attacker: str) -> None:
+    """What reaches a visitor: DHCP server frames (UDP source port 67), from the attacker and from others."""
+    s = raw_socket(iface)
+    s.settimeout(0.05)
+    counts = {"attacker": 0, "others": 0}
+    while not _stopped(stop):
+        try:
+            m = parse_dhcp(receive(s))
+        except TimeoutError:
+            continue
+        if m and m["sport"] == 67:
+            counts["attacker" if m["src_mac"] == attacker else "others"] += 1
+    print(json.dumps(counts))
+
+
+HELPERS = {"serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
+           "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff}
+
+
+def main(argv: list[str]) -> None:
+    HELPERS[argv[0]](*argv[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The namespace double
+
+
+def run(*cmd: str, check: bool = True) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if check and p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p.stdout
+
+
+def wait_for(what: str, check: Any, deadline: float = 10) -> Any:
+    end = time.monotonic() + deadline
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Double:
+    """The board's network in namespaces; every process started here ends in close()."""
+
+    def __init__(self, tmp: Path, files: dict[str, bytes], ctx: dict[str, Any]):
+        self.tmp, self.files, self.ctx = tmp, files, ctx
+        tag = f"{os.getpid() % 100000}"
+        self.ns = {k: f"apn{tag}{k}" for k in ("d", "v0", "v1", "att", "be", "up")}
+        self.procs: list[subprocess.Popen[str]] = []
+        self.created: list[str] = []
+        self.stop = str(tmp / "stop")
+
+    # namespaces and links
+    def setup(self, ruleset: str) -> None:
+        ns, net, gnet = self.ns, self.ctx["net"], self.ctx["gnet"]
+        for n in ns.values():
+            run("ip", "netns", "add", n)
+            self.created.append(n)
+            run("ip", "-n", n, "link", "set", "lo", "up")
+        d = ns["d"]
+        bridge_nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        if bridge_nf.exists():  # the board does not load br_netfilter: bridged frames skip the inet hooks there
+            for key in ("iptables", "ip6tables", "arptables"):
+                run("ip", "netns", "exec", d, "sysctl", "-qw", f"net.bridge.bridge-nf-call-{key}=0", check=False)
+        run("ip", "netns", "exec", d, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        br, brg = self.ctx["recipe"].network.bridge, self.ctx["recipe"].guests.bridge
+        for b in (br, brg):
+            run("ip", "-n", d, "link", "add", b, "type", "bridge")
+        for dev, peer in (("wlan0", "v0"), ("wlan1", "v1"), ("wlan2", "att"), ("vif1.0", "be"), ("eth0", "up")):
+            run("ip", "link", "add", dev, "netns", d, "type", "veth", "peer", "name", "eth0", "netns", ns[peer])
+            run("ip", "-n", ns[peer], "link", "set", "eth0", "up")
+            if dev != "eth0":
+                run("ip", "-n", d, "link", "set", dev, "master", brg if dev.startswith("vif") else br)
+            run("ip", "-n", d, "link", "set", dev, "up")
+        for b in (br, brg):
+            run("ip", "-n", d, "link", "set", b, "up")
+        run("ip", "-n", d, "addr", "add", net["cidr"], "dev", br)
+        for site in self.ctx["sites"]:
+            run("ip", "-n", d, "addr", "add", f"{site['address']}/32", "dev", br)
+        run("ip", "-n", d, "addr", "add", gnet["cidr"], "dev", brg)
+        run("ip", "-n", d, "addr", "add", f"{UPLINK}/24", "dev", "eth0")
+        run("ip", "-n", ns["up"], "addr", "add", f"{UPLINK_PEER}/24", "dev", "eth0")
+        run("ip", "-n", ns["up"], "route", "add", "default", "via", UPLINK)
+        blue = self.ctx["sites"][0]["slots"]["blue"]
+        run("ip", "-n", ns["be"], "link", "set", "eth0", "address", blue["mac"])
+        run("ip", "-n", ns["be"], "addr", "add", f"{blue['address']}/{gnet['prefix']}", "dev", "eth0")
+        run("ip", "-n", ns["be"], "route", "add", "default", "via", gnet["address"])
+        run("ip", "-n", ns["att"], "addr", "add", f"{ATTACKER_IP}/{net['prefix']}", "dev", "eth0")
+        # the rules, as nftables.service loads them, then what the guest manager adds at boot and on a health check
+        (self.tmp / "nftables.conf").write_text(ruleset)
+        run("ip", "netns", "exec", d, "nft", "-f", str(self.tmp / "nftables.conf"))
+        if "table bridge appliance" in ruleset:
+            self.nft(f"add element bridge appliance dom0_macs {{ {self.mac('d', br)} }}")
+        site = self.ctx["sites"][0]
+        self.nft(f"add element inet appliance svc {{ {site['address']} . {site['port']} : "
+                 f"{blue['address']} . {site['port']} }}")
+
+    def nft(self, command: str) -> str:
+        return run("ip", "netns", "exec", self.ns["d"], "nft", command)
+
+    def mac(self, ns: str, dev: str) -> str:
+        return json.loads(run("ip", "-n", self.ns[ns], "-j", "link", "show", dev))[0]["address"]
+
+    def neigh(self, ns: str, ip: str) -> str | None:
+        for e in json.loads(run("ip", "-n", self.ns[ns], "-j", "neigh", "show", ip) or "[]"):
+            return e.get("lladdr")
+        return None
+
+    def fdb(self) -> list[dict[str, Any]]:
+        return json.loads(run("bridge", "-n", self.ns["d"], "-j", "fdb", "show", "br",
+                              self.ctx["recipe"].network.bridge) or "[]")
+
+    # processes
+    def start(self, ns: str, *cmd: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[ns], *cmd], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def helper(self, ns: str, *args: str) -> subprocess.Popen[str]:
+        return self.start(ns, sys.executable, __file__, *args)
+
+    def call(self, ns: str, *args: str, timeout: float = 20) -> Any:
+        p = self.helper(ns, *args)
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"{args[0]} in {ns} failed: {err.strip()}"
+        return json.loads(out)
+
+    @staticmethod
+    def result(p: subprocess.Popen[str], timeout: float = 20) -> Any:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"{p.args} failed: {err.strip()}"
+        return json.loads(out)
+
+    def dnsmasq(self) -> Path:
+        conf = self.tmp / "dnsmasq.conf"
+        conf.write_bytes(self.files["etc/dnsmasq.d/appliance.conf"])
+        leases, log = self.tmp / "leases", self.tmp / "dnsmasq.log"
+        leases.touch()
+        self.start("d", "dnsmasq", "--keep-in-foreground", f"--conf-file={conf}", f"--dhcp-leasefile={leases}",
+                   f"--pid-file={self.tmp / 'dnsmasq.pid'}", "--user=root", "--group=root", "--log-dhcp",
+                   f"--log-facility={log}")
+        wait_for("dnsmasq's DHCP service", lambda: log.exists() and "DHCP, IP range" in log.read_text())
+        return leases
+
+    def udhcpc(self, ns: str, name: str) -> subprocess.Popen[str]:
+        """busybox udhcpc on the namespace's eth0; its script configures the lease and records it in name."""
+        out = self.tmp / name
+        script = self.tmp / f"{name}.sh"
+        script.write_text("#!/bin/sh\ncase \"$1\" in bound|renew)\n"
+                          "  ip addr replace \"$ip/$subnet\" dev \"$interface\"\n"
+                          "  ip route replace default via \"$router\"\n"
+                          f"  env > {out}.tmp && mv {out}.tmp {out} ;;\nesac\n")
+        script.chmod(0o755)
+        return self.start(ns, "busybox", "udhcpc", "-f", "-q", "-n", "-t", "8", "-T", "1", "-A", "1", "-i", "eth0",
+                          "-s", str(script))
+
+    def lease(self, name: str, p: subprocess.Popen[str]) -> dict[str, str]:
+        _, err = p.communicate(timeout=30)
+        path = self.tmp / name
+        assert p.returncode == 0 and path.exists(), f"udhcpc got no lease: {err.strip()}"
+        return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+    def close(self) -> None:
+        Path(self.stop).touch()
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+        for n in self.created:
+            run("ip", "netns", "del", n, check=False)
+
+
+def leases_of(path: Path) -> dict[str, str]:
+    """dnsmasq's lease file: {mac: address}."""
+    out = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            out[parts[1]] = parts[2]
+    return out
+
+
+def booth() -> tuple[dict[str, bytes], dict[str, Any]]:
+    from appliance import config, configure
+    from appliance.identity import derive
+
+    cfg = config.load("booth")
+    ctx = configure.context(cfg, derive(cfg.digest))
+    files = {f.rel: f.data for f in configure.render_overlays(cfg, ctx) if f.data}
+    return files, ctx
+
+
+def without_bridge_table(ruleset: str) -> str:
+    """The ruleset as it would be without its bridge-family filters (to measure what they stop)."""
+    start = ruleset.index("table bridge appliance {")
+    end = ruleset.index("\n}\n", start) + 3
+    return ruleset[:start] + ruleset[end:]
+
+
+@contextlib.contextmanager
+def double(tmp: Path, ruleset_filter: Any = None) -> Iterator[Double]:
+    files, ctx = booth()
+    ruleset = files["etc/nftables.conf"].decode()
+    d = Double(tmp, files, ctx)
+    try:
+        d.setup(ruleset_filter(ruleset) if ruleset_filter else ruleset)
+        yield d
+    finally:
+        d.close()
+
+
+def attack(d: Double) -> dict[str, Any]:
+    """The good visitor fetches the page in a loop while the attacker runs (a)-(d); a second visitor arrives
+    during the attack. Returns what everyone saw."""
+    ctx = d.ctx
+    br = ctx["recipe"].network.bridge
+    site, blue = ctx["sites"][0], ctx["sites"][0]["slots"]["blue"]
+    url = f"http://{site['address']}:{site['port']}/"
+    d.helper("be", "serve", blue["address"], str(site["port"]), PAGE)
+    d.helper("d", "listen", "22", "8080")
+    d.helper("up", "serve", UPLINK_PEER, "80", "the venue's network")
+    health = lambda: d.call("d", "probe", f"{blue['address']}:{site['port']}")  # noqa: E731
+    wait_for("the backend", lambda: all(health().values()))
+    leases = d.dnsmasq()
+
+    # the good visitor joins: a lease, the names, then the page in a loop
+    v0 = d.lease("v0.lease", d.udhcpc("v0", "v0.lease"))
+    v0_ip, v0_mac, dom0_mac = v0["ip"], d.mac("v0", "eth0"), d.mac("d", br)
+    names = d.call("v0", "dns", ctx["net"]["address"], *site["names"], "connectivitycheck.gstatic.com")
+    progress = str(d.tmp / "v0.progress")
+    fetch = d.helper("v0", "fetch", url, d.stop, progress)
+    wait_for("the good visitor's first page",
+             lambda: os.path.exists(progress) and int(Path(progress).read_text().split()[0]) > 0)
+
+    # the attacker
+    att_mac = d.mac("att", "eth0")
+    claims = ",".join(ctx["dom0_addresses"])
+    spoof = d.helper("att", "spoof", "eth0", d.stop, claims, f"{ctx['guest_macs'][GUEST_MAC_SPOOF]},{dom0_mac}")
+    rogue = d.helper("att", "rogue", "eth0", d.stop, d.mac("v1", "eth0"))
+    sniff = d.helper("v1", "sniff", "eth0", d.stop, att_mac)
+    flood = d.call("att", "flood", "eth0", "40")
+    # a visitor arriving during the attack, and the good visitor taking a lease again, both from dnsmasq
+    v1 = d.lease("v1.lease", d.udhcpc("v1", "v1.lease"))
+    v0_again = d.lease("v0b.lease", d.udhcpc("v0", "v0b.lease"))
+    before = int(Path(progress).read_text().split()[0])
+    wait_for("50 more pages under attack", lambda: int(Path(progress).read_text().split()[0]) >= before + 50)
+    v1_page = d.call("v1", "probe", f"{site['address']}:{site['port']}")
+    neigh = {ip: d.neigh("v0", ip) for ip in ctx["dom0_addresses"]}
+    dom0_neigh = d.neigh("d", v0_ip)
+    fdb = [e for e in d.fdb() if e.get("ifname") == "wlan2" and e.get("state") != "permanent"]
+    Path(d.stop).touch()
+    held = leases_of(leases)
+    return {
+        "names": names, "fetch": d.result(fetch), "spoof": d.result(spoof), "rogue": d.result(rogue),
+        "sniff": d.result(sniff), "flood": flood, "v0": v0, "v0_again": v0_again, "v1": v1, "v1_page": v1_page,
+        "v0_mac": v0_mac, "v0_ip": v0_ip, "dom0_mac": dom0_mac, "att_mac": att_mac, "neigh": neigh,
+        "dom0_neigh": dom0_neigh, "fdb_wlan2": sorted(e["mac"] for e in fdb),
+        "attacker_leases": sorted(m for m in held if m in flood["chaddrs"] or m == att_mac), "leases": held,
+    }
+
+
+needs = _needs()
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_one_hostile_visitor_cannot_take_the_booth_down(tmp_path: Path):
+    with double(tmp_path) as d:
+        r = attack(d)
+        ctx = d.ctx
+    site, net = ctx["sites"][0], ctx["net"]
+    per = ctx["recipe"].network.leases_per_station
+    print(json.dumps({k: r[k] for k in ("fetch", "spoof", "rogue", "sniff", "neigh", "fdb_wlan2")}
+                     | {"flood": {k: v for k, v in r["flood"].items() if k != "chaddrs"},
+                        "attacker_leases": len(r["attacker_leases"])}))
+    # DNS: the site's names and, captive, every other name lead to the service address
+    assert all(v == [site["address"]] for v in r["names"].values()), r["names"]
+    # the good visitor got every page while the attack ran, and a lease from dnsmasq (again during the attack)
+    assert r["fetch"]["fail"] == 0 and r["fetch"]["ok"] >= 50, r["fetch"]
+    for lease in (r["v0"], r["v0_again"], r["v1"]):
+        assert lease["serverid"] == net["address"] and lease["router"] == net["address"], lease
+    assert r["leases"].get(r["v0_mac"]) == r["v0_ip"]
+    assert r["v1_page"] == {f"{site['address']}:{site['port']}": True}
+    # (a) the gratuitous ARPs moved nothing: the visitor still reaches dom0's addresses at dom0's MAC, dom0 the visitor
+    assert r["spoof"]["sent"] > 0
+    assert all(mac in (None, r["dom0_mac"]) for mac in r["neigh"].values()), r["neigh"]
+    assert r["neigh"][site["address"]] == r["dom0_mac"]
+    assert r["dom0_neigh"] == r["v0_mac"]
+    # (b) the bridge never learned the guest's nor dom0's MAC on the attacker's port: only the attacker's own
+    assert set(r["fdb_wlan2"]) <= {r["att_mac"]}, r["fdb_wlan2"]
+    # (c) the flood got the station's few leases, no more
+    assert r["flood"]["acks"] == per and len(r["attacker_leases"]) == per, (r["flood"], r["attacker_leases"])
+    # (d) the rogue server's answers never reached a visitor (dnsmasq's did: the sniffer works)
+    assert r["rogue"]["unsolicited"] > 0
+    assert r["sniff"]["attacker"] == 0 and r["sniff"]["others"] > 0, r["sniff"]
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_isolation(tmp_path: Path):
+    with double(tmp_path) as d:
+        ctx = d.ctx
+        site, blue = ctx["sites"][0], ctx["sites"][0]["slots"]["blue"]
+        gnet, net = ctx["gnet"], ctx["net"]
+        svc, backend = f"{site['address']}:{site['port']}", f"{blue['address']}:{site['port']}"
+        d.helper("be", "serve", blue["address"], str(site["port"]), PAGE)
+        d.helper("be", "listen", "8080")
+        d.helper("d", "listen", "22", "8080")
+        d.helper("up", "serve", UPLINK_PEER, "80", "the venue's network")
+        wait_for("the backend and the uplink", lambda: all(d.call("d", "probe", backend, f"{UPLINK_PEER}:80",
+                                                                     "127.0.0.1:22").values()))
+        run("ip", "-n", d.ns["v0"], "addr", "add", f"10.42.0.50/{net['prefix']}", "dev", "eth0")
+        run("ip", "-n", d.ns["v0"], "route", "add", "default", "via", net["address"])
+        visitor = d.call("v0", "probe", svc, f"{net['address']}:22", f"{site['address']}:22",
+                         f"{site['address']}:8080", backend, f"{blue['address']}:8080", f"{gnet['address']}:22",
+                         f"{UPLINK_PEER}:80", f"{UPLINK}:22")
+        guest = d.call("be", "probe", f"{gnet['address']}:22", f"{net['address']}:22", f"{UPLINK_PEER}:80",
+                       f"{UPLINK}:22", "10.42.0.50:22")
+        dom0 = d.call("d", "probe", backend, svc)
+        uplink = d.call("up", "probe", f"{UPLINK}:22")
+    assert visitor == {t: t == svc for t in visitor}, visitor
+    assert guest == {t: False for t in guest}, guest
+    assert dom0 == {backend: True, svc: True}, dom0  # the health check, direct and through the service address
+    assert uplink == {f"{UPLINK}:22": True}, uplink
+
+
+KINDS = {
+    "open": ("  ssid: Xen Booth\n  open: true", "  uplink: dhcp"),
+    "wpa2": (("  ssid: Booth WPA\n  country: FR\n  hw_mode: a\n  channel: 36\n  open: false\n"
+              "  passphrase_file: wifi.pass\n  client_isolation: false"),
+             ("  address: 192.168.50.1/24\n  dhcp_start: 192.168.50.20\n  dhcp_end: 192.168.50.80\n"
+              "  leases_per_station: 2\n  captive: false\nguests:\n  bridge: brg7\n  address: 192.168.60.1/24\n"
+              "sites:\n  - name: game\n    address: 192.168.50.2\n    port: 8080\n    names: [game.local]\n"
+              "  - name: about\n    address: 192.168.50.3\n    names: [about.booth]")),
+    "bridged": ("  ssid: Bridged\n  open: true\n  channel: 11", "  uplink: bridge\n  unique_hostname: false"),
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
+    from appliance import ROOT, config, configure
+    from appliance.identity import derive
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("APPLIANCE_WIFI_PASSPHRASE", raising=False)
+    wifi, network = KINDS[kind]
+    (tmp_path / "wifi.pass").write_text("correct horse battery\n")
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(f"name: t-{kind}\nboard: cubieboard2\noverlays: [base, booth]\nwifi:\n{wifi}\nnetwork:\n{network}\n")
+    cfg = config.load(str(path))
+    ctx = configure.context(cfg, derive(cfg.digest))
+    files = {f.rel: f.data for f in configure.render_overlays(cfg, ctx) if f.data}
+    rules = tmp_path / "nftables.conf"
+    rules.write_bytes(files["etc/nftables.conf"])
+    p = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    text = rules.read_text()
+    per = cfg.recipe.network.leases_per_station
+    assert text.count("flags dynamic, timeout") == 2 * per
+    for site in ctx["sites"]:
+        assert site["address"] in text.split("set dom0_addresses", 1)[1].split("}", 1)[0]
+    assert ("meta mark $VISITOR jump visitors" in text) == (cfg.recipe.network.uplink == "bridge")
+    conf = tmp_path / "dnsmasq.conf"
+    conf.write_bytes(files["etc/dnsmasq.d/appliance.conf"])
+    if shutil.which("dnsmasq"):
+        p = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
