@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""A stand-in for `xl` in the namespace double of the board: `create CFG` makes a network namespace for the
+domain, plugs a veth into the config's bridge with the vif's MAC, gives it the address of the cmdline's ip=,
+and runs a tiny guest there whose behaviour is the tail of its "kernel" file (after the zImage header):
+  serve:<page>              answers every GET with the page
+  slow-start:<s>:<page>     answers only after s seconds
+  never-answer              accepts connections and never answers
+  crash-after:<s>           boots, never serves, and dies after s seconds (on_crash=destroy: the domain goes)
+Its stdout is the domain's console log, <XL_STANDIN_CONSOLE>/guest-<name>.log, like xenconsoled's.
+The environment: XL_STANDIN_DIR (its state), XL_STANDIN_PREFIX (namespace names), XL_STANDIN_CONSOLE,
+XL_STANDIN_MEMORY (MiB Xen has for guests).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HEADER = 0x30
+
+
+def sh(*argv: str) -> None:
+    p = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if p.returncode:
+        raise SystemExit(f"xl stand-in: {' '.join(argv)}: {p.stderr.strip()}")
+
+
+class Domains:
+    def __init__(self) -> None:
+        self.dir = Path(os.environ["XL_STANDIN_DIR"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = os.environ.get("XL_STANDIN_PREFIX", "xls")
+        self.lock = open(self.dir / "lock", "w")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)     # one xl at a time, as xl itself takes a lock
+
+    def all(self) -> dict[str, dict]:
+        out = {}
+        for p in self.dir.glob("*.json"):
+            d = json.loads(p.read_text())
+            if self.alive(d):
+                out[d["name"]] = d
+            else:
+                self.remove(d)                     # crashed: on_crash = "destroy"
+        return out
+
+    @staticmethod
+    def alive(d: dict) -> bool:
+        try:
+            cmd = Path(f"/proc/{d['pid']}/cmdline").read_bytes()
+            state = Path(f"/proc/{d['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return b"xl_standin" in cmd and state != "Z"
+
+    def remove(self, d: dict) -> None:
+        try:
+            os.killpg(d["pid"], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        subprocess.run(["ip", "netns", "del", d["netns"]], capture_output=True, check=False)
+        (self.dir / f"{d['name']}.json").unlink(missing_ok=True)
+
+    def next_id(self) -> int:
+        p = self.dir / "next-domid"
+        n = int(p.read_text()) if p.exists() else 1
+        p.write_text(str(n + 1))
+        return n
+
+
+def create(cfg: Path) -> None:
+    text = cfg.read_text()
+
+    def value(key: str) -> str:
+        m = re.search(rf'^{key} = "(.*)"$', text, re.M)
+        if not m:
+            raise SystemExit(f"xl stand-in: {cfg}: no {key}")
+        return m.group(1)
+
+    name, kernel, extra = value("name"), value("kernel"), value("extra")
+    memory = int(re.search(r"^memory = (\d+)$", text, re.M).group(1))   # type: ignore[union-attr]
+    vif = re.search(r"^vif = \['mac=([0-9a-f:]+),bridge=([\w.-]+)'\]$", text, re.M)
+    ip = re.search(r"\bip=([\d.]+)::([\d.]+):([\d.]+):", extra)
+    port = re.search(r"\bappliance\.port=(\d+)", extra)
+    if not (vif and ip and port):
+        raise SystemExit(f"xl stand-in: {cfg}: vif, ip= or appliance.port= missing")
+    doms = Domains()
+    have = doms.all()
+    if name in have:
+        raise SystemExit(f"xl stand-in: domain {name} already exists")
+    free = int(os.environ.get("XL_STANDIN_MEMORY", "1024")) - sum(d["memory"] for d in have.values())
+    if memory > free:
+        raise SystemExit(f"xl stand-in: not enough memory for {name}: {memory} > {free}")
+    domid = doms.next_id()
+    ns, host = f"{doms.prefix}{domid}", f"vif{domid}.0"
+    prefix = sum(bin(int(b)).count("1") for b in ip.group(3).split("."))
+    sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    sh("ip", "link", "set", host, "master", vif.group(2), "up")
+    sh("ip", "-n", ns, "link", "set", "eth0", "address", vif.group(1))
+    sh("ip", "-n", ns, "addr", "add", f"{ip.group(1)}/{prefix}", "dev", "eth0")
+    sh("ip", "-n", ns, "link", "set", "eth0", "up")
+    sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "-n", ns, "route", "add", "default", "via", ip.group(2))
+    console = Path(os.environ.get("XL_STANDIN_CONSOLE", "/tmp")) / f"guest-{name}.log"
+    console.parent.mkdir(parents=True, exist_ok=True)
+    with open(console, "ab") as log:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "guest",
+                                 kernel, port.group(1), name], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    d = {"name": name, "domid": domid, "pid": proc.pid, "netns": ns, "memory": memory}
+    (doms.dir / f"{name}.json").write_text(json.dumps(d))
+
+
+def guest(kernel: str, port: int, name: str) -> None:
+    """The guest itself, inside its namespace."""
+    what = Path(kernel).read_bytes()[HEADER:].decode()
+    print(f"Booting Linux on physical CPU 0x0 (stand-in {name})", flush=True)
+    print(f"stand-in guest: {what}", flush=True)
+    kind, _, rest = what.partition(":")
+    if kind == "crash-after":
+        time.sleep(float(rest))
+        print("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100", flush=True)
+        os._exit(1)
+    if kind == "slow-start":
+        delay, _, rest = rest.partition(":")
+        time.sleep(float(delay))
+        kind = "serve"
+    page = rest.encode()
+    if kind == "never-answer":
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", port))
+        s.listen(64)
+        held = []
+        while True:
+            held.append(s.accept()[0])
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 128
+        daemon_threads = True
+
+    server = Server(("", port), Page)
+    print(f"stand-in guest: serving on port {port}", flush=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    signal.sigwait({signal.SIGTERM})
+
+
+def main(argv: list[str]) -> None:
+    cmd, args = argv[0], argv[1:]
+    if cmd == "guest":
+        guest(args[0], int(args[1]), args[2])
+        return
+    if cmd == "create":
+        create(Path(args[0]))
+        return
+    doms = Domains()
+    have = doms.all()
+    if cmd == "domid":
+        if args[0] not in have:
+            raise SystemExit(f"Can't get domid of domain name '{args[0]}', maybe this domain does not exist.")
+        print(have[args[0]]["domid"])
+    elif cmd in ("destroy", "shutdown"):
+        if args[0] not in have:
+            raise SystemExit(f"xl stand-in: no domain {args[0]}")
+        doms.remove(have[args[0]])
+    elif cmd == "list":
+        print("Name                                        ID   Mem VCPUs\tState\tTime(s)")
+        print("Domain-0                                     0   512     2     r-----      1.0")
+        for d in have.values():
+            print(f"{d['name']:<40} {d['domid']:>5} {d['memory']:>5}     1     -b----      0.1")
+    elif cmd == "info":
+        free = int(os.environ.get("XL_STANDIN_MEMORY", "1024")) - sum(d["memory"] for d in have.values())
+        print(f"host                   : stand-in\nfree_memory            : {free}")
+    else:
+        raise SystemExit(f"xl stand-in: {cmd}: not a command it knows")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
