@@ -259,6 +259,9 @@ def test_blue_green_switch_drops_no_request(board: Board):
     board.version("2.0", "serve:page two")
     board.supervise("1.0")
     assert board.run("status", "demo")[1]["map"] == f"{SERVICE}:80 -> 10.42.100.10:80"
+    mac = sh("ip", "-n", board.dom0, "-j", "link", "show", "br0").stdout
+    macs = sh("ip", "netns", "exec", board.dom0, "nft", "list", "set", "bridge", "appliance", "dom0_macs").stdout
+    assert json.loads(mac)[0]["address"] in macs, "the supervisor put br0's MAC in the bridge filter"
     visitor = board.visit()
     wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
     t0 = time.monotonic()

@@ -34,9 +34,11 @@ class Net:
     def _run(self, argv: list[str], what: str, stdin: str | None = None, timeout: float = 30
              ) -> subprocess.CompletedProcess[str]:
         try:
-            return subprocess.run(argv, check=False, capture_output=True, text=True, input=stdin,
-                                  timeout=timeout, errors="replace",
-                                  **({} if stdin is not None else {"stdin": subprocess.DEVNULL}))
+            if stdin is None:
+                return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout,
+                                      errors="replace", stdin=subprocess.DEVNULL)
+            return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout,
+                                  errors="replace", input=stdin)
         except subprocess.TimeoutExpired:
             raise Error(f"{what}: no answer in {timeout:g} s") from None
         except OSError as exc:

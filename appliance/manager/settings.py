@@ -105,9 +105,9 @@ class _Reader:
         return value
 
     def seconds(self, value: object, key: str, low: float, high: float) -> float:
-        if type(value) not in (int, float) or not low <= value <= high:   # type(): a bool is not a number here
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
             raise self.fail(key, f"{value!r} must be a number of seconds from {low:g} to {high:g}")
-        return float(value)   # type: ignore[arg-type]
+        return float(value)
 
     def ipv4(self, value: object, key: str) -> str:
         try:
