@@ -16,7 +16,6 @@ Needs root, nft, ip, bridge, dnsmasq and busybox (setup.sh installs them); skipp
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import random
@@ -201,7 +200,7 @@ def h_fetch(url: str, stop: str, progress: str) -> None:
     errors: list[str] = []
     while not _stopped(stop):
         try:
-            c = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=2)
+            c = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=2)
             c.request("GET", u.path or "/")
             r = c.getresponse()
             data = r.read().decode(errors="replace")
@@ -362,7 +361,7 @@ def h_sniff(iface: str, stop: str, attacker: str) -> None:
     print(json.dumps(counts))
 
 
-HELPERS = {"serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
+HELPERS: dict[str, Any] = {"serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
            "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff}
 
 
@@ -375,7 +374,7 @@ def main(argv: list[str]) -> None:
 
 
 def run(*cmd: str, check: bool = True) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if check and p.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout
@@ -482,7 +481,7 @@ class Double:
     @staticmethod
     def result(p: subprocess.Popen[str], timeout: float = 20) -> Any:
         out, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, f"{p.args} failed: {err.strip()}"
+        assert p.returncode == 0, f"{p.args!r} failed: {err.strip()}"
         return json.loads(out)
 
     def dnsmasq(self) -> Path:
@@ -568,9 +567,10 @@ def double(tmp: Path, ruleset_filter: Any = None) -> Iterator[Double]:
         d.close()
 
 
-def attack(d: Double) -> dict[str, Any]:
+def attack(d: Double, strict: bool = True) -> dict[str, Any]:
     """The good visitor fetches the page in a loop while the attacker runs (a)-(d); a second visitor arrives
-    during the attack. Returns what everyone saw."""
+    during the attack. Returns what everyone saw. Not strict (to measure a weaker ruleset): the attack goes on
+    for 10 s when the visitor cannot get 50 more pages."""
     ctx = d.ctx
     br = ctx["recipe"].network.bridge
     site, blue = ctx["sites"][0], ctx["sites"][0]["slots"]["blue"]
@@ -602,7 +602,11 @@ def attack(d: Double) -> dict[str, Any]:
     v1 = d.lease("v1.lease", d.udhcpc("v1", "v1.lease"))
     v0_again = d.lease("v0b.lease", d.udhcpc("v0", "v0b.lease"))
     before = int(Path(progress).read_text().split()[0])
-    wait_for("50 more pages under attack", lambda: int(Path(progress).read_text().split()[0]) >= before + 50)
+    try:
+        wait_for("50 more pages under attack", lambda: int(Path(progress).read_text().split()[0]) >= before + 50)
+    except AssertionError:
+        if strict:
+            raise
     v1_page = d.call("v1", "probe", f"{site['address']}:{site['port']}")
     neigh = {ip: d.neigh("v0", ip) for ip in ctx["dom0_addresses"]}
     dom0_neigh = d.neigh("d", v0_ip)
@@ -710,7 +714,7 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
     files = {f.rel: f.data for f in configure.render_overlays(cfg, ctx) if f.data}
     rules = tmp_path / "nftables.conf"
     rules.write_bytes(files["etc/nftables.conf"])
-    p = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True)
+    p = subprocess.run(["nft", "-c", "-f", str(rules)], check=False, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     text = rules.read_text()
     per = cfg.recipe.network.leases_per_station
@@ -721,8 +725,37 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
     conf = tmp_path / "dnsmasq.conf"
     conf.write_bytes(files["etc/dnsmasq.d/appliance.conf"])
     if shutil.which("dnsmasq"):
-        p = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], capture_output=True, text=True)
+        p = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], check=False, capture_output=True,
+                           text=True)
         assert p.returncode == 0, p.stderr
+
+
+def test_fail_closed_and_quiet_on_the_bridges():
+    """Static facts of the rendered units and configs: no access point, DHCP or DNS without the firewall, one
+    line on the console when it fails; avahi and the uplink stay off both bridges."""
+    files, ctx = booth()
+    text = {k: v.decode() for k, v in files.items() if k.startswith("etc/")}
+    for unit in ("hostapd", "dnsmasq"):
+        conf = text[f"etc/systemd/system/{unit}.service.d/appliance-fail-closed.conf"]
+        assert "Requires=nftables.service" in conf and "After=nftables.service" in conf, unit
+    assert "OnFailure=appliance-firewall-failed.service" in text["etc/systemd/system/nftables.service.d/"
+                                                                  "appliance-fail-closed.conf"]
+    report = text["etc/systemd/system/appliance-firewall-failed.service"]
+    assert "/dev/console" in report and "the access point, DHCP and DNS stay off" in report
+    br, brg = ctx["recipe"].network.bridge, ctx["recipe"].guests.bridge
+    assert f"deny-interfaces={br},{brg}" in text["etc/avahi/avahi-daemon.conf"].splitlines()
+    assert f"Name=!vif* {br} {brg}" in text["etc/systemd/network/30-appliance-uplink.network"].splitlines()
+    guests = text["etc/systemd/network/21-appliance-guests.network"].splitlines()
+    assert f"Name={brg}" in guests and f"Address={ctx['gnet']['cidr']}" in guests
+    assert "ConfigureWithoutCarrier=yes" in guests
+    visitors = text["etc/systemd/network/20-appliance-bridge.network"].splitlines()
+    assert [f"Address={a}" for a in [ctx["net"]["cidr"]] + [f"{s['address']}/32" for s in ctx["sites"]]] == \
+        [line for line in visitors if line.startswith("Address=")]
+    assert "net.ipv4.ip_forward=1" in text["etc/sysctl.d/60-appliance-forward.conf"].splitlines()
+    dns = text["etc/dnsmasq.d/appliance.conf"].splitlines()
+    assert f"interface={br}" in dns and "except-interface=lo" in dns and "dhcp-host" not in "".join(dns)
+    assert "dhcp-lease-max=919" in dns and "dhcp-range=10.42.0.100,10.42.3.250,255.255.252.0,30m" in dns
+    assert f"address=/#/{ctx['sites'][0]['address']}" in dns
 
 
 if __name__ == "__main__":
