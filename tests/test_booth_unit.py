@@ -142,7 +142,7 @@ def test_nft_checks_the_ruleset(tmp_path: Path, kind: str):
      "wifi.channel: channel 11 is not allowed in hw_mode 'a'"),
     ("  hw_mode: b\n  channel: 36\n  open: true", "  uplink: dhcp", None,
      "wifi.channel: channel 36 is not allowed in hw_mode 'b'"),
-    ("  open: true", "  address: 10.42.0.1/24", "  - address: 10.9.0.2",
+    ("  open: true", "  address: 10.42.0.1/24\n  dhcp_end: 10.42.0.199", "  - address: 10.9.0.2",
      "sites[0].address: 10.9.0.2 is outside the bridge's subnet 10.42.0.0/24"),
     ("  open: true", "  dhcp_start: 10.42.0.1", None, "network.address: 10.42.0.1 is inside the DHCP range"),
     ("  open: true", "  dhcp_start: 10.42.0.150\n  dhcp_end: 10.42.0.120", None,
