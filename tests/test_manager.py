@@ -546,7 +546,7 @@ def test_supervisor_starts_restarts_and_stops(ctx: Context, tmp_path: Path, web:
         assert (st["slot"], st["version"], st["domain"], st["note"]) == ("blue", "1.0", "demo.blue", None)
         assert 'name = "demo.blue"' in (tmp_path / "run/demo/blue.cfg").read_text()
         (tmp_path / "domains").write_text("")          # the guest crashes (on_crash=destroy)
-        wait_for(lambda: sup.restarts == 1 and state(ctx).get("state") == "serving", what="the restart")
+        wait_for(lambda: (state(ctx).get("restarts"), state(ctx).get("state")) == (1, "serving"), what="the restart")
         assert domains(tmp_path) == ["demo.blue"]
         assert sup.failures == 1 and sup.delay() == 0, "the first restart is immediate"
         assert "is gone (crashed, shut down or destroyed)" in state(ctx)["error"]
@@ -624,7 +624,7 @@ def test_the_supervisor_follows_a_switch(ctx: Context, tmp_path: Path, web: int)
         wait_for(lambda: sup.slot is not None and sup.slot.name == "green", what="the supervisor to follow")
         assert sup.restarts == 0, "the old guest's stop is no crash to the supervisor"
         (tmp_path / "domains").write_text("")
-        wait_for(lambda: sup.restarts == 1 and state(ctx).get("state") == "serving", what="the restart")
+        wait_for(lambda: (state(ctx).get("restarts"), state(ctx).get("state")) == (1, "serving"), what="the restart")
         assert (state(ctx)["slot"], state(ctx)["version"], domains(tmp_path)) == ("green", "2.0", ["demo.green"])
         back = switch.rollback(ctx, "demo")
         assert back["ok"] and back["version"] == "1.0" and back["slot"] == "blue"

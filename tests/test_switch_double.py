@@ -294,7 +294,7 @@ def test_a_failing_version_leaves_the_old_one_serving(board: Board, behaviour: s
     rc, out = board.run("switch", "demo", "2.0")
     lines = visitor.finish()
     assert rc == 1 and out["error"].startswith(reason), out
-    assert "; 1.0 keeps serving from demo.blue; its console ends: " in out["error"]
+    assert "; 1.0 keeps serving from demo.blue; its console ends: " in out["error"], [(p.name, p.read_text()) for p in (board.tmp / "console").iterdir()]
     assert "\n" not in out["error"]
     assert f"stand-in guest: {behaviour}" in out["console"]
     if behaviour.startswith("crash"):

@@ -147,8 +147,15 @@ class Context:
                 self.xl.destroy(slot.domain)
             except Error as again:
                 log(str(again))
-            raise GuestFailed(str(exc), self.console_tail(slot, offset)) from None
+            raise GuestFailed(str(exc), self._last_words(slot, offset)) from None
         return m
+
+    def _last_words(self, slot: Slot, offset: int, grace: float = 1.0) -> list[str]:
+        """The console's tail; xenconsoled writes it a little after the guest did, so wait a moment for it."""
+        end = time.monotonic() + grace
+        while not (tail := self.console_tail(slot, offset)) and time.monotonic() < end:
+            time.sleep(0.05)
+        return tail
 
     def _wait_healthy(self, site: Site, slot: Slot, m: Manifest, stop: threading.Event) -> None:
         if m.health is None:
