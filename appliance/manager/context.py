@@ -162,7 +162,7 @@ class Context:
             return
         url = f"http://{slot.address}:{m.port}{m.health.path}"
         end = time.monotonic() + m.health.deadline
-        last = "no answer"
+        last, look = "no answer", 0.0
         while not stop.is_set():
             left = end - time.monotonic()
             if left <= 0:
@@ -172,9 +172,11 @@ class Context:
             if ok:
                 log(f"{site.name} {m.version} answers at {url} ({last})")
                 return
-            if self.xl.domid(slot.domain) is None:
-                raise Error(f"site {site.name}: version {m.version} in {slot.domain} stopped before it answered "
-                            f"at {url} (it crashed or shut down)")
+            if time.monotonic() >= look:   # one `xl domid` a second: the guest's boot needs dom0's CPU too
+                look = time.monotonic() + 1.0
+                if self.xl.domid(slot.domain) is None:
+                    raise Error(f"site {site.name}: version {m.version} in {slot.domain} stopped before it "
+                                f"answered at {url} (it crashed or shut down)")
             stop.wait(0.1)
         raise Error(f"site {site.name}: stopped while {m.version} was starting")
 

@@ -98,6 +98,16 @@ class Net:
         except OSError:
             return None
 
+    def make_bridge(self, bridge: str, cidr: str) -> None:
+        """Make the guests' bridge with dom0's address on it, ahead of systemd-networkd (which starts late in an
+        emulated boot, and takes the bridge over as it finds it: the same name, the same address)."""
+        ipaddress.IPv4Interface(cidr)
+        for argv in (["ip", "link", "add", "name", bridge, "type", "bridge"], ["ip", "addr", "add", cidr, "dev", bridge],
+                     ["ip", "link", "set", bridge, "up"]):
+            p = self._run(argv, shlex.join(argv))
+            if p.returncode != 0 and "exists" not in p.stderr:
+                raise Error(f"{shlex.join(argv)} failed: {p.stderr.strip() or p.returncode}")
+
     def add_dom0_mac(self, bridge: str) -> str:
         """Put the visitors' bridge's own MAC in the bridge filter's set: no visitor may send from it."""
         mac = self.mac(bridge)

@@ -20,7 +20,9 @@ from .settings import Site, Slot
 
 BACKOFF_S = (0, 5, 10, 20, 40, 80, 160, 300)
 STABLE_S = 60.0        # a guest healthy this long has recovered: its next failure restarts it at once
-BRIDGE_WAIT_S = 120.0  # the manager starts early in the boot; networkd makes the bridges a little later
+LOOK_S = 3.0           # how often the serving guest's domain is looked for (a switch is followed within 0.5 s)
+BRIDGE_WAIT_S = 120.0
+BOARD_SYSFS = Path("/sys/class/net")  # the manager starts early in the boot; networkd makes the bridges a little later
 
 
 def wait_bridges(sysfs: Path, bridges: Sequence[str], deadline: float, stop: threading.Event) -> None:
@@ -52,6 +54,7 @@ class SiteSupervisor:
     note: str | None = None
     misses: int = 0
     _next_probe: float = field(default=0.0, repr=False)
+    _next_look: float = field(default=0.0, repr=False)
 
     def delay(self) -> float:
         return float(self.backoff_s[min(self.failures, len(self.backoff_s)) - 1]) if self.failures else 0.0
@@ -141,7 +144,7 @@ class SiteSupervisor:
             self.state("starting")
             try:
                 m = self.ctx.start(self.site, slot, version, self.stop)
-                self.ctx.net.point(self.site.address, self.site.port, slot.address, m.port)
+                self._point(slot, m.port)
             except Error as exc:
                 reasons.append(str(exc))
                 log(str(exc))
@@ -169,6 +172,22 @@ class SiteSupervisor:
         self.version = versions[0]
         self.state("failed")
 
+    def _point(self, slot: Slot, port: int) -> None:
+        """Point the site's map element at a guest that passed its health check. Early in the boot the ruleset
+        may not be loaded yet: the healthy guest is kept, and the element added once the map is there."""
+        said = False
+        while True:
+            try:
+                self.ctx.net.point(self.site.address, self.site.port, slot.address, port)
+                return
+            except Error as exc:
+                if self.stop.is_set():
+                    raise
+                if not said:
+                    log(f"site {self.site.name}: {exc}; trying again until the firewall is loaded")
+                    said = True
+                self.stop.wait(1)
+
     # ---------------------------------------------------------------- watching
 
     def watch(self) -> None:
@@ -185,9 +204,12 @@ class SiteSupervisor:
                 log(f"site {self.site.name}: following the switch to {self.version} in {self.slot.domain}")
             return
         reason = None
-        if self.ctx.xl.domid(self.slot.domain) is None:
-            reason = "is gone (crashed, shut down or destroyed)"
-        elif time.monotonic() >= self._next_probe:
+        now = time.monotonic()
+        if now >= self._next_look:        # `xl domid` is a process of its own: seconds of CPU on a small board
+            self._next_look = now + min(LOOK_S, self.site.probe_interval)
+            if self.ctx.xl.domid(self.slot.domain) is None:
+                reason = "is gone (crashed, shut down or destroyed)"
+        if reason is None and now >= self._next_probe:
             self._next_probe = time.monotonic() + self.site.probe_interval
             m = self.ctx.store(self.site).load(self.version or "", self.site.defaults())
             if m.health:
@@ -229,14 +251,27 @@ class SiteSupervisor:
         self.ctx.write_state(self.site, state="stopped", slot=slot.name if slot else None, version=self.version)
 
 
+def _protect_dom0(ctx: Context, bridge_wait: float, stop: threading.Event) -> None:
+    """Once the visitors' bridge is there, put its MAC in the bridge filter (the guests need not wait for it)."""
+    bridge = ctx.settings.visitors.bridge
+    try:
+        wait_bridges(ctx.net.sysfs, [bridge], bridge_wait, stop)
+        log(f"{bridge} is dom0's MAC {ctx.net.add_dom0_mac(bridge)} for the bridge filter")
+    except Error as exc:
+        log(str(exc))
+
+
 def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S, **options: object) -> None:
     """The systemd unit's `appliance-guest run`: every site in its own thread, until stop is set."""
     s = ctx.settings
-    wait_bridges(ctx.net.sysfs, [s.visitors.bridge, s.guests.bridge], bridge_wait, stop)
-    try:
-        log(f"{s.visitors.bridge} is dom0's MAC {ctx.net.add_dom0_mac(s.visitors.bridge)} for the bridge filter")
-    except Error as exc:
-        log(str(exc))
+    if ctx.net.sysfs == BOARD_SYSFS and not (ctx.net.sysfs / s.guests.bridge).exists():
+        try:
+            ctx.net.make_bridge(s.guests.bridge, f"{s.guests.address}/{s.guests.prefix}")
+            log(f"made the guests' bridge {s.guests.bridge} ahead of systemd-networkd")
+        except Error as exc:
+            log(str(exc))
+    wait_bridges(ctx.net.sysfs, [s.guests.bridge], bridge_wait, stop)
+    threading.Thread(target=_protect_dom0, args=(ctx, bridge_wait, stop), name="dom0-mac", daemon=True).start()
     sups = [SiteSupervisor(ctx, site, stop, **options) for site in s.sites.values()]  # type: ignore[arg-type]
     threads = [threading.Thread(target=sup.run, name=sup.site.name, daemon=True) for sup in sups]
     for t in threads:
