@@ -21,7 +21,7 @@ import yaml
 
 from . import ROOT
 from .errors import RecipeError
-from .manager import names
+from .manager import manifest, names
 
 REQUIRED: Any = dataclasses.MISSING
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KiB|M|MiB|G|GiB)?\s*$")
@@ -461,7 +461,7 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
             raise _fail(path, f"{key}.vcpus", f"{s.vcpus} must be 1 to 4")
         if not 1 <= s.port <= 65535:
             raise _fail(path, f"{key}.port", f"{s.port} is not a TCP port")
-        if not re.fullmatch(r"/[\x21-\x7e]*", s.health_path):
+        if not manifest.HEALTH_PATH.fullmatch(s.health_path):
             raise _fail(path, f"{key}.health_path", f"'{s.health_path}' must be a URL path starting with '/'")
         if not 5 <= s.deadline <= 3600:
             raise _fail(path, f"{key}.deadline", f"{s.deadline} must be 5 to 3600 (seconds)")

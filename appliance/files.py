@@ -5,8 +5,9 @@ A file is written whole or not at all: under a temporary name beside it, then re
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from .manager.manifest import sha256  # noqa: F401  (one copy, the board's: the guest manager checks with it)
 
 
 def partial(path: Path) -> Path:
@@ -21,11 +22,3 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()

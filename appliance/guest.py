@@ -28,8 +28,7 @@ from .manager.errors import Error as ManagerError
 
 DEMO_NAME = "demo"
 DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
-DEFAULT_CMDLINE = "console=hvc0 ip={address}::{gateway}:{netmask}:{domain}:eth0:off"   # a Linux guest's
-DEMO_CMDLINE = "console=hvc0 ip={address}::{gateway}:{netmask}:{domain}:eth0:off appliance.port={port}"
+DEMO_CMDLINE = manifest.DEFAULT_CMDLINE   # the board's default: ip=… for a Linux guest, appliance.port for the demo
 STORE = "var/lib/appliance/sites"
 NETFRONT = "kernel/drivers/net/xen-netfront.ko"
 _PLACES = {"init": "init", "httpd.conf": "etc/httpd.conf", "udhcpc.script": "etc/udhcpc.script"}  # guest/ -> initramfs
@@ -131,7 +130,7 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
 
 def defaults(site: SiteSpec) -> dict[str, Any]:
     """What a site gives the guests that serve it, where a bundle's guest.yaml leaves it out."""
-    return {"memory": site.memory_mib, "vcpus": site.vcpus, "port": site.port, "cmdline": DEFAULT_CMDLINE,
+    return {"memory": site.memory_mib, "vcpus": site.vcpus, "port": site.port,
             "health": {"path": site.health_path, "deadline": site.deadline}}
 
 

@@ -12,8 +12,7 @@ import json
 from typing import Any
 
 from .config import Recipe
-
-SLOTS = ("blue", "green")
+from .manager.settings import SLOTS
 
 
 def _net(address: str, bridge: str) -> dict[str, Any]:
