@@ -22,11 +22,15 @@ from .emulate import Board, wait_for
 STORE = "/var/lib/appliance/sites"
 ANSWERS_S = 300
 
-# The steady visitor, run on the board (in dom0 or in a visitor's network namespace) until the stop file appears.
+# The steady visitor, run on the board (in dom0 or in a visitor's network namespace) until the stop file appears:
+# a request every PACE seconds at most, a visitor clicking on, not a flood (dom0 has one CPU, and under emulation
+# its wifi, bridge and DNAT work for every packet is slow).
+PACE_S = 0.25
 VISITOR = """import json, os, sys, time, urllib.request
-url, out, stop = sys.argv[1:4]
+url, out, stop, pace = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 n = {"ok": 0, "failed": 0, "versions": [], "errors": []}
 while not os.path.exists(stop):
+    next_at = time.monotonic() + pace
     try:
         with urllib.request.urlopen(url, timeout=15) as r:
             v = json.loads(r.read()).get("version")
@@ -39,6 +43,7 @@ while not os.path.exists(stop):
     with open(out + ".tmp", "w") as f:
         json.dump(n, f)
     os.replace(out + ".tmp", out)
+    time.sleep(max(0.0, next_at - time.monotonic()))
 """
 
 
@@ -68,7 +73,8 @@ def steady_visitor(board: Board, url: str, netns: str | None = None) -> Iterator
     out, stop = "/run/appliance-visit.json", "/run/appliance-visit.stop"
     prefix = f"ip netns exec {shlex.quote(netns)} " if netns else ""
     board.run(f"rm -f {out} {stop}; printf %s {shlex.quote(VISITOR)} > /run/appliance-visit.py")
-    board.run(f"{prefix}nohup python3 /run/appliance-visit.py {shlex.quote(url)} {out} {stop} >/dev/null 2>&1 &")
+    board.run(f"{prefix}nohup python3 /run/appliance-visit.py {shlex.quote(url)} {out} {stop} {PACE_S} "
+              f">/dev/null 2>&1 &")
     v = Visiting(board, out)
     try:
         v.wait_answers(3)

@@ -15,6 +15,8 @@ from .errors import Error
 from .names import check_version
 from .settings import Site, Slot
 
+DRAIN_POLL_S = 0.5   # each look is a `conntrack -L` of the whole table: a process of its own on dom0's one CPU
+
 
 def _ms(t0: float) -> int:
     return round((time.monotonic() - t0) * 1000)
@@ -72,7 +74,7 @@ def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
             left = -1
         if left == 0 or time.monotonic() - t0 >= site.drain:
             break
-        time.sleep(0.1)
+        time.sleep(DRAIN_POLL_S)
     drain_ms = _ms(t0)
     ctx.xl.stop(old.domain, site.stop_grace)
     return {"drain_ms": drain_ms, "left_connections": max(left, 0), "stopped": old.domain}
