@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Error
+from .manifest import HEALTH_PATH
 from .names import check_site
 
 SLOTS = ("blue", "green")
 MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-HEALTH_PATH = re.compile(r"/[\x21-\x7e]{0,255}")
 
 
 @dataclass(frozen=True)
