@@ -455,10 +455,10 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
         for j, name in enumerate(s.names):
             if not _DNS_NAME.fullmatch(name):
                 raise _fail(path, f"{key}.names[{j}]", f"'{name}' is not a lower-case DNS name")
-        if not 16 <= s.memory_mib <= 2048:
-            raise _fail(path, f"{key}.memory_mib", f"{s.memory_mib} must be 16 to 2048 (MiB)")
-        if not 1 <= s.vcpus <= 4:
-            raise _fail(path, f"{key}.vcpus", f"{s.vcpus} must be 1 to 4")
+        if not 16 <= s.memory_mib <= manifest.MAX_MEMORY:   # the bounds a version's manifest is held to
+            raise _fail(path, f"{key}.memory_mib", f"{s.memory_mib} must be 16 to {manifest.MAX_MEMORY} (MiB)")
+        if not 1 <= s.vcpus <= manifest.MAX_VCPUS:
+            raise _fail(path, f"{key}.vcpus", f"{s.vcpus} must be 1 to {manifest.MAX_VCPUS}")
         if not 1 <= s.port <= 65535:
             raise _fail(path, f"{key}.port", f"{s.port} is not a TCP port")
         if not manifest.HEALTH_PATH.fullmatch(s.health_path):

@@ -201,9 +201,8 @@ def store(tree: Path, bundle: Path, site: SiteSpec, *, current: bool = True) -> 
     tmp = root / f".{m.version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for fname in (m.kernel, m.ramdisk):
-        if fname:
-            shutil.copyfile(folder / fname, tmp / fname)
+    for fname in m.files:
+        shutil.copyfile(folder / fname, tmp / fname)
     (tmp / "manifest.json").write_text(manifest.to_json(m))
     try:
         manifest.check_files(m, tmp, str(tmp / "manifest.json"))   # the copy, as the board will check it

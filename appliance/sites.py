@@ -45,7 +45,8 @@ def resolved(rec: Recipe) -> list[dict[str, Any]]:
 def board_settings(rec: Recipe) -> dict[str, Any]:
     """What /etc/appliance/sites.json says: the networks and every site, for the board's guest manager."""
     keep = ("bridge", "address", "prefix", "netmask")
-    return {"visitors": {k: visitors(rec)[k] for k in keep}, "guests": {k: guests(rec)[k] for k in keep},
+    nets = {"visitors": visitors(rec), "guests": guests(rec)}
+    return {**{side: {k: net[k] for k in keep} for side, net in nets.items()},
             "sites": {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in resolved(rec)}}
 
 
@@ -55,8 +56,8 @@ def board_json(rec: Recipe) -> str:
 
 def template_context(rec: Recipe) -> dict[str, Any]:
     """What the overlays' templates see of the sites and networks (see configure.context)."""
-    all_sites = resolved(rec)
-    return {"net": visitors(rec), "gnet": guests(rec), "sites": all_sites,
-            "dom0_addresses": [visitors(rec)["address"], *(s["address"] for s in all_sites)],
+    all_sites, net = resolved(rec), visitors(rec)
+    return {"net": net, "gnet": guests(rec), "sites": all_sites,
+            "dom0_addresses": [net["address"], *(s["address"] for s in all_sites)],
             "guest_macs": [sl["mac"] for s in all_sites for sl in s["slots"].values()],
             "sites_json": board_json(rec)}

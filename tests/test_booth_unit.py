@@ -126,13 +126,6 @@ def test_bridged_uplink_recipe(tmp_path: Path):
     assert "channel=11" in files["etc/hostapd/appliance.conf"].splitlines()
 
 
-@pytest.mark.skipif(not shutil.which("nft") or os.geteuid() != 0, reason="needs the host's nft and root")
-@pytest.mark.parametrize("kind", ["open", "bridged"])
-def test_nft_checks_the_ruleset(tmp_path: Path, kind: str):
-    (tmp_path / "nftables.conf").write_text(rendered(recipe(tmp_path, kind))["etc/nftables.conf"])
-    subprocess.run(["nft", "-c", "-f", str(tmp_path / "nftables.conf")], check=True)
-
-
 @pytest.mark.parametrize("wifi, network, sites_, message", [
     ("  ssid: " + "x" * 33 + "\n  open: true", "  uplink: dhcp", None,
      "wifi.ssid: '" + "x" * 33 + "' must be 1 to 32 bytes long"),
