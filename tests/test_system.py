@@ -8,8 +8,10 @@ deadline; none sleeps a fixed time.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import pytest
 import testinfra
 
 from appliance import config
+from appliance.bench_switch import STORE, manager, steady_visitor, upload
 from appliance.emulate import Board, EmulateError, wait_for
 
 pytestmark = pytest.mark.system
@@ -129,6 +132,12 @@ def test_guest_answers_through_the_forwarded_port(board, guest):
 
 def test_guest_manager_is_active(dom0, guest):
     assert dom0.service("appliance-guest").is_running
+
+
+def test_dom0_keeps_to_one_physical_cpu(board):
+    """dom0_vcpus_pin took effect: unpinned, dom0's virtio disk hung under TCG when a second guest started."""
+    rows = [line.split() for line in board.run("xl vcpu-list Domain-0").out.splitlines()[1:]]
+    assert rows and all(r[6] == "0" for r in rows), rows   # the hard affinity column
 
 
 # ---------------------------------------------------------------- simulated wifi
@@ -253,6 +262,92 @@ def test_visitor_cannot_reach_dom0_ssh(board, visitor, guest, recipe):
     assert reach(recipe.sites[0].address, recipe.sites[0].port)
     for ip in dom0_ips:
         assert not reach(ip, 22), f"a visitor reaches dom0's SSH at {ip}"
+
+
+# ---------------------------------------------------------------- the blue-green switch, seen by a visitor
+
+SWITCH_S = 600
+
+
+def current(board: Board, site: str) -> str:
+    return board.run(f"readlink {STORE}/{site}/current").out.strip()
+
+
+def visiting(board: Board, recipe: config.Recipe):
+    """The steady visitor on the simulated wifi: its own connection for every request, to the site's name
+    (captive DNS, then dom0's DNAT of the service address)."""
+    site = recipe.sites[0]
+    name = site.names[0] if site.names else site.address
+    return steady_visitor(board, f"http://{name}:{site.port}/cgi-bin/status", netns=NETNS)
+
+
+@pytest.fixture(scope="module")
+def versions(board: Board, recipe: config.Recipe, guest, tmp_path_factory) -> dict[str, str]:
+    """Versions of the demo site made on the host and copied into the board's store: the image's own (`one`),
+    a second release of the demo (`two`), one whose guest never answers its health check (it serves another
+    port) and one that crashes at start (its kernel panics: no init)."""
+    from appliance import guest as g
+
+    cfg = config.load("booth")
+    work = tmp_path_factory.mktemp("store")
+    demo = g.build(cfg).path
+    made = {"one": current(board, cfg.recipe.sites[0].name),
+            "two": upload(board, cfg, g.build(cfg, release="2.0").path, work)}
+    base = json.loads((demo / "guest.yaml").read_text())
+    for kind, cmdline in (("never", g.DEMO_CMDLINE.replace("appliance.port={port}", "appliance.port=8081")),
+                          ("crash", g.DEMO_CMDLINE + " rdinit=/no-such-init")):
+        bundle = work / f"bundle-{kind}"
+        bundle.mkdir()
+        for name in ("vmlinuz", "initrd.gz"):
+            shutil.copyfile(demo / name, bundle / name)
+        (bundle / "guest.yaml").write_text(json.dumps({**base, "version": f"{kind}-{base['version']}",
+                                                       "cmdline": cmdline, "health": {"path": "/", "deadline": 45}}))
+        made[kind] = upload(board, cfg, bundle, work)
+    return made
+
+
+def test_blue_green_switch_drops_no_request(board, visitor, versions, recipe):
+    site = recipe.sites[0].name
+    with visiting(board, recipe) as v:
+        rc, out = manager(board, f"switch {site} {versions['two']}")
+        assert rc == 0 and out["ok"], out
+    seen = v.counts()
+    assert seen["failed"] == 0, seen
+    assert seen["versions"] == [versions["one"], versions["two"]], seen
+    assert current(board, site) == versions["two"]
+    assert board.run(f"readlink {STORE}/{site}/previous").out.strip() == versions["one"]
+    assert len([n for n in domains(board) if n != "Domain-0"]) == 1, "the old guest was stopped after draining"
+
+
+@pytest.mark.parametrize("kind", ["never", "crash"])
+def test_a_failing_version_leaves_the_old_one_serving(board, visitor, versions, recipe, kind):
+    site = recipe.sites[0].name
+    before = current(board, site)
+    with visiting(board, recipe) as v:
+        rc, out = manager(board, f"switch {site} {versions[kind]}")
+        assert rc != 0 and not out["ok"], out
+        assert out.get("error"), out
+    seen = v.counts()
+    assert seen["failed"] == 0, seen
+    assert seen["versions"] == [before], seen
+    assert current(board, site) == before
+    assert len([n for n in domains(board) if n != "Domain-0"]) == 1, "the failed guest was destroyed"
+
+
+def test_a_second_switch_is_refused_while_one_runs(board, versions, recipe):
+    site = recipe.sites[0].name
+    target = versions["one"] if current(board, site) != versions["one"] else versions["two"]
+    other = versions["two"] if target == versions["one"] else versions["one"]
+    board.run(f"rm -f /run/switch1.json; nohup appliance-guest switch {site} {target} "
+              f"> /run/switch1.json.tmp 2>/dev/null && mv /run/switch1.json.tmp /run/switch1.json &")
+    # Whichever of the two takes the site's lock first switches (a guest boot, many seconds); the other is refused.
+    rc, second = manager(board, f"switch {site} {other}")
+    first = json.loads(wait_for("the first switch to finish", lambda: board.run(
+        "cat /run/switch1.json 2>/dev/null", check=False).out.strip() or None, SWITCH_S, interval=3, board=board))
+    assert sorted([first["ok"], second["ok"]]) == [False, True], (first, second)
+    refused = first if second["ok"] else second
+    assert "pid" in refused["error"], refused
+    assert current(board, site) == (other if second["ok"] else target)
 
 
 # ---------------------------------------------------------------- recovery
