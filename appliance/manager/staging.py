@@ -7,6 +7,7 @@ deploy.lock from stage to prune (`session`), so a second one is refused, naming 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -125,15 +126,23 @@ def commit(ctx: Context, site: Site, version: str) -> dict[str, Any]:
                 os.unlink(d / extra)
         store.dir.mkdir(parents=True, exist_ok=True)
         os.utime(d)                                     # the store's age order (prune) is the commit order
-        os.rename(d, dest)
+        try:
+            os.rename(d, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            incoming = store.dir / f".{version}.incoming"   # another filesystem: a copy, then one rename
+            shutil.rmtree(incoming, ignore_errors=True)
+            shutil.copytree(d, incoming)
+            os.rename(incoming, dest)
+            shutil.rmtree(d)
         fd = os.open(store.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
-        raise Error(f"{d}: cannot move it into {dest}: {exc.strerror} (staging and store must share a "
-                    f"filesystem)") from None
+        raise Error(f"{d}: cannot move it into {dest}: {exc.strerror}") from None
     store.load(version, site.defaults())
     return {"ok": True, "site": site.name, "version": version, "path": str(dest), "already": False}
 
