@@ -24,7 +24,7 @@ from .errors import Error
 from .lock import SiteLock
 from .names import check_version
 from .settings import Site
-from .store import MANIFEST
+from .store import MANIFEST, sync_dir
 
 PART = ".part"
 
@@ -136,11 +136,7 @@ def commit(ctx: Context, site: Site, version: str) -> dict[str, Any]:
             shutil.copytree(d, incoming)
             os.rename(incoming, dest)
             shutil.rmtree(d)
-        fd = os.open(store.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(store.dir)
     except OSError as exc:
         raise Error(f"{d}: cannot move it into {dest}: {exc.strerror}") from None
     store.load(version, site.defaults())
