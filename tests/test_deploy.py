@@ -211,3 +211,26 @@ def test_a_fleet_with_one_failing_board(board: Board, sshd: Sshd, tmp_path: Path
         assert current(board) == "2.0"
     finally:
         broken.stop()
+
+
+def test_the_client_killed_as_the_switch_begins(board: Board, sshd: Sshd, tmp_path: Path):
+    board.version("1.0", "serve:page one")
+    board.supervise("1.0")
+    g = bundle(tmp_path, "2.0", "page two")
+    (g.folder / "vmlinuz").write_bytes(zimage("slow-start:2:page two"))
+    data = json.loads((g.folder / "guest.yaml").read_text())
+    data["sha256"]["vmlinuz"] = hashlib.sha256((g.folder / "vmlinuz").read_bytes()).hexdigest()
+    (g.folder / "guest.yaml").write_text(json.dumps(data))
+    cfg = sshd.ssh_config("booth-test")
+    client = subprocess.Popen([sys.executable, "-m", "invoke", "deploy", "--host", "booth-test", "--ssh-config",
+                               str(cfg), str(g.folder)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    lock = board.tmp / "run/demo/lock"
+    wait_for(lambda: lock.exists() and '"switch"' in lock.read_text(), 60, "the switch to begin")
+    client.kill()
+    client.wait()
+    wait_for(lambda: (board.tmp / "run/demo/deploy.lock").read_text() == "" and lock.read_text() == "", 60,
+             "the board to finish what it was asked")
+    rc, st = board.run("status", "demo")
+    assert rc == 0 and st["ok"] and st["version"] == st["current"] == "2.0", st
+    assert d.deploy(target(sshd), bundle(tmp_path, "3.0", "page three")).ok, "the next deploy works"

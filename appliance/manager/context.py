@@ -39,7 +39,10 @@ CONSOLE_LINES = 20
 
 
 def log(message: str) -> None:
-    print(f"appliance-guest: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"appliance-guest: {message}", file=sys.stderr, flush=True)
+    except OSError:     # the deploy's SSH channel is gone: the switch it asked for goes on regardless
+        pass
 
 
 def _mib(text: str) -> int:
