@@ -123,16 +123,113 @@ def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=F
 
 
 @task(help={"recipe": "recipe name under recipes/ or a path (default: booth)",
+            "static": "a folder of static files (index.html, …) for the guest to serve instead of the game",
             "debug": "show commands and tracebacks"})
 @_cli
-def guest(c, recipe="booth", debug=False):
-    """Build the demo guest bundle (zImage + busybox httpd initramfs + the game) into build/guests/."""
+def guest(c, recipe="booth", static=None, debug=False):
+    """Build the demo guest bundle (zImage + busybox httpd initramfs + the game, or --static DIR) into build/guests/."""
+    from pathlib import Path
+
     from appliance import guest as g
 
-    print(g.build_task(recipe).path)
+    print(g.build_task(recipe, static=Path(static) if static else None).path)
 
 
-@task(help={"tier": "unit, image, system or all (default)", "pytest_args": "extra pytest arguments"})
+_SSH_HELP = {"host": "the board: user@name, name:port or an ~/.ssh/config alias (deploy: may be repeated)",
+             "hosts": "a file of hosts, one a line, or an Ansible INI inventory",
+             "accept_new": "trust an unknown host key and remember it (a changed key is always refused)",
+             "ssh_config": "read this ssh_config instead of ~/.ssh/config and /etc/ssh/ssh_config",
+             "known_hosts": "the known_hosts file (default: the ssh_config's, else ~/.ssh/known_hosts)",
+             "site": "the board's site (default: its only one)", "debug": "show commands and tracebacks"}
+
+
+def _ssh_help(*leave_out: str, **more: str) -> dict[str, str]:
+    return {**{k: v for k, v in _SSH_HELP.items() if k not in leave_out}, **more}
+
+
+def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None):
+    from pathlib import Path
+
+    from appliance import deploy as d
+
+    names = list(host if isinstance(host, list) else [host] if host else [])
+    names += d.hosts_file(Path(hosts)) if hosts else []
+    if not names:
+        raise Exit("appliance: ERROR: name the board with --host HOST (or --hosts FILE)", code=1)
+    return [d.Target(n, Path(ssh_config) if ssh_config else None, Path(known_hosts) if known_hosts else None,
+                     accept_new) for n in names]
+
+
+@task(iterable=["host"], auto_shortflags=False,
+      positional=["guest"] if _positional_given("deploy", {"--host", "--hosts", "--site", "--memory", "--name",
+                                                           "--version", "--static", "--ssh-config", "--known-hosts",
+                                                           "--parallel", "--recipe"}) else [],
+      help={**_ssh_help(), "guest": "a bundle directory, a .tar/.tar.gz of one, or a bare zImage / .xen kernel",
+            "memory": "MiB for a bare kernel (default: the site's)", "name": "a bare kernel's name",
+            "version": "the version (default: name and content hash)",
+            "static": "deploy a folder of static files, served by the demo guest's kernel and httpd",
+            "parallel": "boards deployed at once (default 4)", "recipe": "the recipe --static builds for"})
+@_cli
+def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=None, version=None, static=None,
+           accept_new=False, ssh_config=None, known_hosts=None, parallel=4, recipe="booth", debug=False):
+    """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune."""
+    from pathlib import Path
+
+    from appliance import deploy as d
+
+    if not guest and not static:
+        raise Exit("appliance: ERROR: deploy what? Give GUEST (a bundle, tarball or kernel) or --static DIR", code=1)
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
+    with d.source(Path(guest or "."), name=name, version=version, memory=int(memory) if memory else None,
+                  static=Path(static) if static else None, recipe=recipe) as g:
+        rows = d.fleet(targets, g, site, int(parallel))
+    print(d.table(rows))
+    failed = [r for r in rows if not r.ok]
+    if len(rows) == 1 and failed:
+        raise Exit(f"appliance: ERROR: {failed[0].detail['error']}", code=1)
+    if failed:
+        raise Exit(f"appliance: ERROR: {len(failed)} of {len(rows)} boards failed: "
+                   f"{', '.join(r.host for r in failed)}", code=1)
+
+
+@task(auto_shortflags=False, positional=["version"] if _positional_given("rollback", {
+    "--host", "--site", "--ssh-config", "--known-hosts"}) else [],
+      help=_ssh_help("hosts", host="the board", version="the version to go back to (default: the previous)"))
+@_cli
+def rollback(c, version=None, host=None, site=None, accept_new=False, ssh_config=None, known_hosts=None,
+             debug=False):
+    """Switch a board's site back to its previous version (or VERSION), blue-green."""
+    from appliance import deploy as d
+
+    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
+    out = d.rollback(t, site, version)
+    print(f"{t.host}: {out['site']} {out.get('from') or '-'} -> {out['version']}")
+
+
+@task(auto_shortflags=False, help=_ssh_help("hosts", "site", host="the board", json="print the board's JSON"))
+@_cli
+def status(c, host=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, debug=False):
+    """Each site of a board: active version, domain, uptime, health, versions kept, free space."""
+    import json as j
+
+    from appliance import deploy as d
+
+    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
+    out = d.status(t)
+    print(j.dumps(out, indent=1) if json else d.status_text(t.host, out))
+
+
+@task(auto_shortflags=False, help=_ssh_help("hosts", host="the board"))
+@_cli
+def guests(c, host=None, site=None, accept_new=False, ssh_config=None, known_hosts=None, debug=False):
+    """The versions a board keeps for its sites (a bad one listed as bad, with why)."""
+    from appliance import deploy as d
+
+    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
+    print(d.guests_text(d.guests(t, site)))
+
+
+@task(help={"tier": "unit, ssh, image, system or all (default)", "pytest_args": "extra pytest arguments"})
 def test(c, tier="all", pytest_args=""):
     """Run the test suite: every tier by default."""
     marker = "" if tier == "all" else f"-m {tier}"
@@ -150,4 +247,4 @@ def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys
     b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys))
 
 
-ns = Collection(build, clean, test, flash, emulate, bench, guest)
+ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, rollback, status, guests)

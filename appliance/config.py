@@ -22,6 +22,7 @@ import yaml
 from . import ROOT
 from .errors import RecipeError
 from .manager import manifest, names
+from .manager.settings import KEEP_MAX
 
 REQUIRED: Any = dataclasses.MISSING
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KiB|M|MiB|G|GiB)?\s*$")
@@ -177,6 +178,7 @@ class SiteSpec:
     health_path: str = "/"             # the health check: HTTP GET backend:port/health_path, no redirect followed
     deadline: int = 120                # seconds a started guest has to pass it
     drain: int = 30                    # seconds an old guest keeps its connections after a switch
+    keep: int = 3                      # versions a deploy keeps in the board's store (current, previous, newest)
 
 
 @dataclass(frozen=True)
@@ -467,6 +469,8 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
             raise _fail(path, f"{key}.deadline", f"{s.deadline} must be 5 to 3600 (seconds)")
         if not 0 <= s.drain <= 3600:
             raise _fail(path, f"{key}.drain", f"{s.drain} must be 0 to 3600 (seconds)")
+        if not 1 <= s.keep <= KEEP_MAX:   # the board's own bounds
+            raise _fail(path, f"{key}.keep", f"{s.keep} must be 1 to {KEEP_MAX} (versions)")
 
 
 def _passphrase(w: Wifi, base: Path, recipe: Path | None, *, required: bool) -> str | None:

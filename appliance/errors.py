@@ -40,5 +40,13 @@ class DeployError(ApplianceError):
     """Updating the served guest on a board failed."""
 
 
+class SshError(ApplianceError):
+    """An SSH connection or a command over it failed."""
+
+
+class HostKeyError(SshError):
+    """A host key is unknown (and not to be accepted) or has changed."""
+
+
 class GuestError(ApplianceError):
     """Building or checking a guest bundle failed."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .manager import manifest
 from .manager.errors import Error as ManagerError
 
 DEMO_NAME = "demo"
+STATIC_NAME = "static"     # `--static DIR`: the demo's kernel and httpd serving a folder of static files
 DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
 DEMO_CMDLINE = manifest.DEFAULT_CMDLINE   # the board's default: ip=… for a Linux guest, appliance.port for the demo
 STORE = "var/lib/appliance/sites"
@@ -51,13 +53,35 @@ def _kernel(tree: Path) -> tuple[str, Path]:
     return kernels[0].name.removeprefix("vmlinuz-"), kernels[0]
 
 
-def _inputs(cfg: Config, base: rootfs.Base) -> dict[str, Path]:
+def static_files(site: Path) -> dict[str, Path]:
+    """A folder of static files as the guest's site: its regular files (no symlinks) by their path in it."""
+    if not site.is_dir():
+        raise GuestError(f"{site}: --static needs a directory of static files (index.html, …)")
+    files: dict[str, Path] = {}
+    for top, _, names in os.walk(site):          # symlinks are left out: not followed, not packed
+        for n in names:
+            p = Path(top) / n
+            if p.is_file() and not p.is_symlink():
+                files[str(p.relative_to(site))] = p
+    files = dict(sorted(files.items()))
+    bad = [n for n in files if not n.isprintable() or n.startswith(".") or "/." in n]
+    if bad:
+        raise GuestError(f"{site}: {bad[0]!r}: a file of a static site needs a printable name, not hidden")
+    if "index.html" not in files:
+        raise GuestError(f"{site}: no index.html (the page visitors get)")
+    return files
+
+
+def _inputs(cfg: Config, base: rootfs.Base, site: Path | None = None) -> dict[str, Path]:
     kver, vmlinuz = _kernel(base.tree)
     moddir = base.tree / "usr/lib/modules" / kver
     files = {"vmlinuz": vmlinuz, "busybox.deb": base.deb("busybox-static")}
     files.update({f"modules/{m}": moddir / m for m in cpio.module_paths(moddir, [NETFRONT])})
     demo = cfg.root / "guest"
     files.update({f"guest/{p.relative_to(demo)}": p for p in sorted(demo.rglob("*")) if p.is_file()})
+    if site is not None:      # the demo's httpd and status page, serving the folder's files instead of the game
+        files = {n: p for n, p in files.items() if not n.startswith("guest/site/") or n.startswith("guest/site/cgi-bin/")}
+        files.update({f"guest/site/{n}": p for n, p in static_files(site).items()})
     files["builder"] = Path(__file__)  # how the bundle is made is an input too
     files["packer"] = Path(cpio.__file__)
     return files
@@ -71,18 +95,21 @@ def _digest(files: dict[str, Path], release: str) -> str:
     return h.hexdigest()
 
 
-def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELEASE) -> Bundle:
+def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELEASE, site: Path | None = None
+          ) -> Bundle:
     """The demo guest bundle (build/guests/demo-VERSION/): made once per set of inputs, then reused.
 
-    Another `release` makes another version of the same demo (the tests switch between two of them)."""
+    Another `release` makes another version of the same demo (the tests switch between two of them); `site`, a
+    folder of static files, makes the same guest serve them (build/guests/static-VERSION/, by their content)."""
     base = base or rootfs.ensure(cfg)
-    files = _inputs(cfg, base)
-    version = f"{release}-{_digest(files, release)[:10]}"
-    out = cfg.root / "build" / "guests" / f"{DEMO_NAME}-{version}"
+    files = _inputs(cfg, base, site)
+    name = DEMO_NAME if site is None else STATIC_NAME
+    version = f"{release}-{_digest(files, release)[:10]}" if site is None else f"site-{_digest(files, '')[:10]}"
+    out = cfg.root / "build" / "guests" / f"{name}-{version}"
     if (out / "guest.yaml").exists():
-        log.info(f"demo guest {version} from cache ({out.relative_to(cfg.root)})")
-        return Bundle(out, DEMO_NAME, version)
-    with step(f"Building the demo guest {version} (zImage + busybox httpd initramfs)"):
+        log.info(f"{name} guest {version} from cache ({out.relative_to(cfg.root)})")
+        return Bundle(out, name, version)
+    with step(f"Building the {name} guest {version} (zImage + busybox httpd initramfs)"):
         kver, _ = _kernel(base.tree)
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,7 +118,7 @@ def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELE
         (tmp / "initrd.gz").write_bytes(initrd)
         shutil.copyfile(files["vmlinuz"], tmp / "vmlinuz")
         manifest = {
-            "name": DEMO_NAME, "version": version, "kernel": "vmlinuz", "ramdisk": "initrd.gz",
+            "name": name, "version": version, "kernel": "vmlinuz", "ramdisk": "initrd.gz",
             "sha256": {n: sha256(tmp / n) for n in ("vmlinuz", "initrd.gz")},
             "cmdline": DEMO_CMDLINE,
         }
@@ -99,12 +126,12 @@ def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELE
         shutil.rmtree(tmp / "work", ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        for old in out.parent.glob(f"{DEMO_NAME}-{release}-*"):
+        for old in out.parent.glob(f"{DEMO_NAME}-{release}-*" if site is None else f".{STATIC_NAME}-*.tmp"):
             if old != out:
                 shutil.rmtree(old)  # earlier builds of this release: their inputs are gone
         log.info(f"{out.relative_to(cfg.root)}: vmlinuz {files['vmlinuz'].stat().st_size >> 10} KiB, "
                  f"initrd.gz {len(initrd) >> 10} KiB")
-    return Bundle(out, DEMO_NAME, version)
+    return Bundle(out, name, version)
 
 
 def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> list[Entry]:
@@ -121,6 +148,8 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
         mode = 0o755 if p.stat().st_mode & 0o111 else 0o644
         dest = _PLACES.get(rel) or (f"www/{rel.removeprefix('site/')}" if rel.startswith("site/") else None)
         if dest:
+            parents = [str(q) for q in reversed(Path(dest).parents) if str(q) not in (".", "www")]
+            entries += [cpio.directory(d) for d in parents]
             entries.append(cpio.file(dest, p.read_bytes(), mode))
     return list({e.path: e for e in entries}.values())  # a directory named twice is packed once
 
@@ -138,34 +167,48 @@ def _name(stem: str) -> str:
     return "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-.") or "guest"
 
 
-def read_bundle(path: Path, site: SiteSpec) -> tuple[manifest.Manifest, Path]:
-    """A bundle's checked manifest and the directory its files are in, before anything is copied: a directory
-    with guest.yaml, or a bare Xen ARM kernel (a zImage, a MirageOS or Mini-OS .xen) named by its content."""
+def bundle_data(path: Path, name: str | None = None, version: str | None = None) -> tuple[Any, str, Path]:
+    """A bundle's manifest as written (not yet checked), the place to name in errors and the directory of its
+    files: a directory with guest.yaml, or a bare Xen ARM kernel (a zImage, a MirageOS or Mini-OS .xen) whose
+    version is name (default: its file name) and its content hash, unless version is given."""
     if path.is_file():
         digest = sha256(path)
-        name = _name(path.name.split(".")[0])
-        data: Any = {"version": f"{name}-{digest[:10]}", "kernel": path.name,
+        stem = _name(name or path.name.split(".")[0])
+        data: Any = {"version": version or f"{stem}-{digest[:10]}", "kernel": path.name,
                      "sha256": {path.name: digest}}
-        where, folder = str(path), path.parent
-    else:
-        where, folder = str(path / "guest.yaml"), path
-        try:
-            data = yaml.safe_load((path / "guest.yaml").read_text())
-        except OSError as exc:
-            raise GuestError(f"{where}: cannot read: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise GuestError(f"{where}: not UTF-8 text") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise GuestError(f"{where}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
-    if isinstance(data, dict):
-        data = {**data, "name": site.name}  # a version belongs to the site whose store holds it
+        return data, str(path), path.parent
+    where = str(path / "guest.yaml")
     try:
-        m = manifest.validate(data, where, defaults(site))
+        data = yaml.safe_load((path / "guest.yaml").read_text())
+    except OSError as exc:
+        raise GuestError(f"{where}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise GuestError(f"{where}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise GuestError(f"{where}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    if version is not None and isinstance(data, dict):
+        data = {**data, "version": version}
+    return data, where, path
+
+
+def check_bundle(data: Any, where: str, folder: Path, site: str, site_defaults: dict[str, Any]
+                 ) -> manifest.Manifest:
+    """The board's own validator on a bundle, before anything is copied: its manifest, then its files."""
+    if isinstance(data, dict):
+        data = {**data, "name": site}  # a version belongs to the site whose store holds it
+    try:
+        m = manifest.validate(data, where, site_defaults)
         manifest.check_files(m, folder, where)
     except ManagerError as exc:
         raise GuestError(str(exc)) from None
-    return m, folder
+    return m
+
+
+def read_bundle(path: Path, site: SiteSpec) -> tuple[manifest.Manifest, Path]:
+    """A bundle's checked manifest and the directory its files are in, before anything is copied."""
+    data, where, folder = bundle_data(path)
+    return check_bundle(data, where, folder, site.name, defaults(site)), folder
 
 
 def user_bundle(cfg: Config, i: int) -> Path | None:
@@ -257,11 +300,14 @@ def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> dict[str, str]
     return out
 
 
-def build_task(recipe: str = "booth") -> Bundle:
-    """`invoke guest`: the demo bundle for a recipe's board packages (from the cached base tree)."""
+def build_task(recipe: str = "booth", static: Path | None = None) -> Bundle:
+    """`invoke guest [--static DIR]`: the demo bundle (or a static site's) for a recipe's board packages (from the
+    cached base tree)."""
     from .config import load
 
     cfg = load(recipe)
-    bundle = build(cfg)
+    if static is not None:
+        static_files(static)       # checked before the base tree is looked for
+    bundle = build(cfg, site=static)
     log.info(f"demo guest {bundle.version}: {bundle.path}")
     return bundle

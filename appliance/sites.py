@@ -38,6 +38,7 @@ def resolved(rec: Recipe) -> list[dict[str, Any]]:
     """Every site with its slots, in recipe order (the first is the default site)."""
     return [{"name": s.name, "names": list(s.names), "address": s.address, "port": s.port, "memory": s.memory_mib,
              "vcpus": s.vcpus, "health_path": s.health_path, "deadline": s.deadline, "drain": s.drain,
+             "keep": s.keep,
              "slots": {name: slot(rec, i, j) for j, name in enumerate(SLOTS)}}
             for i, s in enumerate(rec.sites)]
 

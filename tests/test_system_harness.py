@@ -22,7 +22,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def no_firmware(monkeypatch):
-    monkeypatch.setattr(emulate, "bios", lambda spec: None if spec.uboot.offset else Path("/fw/u-boot.bin"))
+    monkeypatch.setattr(emulate.qemu, "bios", lambda spec: None if spec.uboot.offset else Path("/fw/u-boot.bin"))
 
 
 def _opts(argv: list[str], flag: str) -> list[str]:

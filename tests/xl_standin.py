@@ -60,7 +60,8 @@ class Domains:
             state = Path(f"/proc/{d['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             return False
-        return b"xl_standin" in cmd and state != "Z"
+        # cmdline reads empty while `ip netns exec` is exec'ing the guest: that is not a dead domain
+        return (not cmd or b"xl_standin" in cmd) and state != "Z"
 
     def remove(self, d: dict) -> None:
         try:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 import threading
+import time
 from typing import Any, NoReturn
 
-from . import supervisor
+from . import staging, supervisor
 from .context import Context, GuestFailed
 from .errors import Error
 from .net import healthy
@@ -41,6 +43,16 @@ def parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="the xl config of SITE's serving (or given) version")
     cf.add_argument("site")
     cf.add_argument("version", nargs="?")
+    sub.add_parser("stage", help="stage an upload: {manifest, sizes} on stdin; what arrived intact, what is missing"
+                   ).add_argument("site")
+    cm = sub.add_parser("commit", help="check SITE's staged VERSION and move it into the store")
+    cm.add_argument("site")
+    cm.add_argument("version")
+    pr = sub.add_parser("prune", help="remove SITE's versions beyond its keep: (never current or previous)")
+    pr.add_argument("site")
+    pr.add_argument("--keep", type=int)
+    sub.add_parser("session", help="a deploy: hold SITE's deploy lock, one JSON request a line on stdin"
+                   ).add_argument("site", nargs="?")
     return ap
 
 
@@ -67,6 +79,9 @@ def site_status(ctx: Context, site: Site) -> dict[str, Any]:
         except Error as exc:
             out["error"] = str(exc)
     out["ok"] = bool(running and out["healthy"] is not False and active is not None)
+    serving = running and st.get("state") == "serving" and isinstance(st.get("since"), (int, float))
+    out.update(uptime_s=round(time.time() - st["since"]) if serving else None, keep=site.keep,
+               versions=store.versions(), free_bytes=staging.free_bytes(store.root))
     return out
 
 
@@ -109,6 +124,13 @@ def run(ctx: Context) -> dict[str, Any]:
     return {"ok": True, "stopped": True}
 
 
+def _stdin_json() -> object:
+    try:
+        return json.loads(sys.stdin.read())
+    except ValueError as exc:
+        raise Error(f"stdin: not JSON: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any]
     try:
@@ -124,6 +146,22 @@ def main(argv: list[str] | None = None) -> int:
             out = switch(ctx, args.site, args.version, cold=args.cold)
         elif args.cmd == "rollback":
             out = rollback(ctx, args.site, args.version)
+        elif args.cmd in ("stage", "commit", "prune"):
+            site = ctx.settings.site(args.site)
+            with staging.deploy_lock(ctx, site, getattr(args, "version", None)):
+                if args.cmd == "stage":
+                    out = staging.stage(ctx, site, _stdin_json())
+                elif args.cmd == "commit":
+                    out = staging.commit(ctx, site, args.version)
+                else:
+                    out = staging.prune(ctx, site, args.keep)
+        elif args.cmd == "session":
+            try:
+                staging.session(ctx, args.site)
+                return 0
+            except Error as exc:     # before the first answer: one line, as every answer of a session
+                staging.reply({"ok": False, "error": str(exc)})
+                return 1
         else:
             out = show_config(ctx, args.site, args.version)
     except GuestFailed as exc:

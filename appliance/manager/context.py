@@ -32,12 +32,23 @@ ENV = {  # variable: board default
     "APPLIANCE_XL": "xl",
     "APPLIANCE_NFT": "nft",
     "APPLIANCE_CONNTRACK": "conntrack",
+    "APPLIANCE_STAGING": "/var/lib/appliance/staging",   # uploads; on the store's filesystem (one rename in)
+    "APPLIANCE_MARGIN_MIB": "16",                        # free space an upload must leave
 }
 CONSOLE_LINES = 20
 
 
 def log(message: str) -> None:
-    print(f"appliance-guest: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"appliance-guest: {message}", file=sys.stderr, flush=True)
+    except OSError:     # the deploy's SSH channel is gone: the switch it asked for goes on regardless
+        pass
+
+
+def _mib(text: str) -> int:
+    if not text.isdigit():
+        raise Error(f"APPLIANCE_MARGIN_MIB: {text!r} must be a whole number of MiB")
+    return int(text)
 
 
 class GuestFailed(Error):
@@ -56,6 +67,8 @@ class Context:
     console_dir: Path
     xl: Xl
     net: Net
+    staging_root: Path = Path(ENV["APPLIANCE_STAGING"])
+    margin: int = int(ENV["APPLIANCE_MARGIN_MIB"]) << 20    # bytes
     _settings: Settings | None = field(default=None, repr=False)
 
     @classmethod
@@ -63,7 +76,8 @@ class Context:
         e = {k: (env if env is not None else os.environ).get(k) or v for k, v in ENV.items()}
         return cls(Path(e["APPLIANCE_SITES"]), Path(e["APPLIANCE_STORE"]), Path(e["APPLIANCE_RUN"]),
                    Path(e["APPLIANCE_CONSOLE"]), Xl(e["APPLIANCE_XL"]),
-                   Net(e["APPLIANCE_NFT"], e["APPLIANCE_CONNTRACK"], Path(e["APPLIANCE_SYSFS_NET"])))
+                   Net(e["APPLIANCE_NFT"], e["APPLIANCE_CONNTRACK"], Path(e["APPLIANCE_SYSFS_NET"])),
+                   Path(e["APPLIANCE_STAGING"]), _mib(e["APPLIANCE_MARGIN_MIB"]) << 20)
 
     @property
     def settings(self) -> Settings:
@@ -74,8 +88,8 @@ class Context:
     def store(self, site: Site) -> Store:
         return Store(self.store_root, site.name)
 
-    def lock(self, site: Site, what: str, version: str | None, wait: float = 0.0) -> SiteLock:
-        return SiteLock(self.run, site.name, what, version, wait)
+    def lock(self, site: Site, what: str, version: str | None, wait: float = 0.0, name: str = "lock") -> SiteLock:
+        return SiteLock(self.run, site.name, what, version, wait, name)
 
     # ---------------------------------------------------------------- runtime state
 

@@ -1,5 +1,6 @@
 """One lock per site, /run/appliance/sites/<site>/lock (fcntl.flock): whoever starts a guest of the site holds
-it, the switch and the supervisor alike, so they never fight. The holder writes its pid, what it does and since
+it, the switch and the supervisor alike, so they never fight. A deploy holds deploy.lock the same way from its
+upload to its prune. The holder writes its pid, what it does and since
 when into the file, and a refused caller names them.
 """
 
@@ -20,8 +21,9 @@ class Busy(Error):
 
 
 class SiteLock:
-    def __init__(self, run: Path, site: str, what: str, version: str | None = None, wait: float = 0.0) -> None:
-        self.path = run / site / "lock"
+    def __init__(self, run: Path, site: str, what: str, version: str | None = None, wait: float = 0.0,
+                 name: str = "lock") -> None:
+        self.path = run / site / name   # "lock": whoever starts a guest; "deploy.lock": a deploy, all through
         self.site, self.what, self.version, self.wait = site, what, version, wait
         self.fd: int | None = None
 

@@ -16,6 +16,7 @@ from .manifest import HEALTH_PATH
 from .names import check_site
 
 SLOTS = ("blue", "green")
+KEEP, KEEP_MAX = 3, 100     # versions kept in a site's store by default, and at most
 MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
@@ -51,6 +52,7 @@ class Site:
     probe_interval: float = 15.0    # seconds between health probes of the serving guest
     probe_failures: int = 3         # probes missed in a row before it is restarted
     stop_grace: float = 10.0        # seconds a stopped guest has to shut down before it is destroyed
+    keep: int = 3                   # versions a deploy's prune keeps (current and previous always among them)
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:
@@ -133,7 +135,7 @@ class _Reader:
         except Error:
             raise self.fail("sites", f"{name!r} is not a site name") from None
         d = self.mapping(value, key, ("names", "address", "port", "memory", "vcpus", "health_path", "deadline",
-                                      "drain", "slots"), ("probe_interval", "probe_failures", "stop_grace"))
+                                      "drain", "slots"), ("probe_interval", "probe_failures", "stop_grace", "keep"))
         names = d["names"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise self.fail(f"{key}.names", f"{names!r} must be a list of host names")
@@ -152,7 +154,8 @@ class _Reader:
                     self.seconds(d["drain"], f"{key}.drain", 0, 3600), (made[0], made[1]),
                     self.seconds(d.get("probe_interval", 15), f"{key}.probe_interval", 0.05, 3600),
                     self.int(d.get("probe_failures", 3), f"{key}.probe_failures", 1, 100),
-                    self.seconds(d.get("stop_grace", 10), f"{key}.stop_grace", 0, 600))
+                    self.seconds(d.get("stop_grace", 10), f"{key}.stop_grace", 0, 600),
+                    self.int(d.get("keep", KEEP), f"{key}.keep", 1, KEEP_MAX))
 
 
 def load(path: Path) -> Settings:

@@ -17,6 +17,15 @@ from .names import POINTERS, check_version
 MANIFEST = "manifest.json"
 
 
+def sync_dir(path: Path) -> None:
+    """fsync a directory, so a rename in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Store:
     root: Path      # the store of every site
@@ -53,11 +62,7 @@ class Store:
             tmp.unlink(missing_ok=True)
             os.symlink(version, tmp)
             os.replace(tmp, self.dir / which)
-            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_dir(self.dir)
         except OSError as exc:
             raise Error(f"{self.dir}/{which}: cannot point it at {version}: {exc.strerror}") from None
 

@@ -1,0 +1,154 @@
+"""Boot an image file under QEMU the way a card boots: U-Boot -> the image's own boot.scr -> Xen -> dom0 -> guest.
+
+The image is never written (QEMU keeps the board's writes in a throw-away overlay). dom0's SSH is forwarded
+to a free host port, the guest's HTTP to another (through that SSH, as the guest sits on dom0's bridge), and
+the serial console goes to the terminal or to a log whose boot milestones are timed from power-on.
+
+By job: `qemu` (the command line, firmware, SD card copy), `console` (the console log and its milestones),
+`board` (the running board: SSH through appliance.ssh, the tunnel, HTTP), `images` (what an image says about
+itself); this module boots and powers off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .. import ROOT, log
+from ..config import Board as BoardSpec
+from ..config import load_board
+from ..errors import EmulateError
+from ..ssh import Result
+from . import qemu
+from .board import Board, wait_for
+from .console import FATAL, GUEST_SERVED, MILESTONES, Console
+from .images import DEFAULT_BOARD, board_for, check_image, guest_of, recipe_of
+from .qemu import bios, free_port, qemu_argv, sd_card
+
+__all__ = ["DEFAULT_BOARD", "FATAL", "GUEST_SERVED", "MILESTONES", "Board", "Console", "EmulateError", "Result",
+           "bios", "board_for", "boot", "default_key", "free_port", "guest_of", "headless", "interactive", "qemu",
+           "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
+
+
+def _ssh_config(log_path: Path) -> Path:
+    path = log_path.with_name(log_path.name + ".ssh_config")
+    path.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+    return path
+
+
+@contextlib.contextmanager
+def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, timeout: float = 600,
+         extra_args: Sequence[str] = ()) -> Iterator[Board]:
+    """Boot img under QEMU, wait until root can log in over SSH, yield the Board; power off on exit.
+
+    board: which emulated board (default: the image's own if QEMU has it, else one its card also boots).
+    """
+    img = check_image(img)
+    spec = load_board(board or board_for(img))
+    key = Path(key)
+    if not key.is_file():
+        raise EmulateError(f"{key}: no such SSH private key")
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    b = start(spec, img, log_path, key, extra_args)
+    try:
+        b.wait_ssh(timeout)
+        b.mark("ssh")
+        assert b._tunnel is not None
+        b._tunnel.start()
+        log.info(f"{spec.name}: dom0 answers SSH on 127.0.0.1:{b.ssh_port} after {b.milestones['ssh']:.1f} s; "
+                 f"the guest's HTTP is on 127.0.0.1:{b.http_port}; console in {log_path}")
+        yield b
+    finally:
+        b.stop()
+
+
+def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Sequence[str] = ()) -> Board:
+    """Start QEMU (not waiting for anything); if the SSH port was taken meanwhile, try again with another."""
+    guest = guest_of(img)
+    disk = sd_card(img, log_path.parent) if spec.qemu and spec.qemu.disk == "sd" else img
+    for attempt in range(3):
+        ssh_port = free_port()
+        argv = [*qemu_argv(spec, disk, ssh_port, serial="stdio"), "-monitor", "none", *extra_args]
+        log_path.write_bytes(b"")
+        log.debug(f"+ {shlex.join(argv)}")
+        t0 = time.monotonic()
+        try:
+            # stdin is a pipe so that type_keys() can reach the console; QEMU is its own process group.
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=log.clean_env(), start_new_session=True)
+        except FileNotFoundError:
+            raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \
+                from None
+        assert proc.stdout is not None
+        console = Console(proc.stdout, log_path, t0)
+        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path), guest, console,
+                  scratch=disk if disk != img else None)
+        # QEMU refuses a taken port at once; past a second it is booting.
+        try:
+            proc.wait(timeout=1.5)
+        except subprocess.TimeoutExpired:
+            return b
+        b.stop()
+        if b"host forwarding rule" in log_path.read_bytes() and attempt < 2:
+            continue
+        raise b.fail(f"QEMU exited with status {proc.returncode} at start")
+    raise AssertionError("unreachable")
+
+
+def interactive(img: Path, *, board: str | None = None, timeout: float | None = None) -> int:
+    """Boot img with the serial console on this terminal (Ctrl-A X quits); QEMU's exit status."""
+    img = check_image(img)
+    spec = load_board(board or board_for(img))
+    ssh_port = free_port()
+    address, port = guest_of(img)
+    disk = sd_card(img, ROOT / "build") if spec.qemu and spec.qemu.disk == "sd" else img
+    argv = qemu_argv(spec, disk, ssh_port, serial="mon:stdio")
+    ssh = f"ssh -p {ssh_port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+    log.info(f"{img.name} on {spec.name}; the image file is not modified")
+    log.info(f"  dom0:  {ssh} root@127.0.0.1")
+    log.info(f"  guest: {ssh} -N -L 8080:{address}:{port} root@127.0.0.1, then http://127.0.0.1:8080/")
+    log.info("  console: Ctrl-A X quits QEMU, Ctrl-A C its monitor; Ctrl-A three times switches Xen/dom0")
+    log.debug(f"+ {shlex.join(argv)}")
+    try:
+        proc = subprocess.Popen(argv, env=log.clean_env())
+    except FileNotFoundError:
+        raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \
+            from None
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.info(f"--timeout {timeout:.0f} s reached: powering off")
+        proc.terminate()
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if disk != img:
+            disk.unlink(missing_ok=True)
+
+
+def headless(img: Path, *, key: Path, log_path: Path, board: str | None = None, timeout: float = 600,
+             stay: float | None = None) -> dict[str, float]:
+    """Boot img with the console to a log, print how to reach it, and keep it running for `stay` seconds
+    (None: until interrupted; 0: power off once SSH answers). Returns the milestones."""
+    with boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
+        print(f"dom0:    {b.ssh_command()}\nguest:   http://127.0.0.1:{b.http_port}/\nconsole: {b.console}",
+              flush=True)
+        end = None if stay is None else time.monotonic() + stay
+        while end is None or time.monotonic() < end:
+            if not b.alive():
+                raise b.fail(f"QEMU exited with status {b.proc.returncode}")
+            time.sleep(1.0 if end is None else min(1.0, max(0.0, end - time.monotonic())))
+        return b.milestones
+
+
+def default_key() -> Path | None:
+    """The test suite's key if it exists: the image `invoke test` built trusts it."""
+    key = ROOT / "build" / "test" / "id_ed25519"
+    return key if key.exists() else None

@@ -1,0 +1,326 @@
+"""The one SSH layer for deploy, emulate and the tests: Fabric's Connection (ssh_config's HostName, User, Port,
+IdentityFile and ProxyJump; ssh-agent and the usual key files) with OpenSSH's host-key policy on top, which
+Fabric leaves out (it trusts every key): an unknown key is refused unless accept-new, a changed one always is,
+naming the known_hosts line. Commands give a Result; `Process` is a command to talk to line by line, and
+`Tunnel` a local port carried to an address behind the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import select
+import socket
+import threading
+from base64 import b64encode
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import fabric
+import invoke
+import paramiko
+from paramiko.hostkeys import HostKeyEntry, HostKeys
+
+from .errors import HostKeyError, SshError
+
+Policy = Literal["yes", "accept-new", "no"]      # OpenSSH's StrictHostKeyChecking values
+FAILURES = (paramiko.SSHException, OSError, EOFError, invoke.exceptions.ThreadException)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One command's outcome on the remote host."""
+
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    return "SHA256:" + b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def key_name(host: str, port: int) -> str:
+    """The name a host's key is filed under in known_hosts."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def find_line(files: list[Path], name: str, keytype: str | None = None) -> tuple[Path, int] | None:
+    """The known_hosts file and line (from 1) that hold name's key of keytype (any type if none matches)."""
+    found: tuple[Path, int] | None = None
+    for path in files:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for n, line in enumerate(lines, 1):
+            try:
+                entry = HostKeyEntry.from_line(line, n)
+            except Exception:   # noqa: BLE001 - paramiko raises several kinds on a line it cannot read
+                continue
+            if entry is None or not any(h == name or (h.startswith("|1|") and HostKeys.hash_host(name, h) == h)
+                                        for h in entry.hostnames):
+                continue
+            if keytype is None or entry.key.get_name() == keytype:
+                return path, n
+            found = found or (path, n)
+    return found
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    def __init__(self, policy: Policy, files: list[Path]) -> None:
+        self.policy, self.files = policy, files
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        where = " or ".join(str(f) for f in self.files) or "no known_hosts file"
+        if self.policy == "no":
+            return
+        if self.policy == "accept-new" and self.files:
+            path = self.files[0]
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                with open(path, "a") as f:
+                    f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            except OSError as exc:
+                raise HostKeyError(f"{hostname}: cannot add its host key to {path}: {exc.strerror}") from None
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            return
+        raise HostKeyError(f"{hostname}: unknown host key ({key.get_name()} {fingerprint(key)}), not in {where}; "
+                           f"refused", hint="check the fingerprint on the board's console, then use --accept-new")
+
+
+class Connection:
+    """One SSH connection, opened on first use: host is whatever OpenSSH accepts (user@name, an ssh_config alias).
+
+    ssh_config: the one config file to read (default: ~/.ssh/config and /etc/ssh/ssh_config, as ssh does);
+    key: use only this private key (no agent, no other key files); host_keys: None follows the config's
+    StrictHostKeyChecking (default "yes"); known_hosts: default the config's UserKnownHostsFile, else
+    ~/.ssh/known_hosts.
+    """
+
+    def __init__(self, host: str, *, user: str | None = None, port: int | None = None, key: Path | None = None,
+                 ssh_config: Path | None = None, host_keys: Policy | None = None,
+                 known_hosts: Path | None = None, timeout: float = 30) -> None:
+        self.spec, self.timeout = host, timeout
+        config = fabric.Config(runtime_ssh_path=str(ssh_config)) if ssh_config else fabric.Config()
+        if ssh_config and not Path(ssh_config).is_file():
+            raise SshError(f"{ssh_config}: no such ssh_config file")
+        kwargs: dict[str, object] = {"banner_timeout": timeout, "auth_timeout": timeout}
+        if key is not None:
+            kwargs.update(key_filename=[str(key)], look_for_keys=False, allow_agent=False)
+        try:
+            self.fabric = fabric.Connection(host, user=user, port=port, config=config,
+                                            connect_timeout=max(1, round(timeout)), connect_kwargs=kwargs)
+        except (ValueError, paramiko.SSHException) as exc:
+            raise SshError(f"{host}: cannot read the SSH settings for it: {exc}") from None
+        self.name = key_name(self.fabric.host, int(self.fabric.port))
+        self.known_hosts: list[Path] = []
+        hop: object = self.fabric
+        while isinstance(hop, fabric.Connection):    # ProxyJump hops are checked the same way
+            files = self._arm(hop, host_keys, known_hosts)
+            if hop is self.fabric:
+                self.known_hosts = files
+            hop = hop.gateway
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _arm(c: fabric.Connection, policy: Policy | None, known: Path | None) -> list[Path]:
+        cfg = c.ssh_config
+        if known is not None:
+            files = [Path(known)]
+        elif "userknownhostsfile" in cfg:
+            files = [Path(p).expanduser() for p in str(cfg["userknownhostsfile"]).split()]
+        else:
+            files = [Path("~/.ssh/known_hosts").expanduser()]
+        files = [f for f in files if str(f) != "/dev/null"]
+        for f in files:
+            if f.is_file():
+                try:
+                    c.client.load_system_host_keys(str(f))
+                except (OSError, paramiko.SSHException) as exc:
+                    raise HostKeyError(f"{f}: cannot read the known hosts: {exc}") from None
+        chosen = policy or str(cfg.get("stricthostkeychecking", "yes")).lower()
+        c.client.set_missing_host_key_policy(_HostKeyPolicy("no" if chosen in ("no", "off") else
+                                                            "accept-new" if chosen == "accept-new" else "yes",
+                                                            files))
+        return files
+
+    def open(self) -> Connection:
+        if self.fabric.is_connected:
+            return self
+        try:
+            self.fabric.open()
+        except paramiko.BadHostKeyException as exc:
+            at = find_line(self.known_hosts, self.name, exc.key.get_name())
+            line = f"{at[0]}:{at[1]}" if at else " or ".join(map(str, self.known_hosts))
+            self.close()
+            raise HostKeyError(f"{self.name}: the host key has CHANGED ({exc.key.get_name()} {fingerprint(exc.key)}"
+                               f", {line} has {fingerprint(exc.expected_key)}); refused, as it could be another "
+                               f"machine", hint=f"if the board was re-flashed, delete line {at[1] if at else '?'} "
+                               f"of {at[0] if at else 'known_hosts'}") from None
+        except HostKeyError:
+            self.close()
+            raise
+        except paramiko.AuthenticationException as exc:
+            self.close()
+            raise SshError(f"{self.spec}: SSH login as {self.fabric.user} refused ({exc})",
+                           hint="is your key in the board's authorized_keys, or in ssh-agent?") from None
+        except (*FAILURES, ValueError) as exc:
+            self.close()
+            raise SshError(f"{self.spec}: cannot connect over SSH to {self.name} "
+                           f"({type(exc).__name__}: {exc})") from None
+        self.transport.set_keepalive(15)
+        return self
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        t = self.fabric.client.get_transport()
+        if t is None or not t.is_active():
+            raise SshError(f"{self.spec}: the SSH connection is closed")
+        return t
+
+    @property
+    def active(self) -> bool:
+        t = self.fabric.client.get_transport()
+        return bool(t and t.is_active())
+
+    @property
+    def host_key(self) -> str:
+        return self.open().transport.get_remote_server_key().get_base64()
+
+    def run(self, cmd: str, *, timeout: float | None = None) -> Result:
+        """Run a shell command; its exit status, stdout and stderr (a failed connection raises SshError)."""
+        self.open()
+        try:
+            r = self.fabric.run(cmd, hide=True, warn=True, in_stream=False, timeout=timeout)
+        except invoke.exceptions.CommandTimedOut:
+            raise SshError(f"{self.spec}: {cmd!r} did not finish within {timeout:g} s") from None
+        except FAILURES as exc:
+            self.close()
+            raise SshError(f"{self.spec}: {cmd!r}: the SSH connection failed ({type(exc).__name__}: {exc})") \
+                from None
+        return Result(r.exited if r.exited is not None else -1, r.stdout, r.stderr)
+
+    def sftp(self) -> paramiko.SFTPClient:
+        try:
+            return self.open().fabric.client.open_sftp()
+        except FAILURES as exc:
+            raise SshError(f"{self.spec}: cannot open SFTP ({type(exc).__name__}: {exc})") from None
+
+    def process(self, cmd: str) -> Process:
+        return Process(self, cmd)
+
+    def close(self) -> None:
+        with contextlib.suppress(*FAILURES):
+            self.fabric.close()
+
+
+class Process:
+    """A remote command to exchange lines with (its stdin and stdout); its stderr is kept for errors."""
+
+    def __init__(self, conn: Connection, cmd: str) -> None:
+        self.conn, self.cmd = conn, cmd
+        try:
+            self.chan = conn.open().transport.open_session(timeout=conn.timeout)
+            self.chan.exec_command(cmd)
+        except FAILURES as exc:
+            raise SshError(f"{conn.spec}: cannot start {cmd!r} ({type(exc).__name__}: {exc})") from None
+        self._out = self.chan.makefile("rb")
+        self._in = self.chan.makefile_stdin("wb")
+
+    def send(self, line: str) -> None:
+        try:
+            self._in.write(line.encode() + b"\n")
+            self._in.flush()
+        except FAILURES as exc:
+            raise SshError(f"{self.conn.spec}: {self.cmd!r}: the connection dropped ({exc})") from None
+
+    def receive(self, timeout: float) -> str:
+        """The next line; SshError when the command ended or dropped first, with its stderr's tail."""
+        self.chan.settimeout(timeout)
+        try:
+            raw = self._out.readline()
+        except TimeoutError:
+            raise SshError(f"{self.conn.spec}: {self.cmd!r} gave no answer within {timeout:g} s") from None
+        except FAILURES as exc:
+            raise SshError(f"{self.conn.spec}: {self.cmd!r}: the connection dropped ({exc})") from None
+        if not raw:
+            raise SshError(f"{self.conn.spec}: {self.cmd!r} ended without an answer: {self.stderr() or 'no output'}")
+        return raw.decode(errors="replace")
+
+    def stderr(self) -> str:
+        data = b""
+        with contextlib.suppress(*FAILURES):
+            self.chan.settimeout(2)
+            while self.chan.recv_stderr_ready() or not self.chan.exit_status_ready():
+                chunk = self.chan.recv_stderr(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return " / ".join(data.decode(errors="replace").strip().splitlines()[-3:])
+
+    def close(self) -> None:
+        with contextlib.suppress(*FAILURES):
+            self.chan.shutdown_write()
+            self.chan.close()
+
+
+class Tunnel:
+    """A local port whose connections are carried over SSH to target (an address the remote host reaches).
+
+    Unlike Fabric's forward_local, the port is bound at once, before the connection exists (so it cannot be
+    taken meanwhile: the emulated board's ports are chosen before QEMU starts), and each new connection asks
+    `transport` for a live SSH transport, so the tunnel outlives a reboot of the remote host. Connections made
+    while SSH is not up are closed at once, as a host that is not serving yet would.
+    """
+
+    def __init__(self, target: tuple[str, int], transport: Callable[[], paramiko.Transport]) -> None:
+        self.target, self._transport = target, transport
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="ssh-tunnel", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._carry, args=(conn, peer), daemon=True).start()
+
+    def _carry(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        with conn:
+            try:
+                chan = self._transport().open_channel("direct-tcpip", self.target, peer, timeout=30)
+            except (*FAILURES, SshError):
+                return
+            with chan:
+                sources: list[socket.socket | paramiko.Channel] = [conn, chan]
+                while not self._stop.is_set():
+                    ready, _, _ = select.select(sources, [], [], 1.0)
+                    if conn in ready:
+                        data = conn.recv(65536)
+                        if data:
+                            chan.sendall(data)
+                        else:  # the client has sent its request; the answer may still come
+                            chan.shutdown_write()
+                            sources.remove(conn)
+                    if chan in ready:
+                        data = chan.recv(65536)
+                        if not data:
+                            return
+                        conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()

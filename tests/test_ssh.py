@@ -1,0 +1,131 @@
+"""ssh tier: the one SSH layer (appliance.ssh) against a real OpenSSH server on loopback: commands and SFTP, the
+host-key policy (unknown refused unless accept-new, a changed key refused naming its known_hosts line), an
+ssh_config alias with HostName/Port/User/IdentityFile and ProxyJump, and the tunnel.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sshd_fixtures import Sshd, keygen, needs_sshd, start
+
+from appliance import ssh
+from appliance.errors import HostKeyError, SshError
+
+pytestmark = [pytest.mark.ssh, needs_sshd]
+
+
+@pytest.fixture
+def client_key(tmp_path: Path) -> Path:
+    return keygen(tmp_path / "id_ed25519")
+
+
+@pytest.fixture
+def sshd(tmp_path: Path, client_key: Path) -> Iterator[Sshd]:
+    s = start(tmp_path / "sshd", client_key)
+    yield s
+    s.stop()
+
+
+def conn(sshd: Sshd, **kw: object) -> ssh.Connection:
+    return ssh.Connection("127.0.0.1", port=sshd.port, user="root", key=sshd.client_key, **kw)  # type: ignore[arg-type]
+
+
+def test_run_gives_status_stdout_and_stderr(sshd: Sshd):
+    c = conn(sshd, known_hosts=sshd.known_hosts())
+    r = c.run("echo out; echo err >&2; exit 3")
+    assert (r.rc, r.out, r.err, r.ok) == (3, "out\n", "err\n", False)
+    assert c.run("id -un").out == "root\n"
+    c.close()
+
+
+def test_sftp_put(sshd: Sshd, tmp_path: Path):
+    src = tmp_path / "blob"
+    src.write_bytes(bytes(range(256)) * 1000)
+    c = conn(sshd, known_hosts=sshd.known_hosts())
+    with c.sftp() as sftp:
+        sftp.put(str(src), str(tmp_path / "copy"))
+    assert (tmp_path / "copy").read_bytes() == src.read_bytes()
+
+
+def test_an_unknown_host_key_is_refused(sshd: Sshd, tmp_path: Path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyError, match=rf"^\[127\.0\.0\.1\]:{sshd.port}: unknown host key \(ssh-ed25519 "
+                                           rf"SHA256:.*\), not in {empty}; refused"):
+        conn(sshd, known_hosts=empty).open()
+    assert empty.read_text() == ""
+
+
+def test_accept_new_remembers_the_key_then_checks_it(sshd: Sshd, tmp_path: Path):
+    known = tmp_path / "new" / "known_hosts"
+    c = conn(sshd, known_hosts=known, host_keys="accept-new")
+    assert c.run("true").ok
+    c.close()
+    assert known.read_text() == sshd.host_key_line
+    again = conn(sshd, known_hosts=known)          # strict now: the remembered key lets it in
+    assert again.run("true").ok
+    again.close()
+
+
+def test_a_changed_host_key_is_refused_naming_the_line(sshd: Sshd, tmp_path: Path):
+    other = keygen(tmp_path / "other_host_key")
+    kind, b64 = other.with_suffix(".pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"# boards\nbooth-1.local {kind} {b64}\n[127.0.0.1]:{sshd.port} {kind} {b64}\n")
+    for policy in ("yes", "accept-new", "no"):     # whatever the policy for unknown keys
+        with pytest.raises(HostKeyError, match=rf"the host key has CHANGED .* {known}:3 has SHA256:.*refused"):
+            conn(sshd, known_hosts=known, host_keys=policy).open()
+    assert known.read_text().count("\n") == 3, "a changed key is never written"
+
+
+def test_an_ssh_config_alias(sshd: Sshd, tmp_path: Path):
+    cfg = sshd.ssh_config("booth-test")
+    c = ssh.Connection("booth-test", ssh_config=cfg)
+    assert c.name == f"[127.0.0.1]:{sshd.port}"
+    assert c.run("id -un; echo $SSH_CONNECTION").out.split()[0] == "root"
+    c.close()
+    with pytest.raises(SshError, match=r"^booth-other: cannot connect over SSH"):
+        ssh.Connection("booth-other", ssh_config=cfg, timeout=5).open()   # no such alias: a name that fails
+
+
+def test_proxyjump_goes_through_the_jump_host(sshd: Sshd, tmp_path: Path, client_key: Path):
+    jump = start(tmp_path / "jump", client_key, log_level="DEBUG1")   # it logs each direct-tcpip it carries
+    try:
+        cfg = jump.ssh_config("jump")
+        sshd.ssh_config("booth-behind", cfg, ProxyJump="jump")
+        c = ssh.Connection("booth-behind", ssh_config=cfg)
+        assert c.run("echo behind").out == "behind\n"
+        c.close()
+        assert f"target 127.0.0.1 port {sshd.port}" in jump.log(), "the jump host carried the connection"
+    finally:
+        jump.stop()
+
+
+def test_the_tunnel_carries_http(sshd: Sshd):
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"through the tunnel")
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    c = conn(sshd, known_hosts=sshd.known_hosts()).open()
+    t = ssh.Tunnel(("127.0.0.1", server.server_port), lambda: c.transport)
+    t.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/", timeout=10) as r:
+            assert r.read() == b"through the tunnel"
+    finally:
+        t.close()
+        server.shutdown()
+        c.close()
