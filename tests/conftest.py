@@ -88,11 +88,12 @@ def image_rootfs(built_image) -> Path:
 
 @pytest.fixture(scope="session")
 def booted_board(built_image, test_key):
-    """The built image booted under QEMU (system tier): an appliance.emulate.Board with ssh/http ports."""
+    """The built image booted under QEMU (system tier): an appliance.emulate.Board with ssh/http ports. It runs
+    on a scratch copy of the image (the image itself is never written), so a power cut can boot it again."""
     _root_required()
     from appliance import emulate
 
-    with emulate.boot(built_image.img, log_path=TEST_DIR / "console.log", key=test_key) as board:
+    with emulate.boot(built_image.img, log_path=TEST_DIR / "console.log", key=test_key, persistent=True) as board:
         yield board
 
 

@@ -338,8 +338,9 @@ def test_a_second_switch_is_refused_while_one_runs(board, versions, recipe):
     site = recipe.sites[0].name
     target = versions["one"] if current(board, site) != versions["one"] else versions["two"]
     other = versions["two"] if target == versions["one"] else versions["one"]
-    board.run(f"rm -f /run/switch1.json; nohup appliance-guest switch {site} {target} "
-              f"> /run/switch1.json.tmp 2>/dev/null && mv /run/switch1.json.tmp /run/switch1.json &")
+    # Every descriptor of the background job is redirected, or the SSH command would wait for it to end.
+    board.run(f"rm -f /run/switch1.json; (appliance-guest switch {site} {target} > /run/switch1.json.tmp"
+              f" && mv /run/switch1.json.tmp /run/switch1.json) </dev/null >/dev/null 2>&1 &")
     # Whichever of the two takes the site's lock first switches (a guest boot, many seconds); the other is refused.
     rc, second = manager(board, f"switch {site} {other}")
     first = json.loads(wait_for("the first switch to finish", lambda: board.run(
@@ -388,3 +389,39 @@ def test_reboot_comes_back_serving_without_redoing_first_boot(board, recipe):
         assert result == "no", f"{unit} ran again on the second boot"
     wait_for("the guest serving after the reboot", lambda: guest_serving(board, recipe), GUEST_S, interval=2,
              board=board)
+
+
+# ---------------------------------------------------------------- a power cut in the middle of a switch
+
+
+def _domains_besides_dom0(board: Board) -> int:
+    return len([n for n in domains(board) if n != "Domain-0"])
+
+
+@pytest.mark.parametrize("moment", ["the new guest booting", "the service address moved"])
+def test_a_power_cut_during_a_switch_boots_into_a_serving_version(board, versions, recipe, moment):
+    site = recipe.sites[0]
+    before = wait_for("the site serving", lambda: current(board, site.name) if guest_serving(board, recipe) else None,
+                      GUEST_S, interval=2, board=board)
+    target = versions["two"] if before != versions["two"] else versions["one"]
+    board.run(f"nohup appliance-guest switch {site.name} {target} </dev/null >/dev/null 2>&1 &")
+    if moment == "the new guest booting":
+        wait_for("the new version's guest created beside the old one",
+                 lambda: _domains_besides_dom0(board) >= 2 or None, SWITCH_S, interval=1, board=board)
+    else:
+        wait_for(f"{site.name}'s current version to become {target}",
+                 lambda: current(board, site.name) == target or None, SWITCH_S, interval=1, board=board)
+    try:
+        board.power_cut(REBOOT_S)
+    except EmulateError as exc:
+        pytest.fail(str(exc))
+    wait_for("a version serving after the power cut", lambda: guest_serving(board, recipe), GUEST_S, interval=2,
+             board=board)
+    now = current(board, site.name)
+    assert now in (before, target), now
+    status, body = board.fetch(f"http://{site.address}:{site.port}/cgi-bin/status")
+    assert status == 200 and json.loads(body)["version"] == now, body
+    listed = json.loads(board.run(f"appliance-guest list {site.name}").out)
+    assert listed["current"] == now, listed
+    kept = {v["version"]: v["ok"] for v in listed["versions"]}
+    assert kept.get(before) and kept.get(target), f"a version's files were lost in the power cut: {listed}"

@@ -27,7 +27,7 @@ from . import qemu
 from .board import Board, wait_for
 from .console import FATAL, GUEST_SERVED, MILESTONES, Console
 from .images import DEFAULT_BOARD, board_for, check_image, guest_of, recipe_of
-from .qemu import bios, free_port, qemu_argv, sd_card
+from .qemu import bios, free_port, qemu_argv, scratch_copy, sd_card, spawn
 
 __all__ = ["DEFAULT_BOARD", "FATAL", "GUEST_SERVED", "MILESTONES", "Board", "Console", "EmulateError", "Result",
            "bios", "board_for", "boot", "default_key", "free_port", "guest_of", "headless", "interactive", "qemu",
@@ -42,10 +42,12 @@ def _ssh_config(log_path: Path) -> Path:
 
 @contextlib.contextmanager
 def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, timeout: float = 600,
-         extra_args: Sequence[str] = ()) -> Iterator[Board]:
+         extra_args: Sequence[str] = (), persistent: bool = False) -> Iterator[Board]:
     """Boot img under QEMU, wait until root can log in over SSH, yield the Board; power off on exit.
 
     board: which emulated board (default: the image's own if QEMU has it, else one its card also boots).
+    persistent: the board writes to a scratch copy of img (beside the log, removed at power-off) instead of a
+    throw-away overlay, so that Board.power_cut() can boot it again with what reached its disk.
     """
     img = check_image(img)
     spec = load_board(board or board_for(img))
@@ -54,7 +56,7 @@ def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, time
         raise EmulateError(f"{key}: no such SSH private key")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    b = start(spec, img, log_path, key, extra_args)
+    b = start(spec, img, log_path, key, extra_args, persistent=persistent)
     try:
         b.wait_ssh(timeout)
         b.mark("ssh")
@@ -67,27 +69,23 @@ def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, time
         b.stop()
 
 
-def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Sequence[str] = ()) -> Board:
+def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Sequence[str] = (), *,
+          persistent: bool = False) -> Board:
     """Start QEMU (not waiting for anything); if the SSH port was taken meanwhile, try again with another."""
     guest = guest_of(img)
-    disk = sd_card(img, log_path.parent) if spec.qemu and spec.qemu.disk == "sd" else img
+    sd = bool(spec.qemu and spec.qemu.disk == "sd")
+    disk = sd_card(img, log_path.parent) if sd else scratch_copy(img, log_path.parent) if persistent else img
     for attempt in range(3):
         ssh_port = free_port()
-        argv = [*qemu_argv(spec, disk, ssh_port, serial="stdio"), "-monitor", "none", *extra_args]
+        argv = [*qemu_argv(spec, disk, ssh_port, serial="stdio", persistent=persistent), "-monitor", "none",
+                *extra_args]
         log_path.write_bytes(b"")
-        log.debug(f"+ {shlex.join(argv)}")
         t0 = time.monotonic()
-        try:
-            # stdin is a pipe so that type_keys() can reach the console; QEMU is its own process group.
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env=log.clean_env(), start_new_session=True)
-        except FileNotFoundError:
-            raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \
-                from None
+        proc = spawn(argv)
         assert proc.stdout is not None
         console = Console(proc.stdout, log_path, t0)
         b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path), guest, console,
-                  scratch=disk if disk != img else None)
+                  scratch=disk if disk != img else None, argv=argv)
         # QEMU refuses a taken port at once; past a second it is booting.
         try:
             proc.wait(timeout=1.5)

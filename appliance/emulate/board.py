@@ -23,6 +23,7 @@ from .. import ssh
 from ..config import Board as BoardSpec
 from ..errors import EmulateError, SshError
 from ..ssh import Result
+from . import qemu
 from .console import Console
 
 T = TypeVar("T")
@@ -58,8 +59,9 @@ class Board:
     _client: ssh.Connection | None = field(default=None, repr=False)
     _tunnel_client: ssh.Connection | None = field(default=None, repr=False)
     _tunnel: ssh.Tunnel | None = field(default=None, repr=False)
-    scratch: Path | None = None            # a card copy QEMU writes to (SD boards), removed at power-off
+    scratch: Path | None = None            # a disk copy QEMU writes to (SD boards, persistent boots), removed at power-off
     host_key: str | None = None
+    argv: list[str] = field(default_factory=list)   # how QEMU was started, to power it on again
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -247,6 +249,24 @@ class Board:
         assert self.proc.stdin is not None
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
+
+    def power_cut(self, timeout: float) -> float:
+        """Pull the plug: QEMU killed at once, so the board's disk keeps only what reached it; then power on
+        again with the same disk and ports and wait for SSH; seconds from power-on. The console log goes on in
+        the same file; the milestones are the new boot's."""
+        if self.scratch is None or not self.argv:
+            raise EmulateError(f"{self.image.name} on {self.spec.name} boots on a throw-away overlay: a power cut "
+                               f"would lose every write (boot it with persistent=True)")
+        self.close()
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+        self._console.join()
+        self.started = time.monotonic()
+        self.proc = qemu.spawn(self.argv)
+        assert self.proc.stdout is not None
+        self._console = Console(self.proc.stdout, self.console, self.started)
+        return self.wait_ssh(timeout)
 
     def stop(self) -> None:
         """Power off at once: every write went to the throw-away overlay, so nothing is lost."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from .. import log
@@ -34,8 +36,9 @@ def _escape(value: Path | str) -> str:
     return str(value).replace(",", ",,")  # QEMU's option syntax doubles a literal comma
 
 
-def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, serial: str) -> list[str]:
-    """The QEMU command line that boots img on the board, disk read-only underneath a throw-away overlay."""
+def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, serial: str, *, persistent: bool = False) -> list[str]:
+    """The QEMU command line that boots img on the board, disk read-only underneath a throw-away overlay
+    (persistent: img is a scratch copy that keeps the board's writes, across a power cut too)."""
     q = spec.qemu
     if q is None:
         raise EmulateError(f"board/{spec.name}.yaml has no qemu: section, so QEMU cannot boot it")
@@ -48,7 +51,8 @@ def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, serial: str) -> list[st
     if fw is not None:
         argv += ["-bios", str(fw)]
     if q.disk == "virtio":
-        argv += ["-drive", f"if=none,file={_escape(img)},format=raw,id=hd0,snapshot=on",
+        overlay = "" if persistent else ",snapshot=on"
+        argv += ["-drive", f"if=none,file={_escape(img)},format=raw,id=hd0{overlay}",
                  "-device", "virtio-blk-device,drive=hd0"]
     elif q.disk == "sd":
         # img is already the card-sized scratch copy (see sd_card); the boot ROM model reads the SPL from it.
@@ -63,14 +67,31 @@ def qemu_argv(spec: BoardSpec, img: Path, ssh_port: int, serial: str) -> list[st
     return argv
 
 
+def scratch_copy(img: Path, work: Path, suffix: str = "scratch") -> Path:
+    """A copy of img for QEMU to write to; the image itself stays untouched. The copy is sparse, so only the
+    image's data is copied."""
+    copy = work / f"{img.stem}.{suffix}.img"
+    copy.unlink(missing_ok=True)
+    log.run(["cp", "--sparse=always", "--reflink=auto", img, copy], what=f"copying {img.name} to a scratch disk")
+    return copy
+
+
 def sd_card(img: Path, work: Path) -> Path:
-    """A scratch copy of img the size of a real card (QEMU's SD model takes only powers of two), for QEMU to
-    write to; the image itself stays untouched. The copy is sparse, so only the image's data is copied."""
-    size = img.stat().st_size
-    card = work / f"{img.stem}.sd-card.img"
-    card.unlink(missing_ok=True)
-    log.run(["cp", "--sparse=always", "--reflink=auto", img, card], what=f"copying {img.name} to a scratch card")
-    os.truncate(card, 1 << (size - 1).bit_length())
+    """A scratch copy of img the size of a real card (QEMU's SD model takes only powers of two)."""
+    card = scratch_copy(img, work, "sd-card")
+    os.truncate(card, 1 << (img.stat().st_size - 1).bit_length())
     return card
+
+
+def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start QEMU with its serial console on a pipe (stdin too, so that keys can be typed on it), in a process
+    group of its own."""
+    log.debug(f"+ {' '.join(map(str, argv))}")
+    try:
+        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=log.clean_env(), start_new_session=True)
+    except FileNotFoundError:
+        raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \
+            from None
 
 
