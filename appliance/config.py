@@ -211,6 +211,7 @@ class Config:
     recipe_path: Path
     root: Path = ROOT
     digest: str = field(default="")
+    cache: Path = ROOT / ".cache"      # base trees, initramfs images and xz chunks (a setting: `cache` in invoke)
 
     @property
     def image_name(self) -> str:
@@ -328,8 +329,9 @@ def recipe_path(name_or_path: str, root: Path = ROOT) -> Path:
     return root / "recipes" / f"{name_or_path}.yaml"
 
 
-def load(recipe: str = "booth", root: Path = ROOT, **overrides: Any) -> Config:
-    """Load and check a recipe and its boards. `overrides` replace top-level recipe keys (CLI options)."""
+def load(recipe: str = "booth", root: Path = ROOT, *, cache: Path | None = None, **overrides: Any) -> Config:
+    """Load and check a recipe and its boards. `overrides` replace top-level recipe keys (CLI options);
+    `cache` is where the build keeps what it can reuse (default: .cache in the checkout)."""
     path = recipe_path(recipe, root)
     data = read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -339,7 +341,8 @@ def load(recipe: str = "booth", root: Path = ROOT, **overrides: Any) -> Config:
     board = load_board(rec.board, root)
     also = tuple(load_board(b, root) for b in rec.also_boots if b != rec.board)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(rec), sort_keys=True, default=str).encode()).hexdigest()
-    return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest)
+    return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest,
+                  cache=Path(cache) if cache is not None else root / ".cache")
 
 
 def _moved(data: dict[str, Any], path: Path) -> None:

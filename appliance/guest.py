@@ -13,11 +13,11 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import config, cpio, log, rootfs
+from . import config, cpio, log
 from .config import Config, SiteSpec
 from .cpio import Entry
 from .errors import GuestError
@@ -25,6 +25,9 @@ from .files import sha256
 from .log import step
 from .manager import manifest
 from .manager.errors import Error as ManagerError
+
+if TYPE_CHECKING:
+    from .build.rootfs import Base
 
 DEMO_NAME = "demo"
 DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
@@ -51,7 +54,7 @@ def _kernel(tree: Path) -> tuple[str, Path]:
     return kernels[0].name.removeprefix("vmlinuz-"), kernels[0]
 
 
-def _inputs(cfg: Config, base: rootfs.Base) -> dict[str, Path]:
+def _inputs(cfg: Config, base: Base) -> dict[str, Path]:
     kver, vmlinuz = _kernel(base.tree)
     moddir = base.tree / "usr/lib/modules" / kver
     files = {"vmlinuz": vmlinuz, "busybox.deb": base.deb("busybox-static")}
@@ -71,11 +74,14 @@ def _digest(files: dict[str, Path], release: str) -> str:
     return h.hexdigest()
 
 
-def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELEASE) -> Bundle:
+def build(cfg: Config, base: Base | None = None, release: str = DEMO_RELEASE) -> Bundle:
     """The demo guest bundle (build/guests/demo-VERSION/): made once per set of inputs, then reused.
 
     Another `release` makes another version of the same demo (the tests switch between two of them)."""
-    base = base or rootfs.ensure(cfg)
+    if base is None:
+        from .build import rootfs  # the build's steps lay bundles made here: no import at the top
+
+        base = rootfs.ensure(cfg)
     files = _inputs(cfg, base)
     version = f"{release}-{_digest(files, release)[:10]}"
     out = cfg.root / "build" / "guests" / f"{DEMO_NAME}-{version}"
@@ -244,7 +250,7 @@ def install_manager(cfg: Config, tree: Path) -> None:
         d.chmod(0o755 if d.is_dir() else 0o644)
 
 
-def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> dict[str, str]:
+def install(cfg: Config, base: Base | None, tree: Path) -> dict[str, str]:
     """Lay each site's guest (its bundle, else the demo) into the tree's store as current: site -> version."""
     if "booth" not in cfg.recipe.overlays:
         return {}  # no guest manager in this image, so no guest to serve

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import ROOT, config, configure, guest, sites
+from appliance import ROOT, config, guest, sites
+from appliance.build import configure
 from appliance.errors import GuestError, RecipeError
 from appliance.identity import derive
 
@@ -294,12 +295,12 @@ def test_a_missing_bundle_is_named(tmp_path: Path):
 
 
 def test_the_initramfs_loads_what_modules_load_d_names(tmp_path: Path):
-    from appliance import bootfiles
+    from appliance.build import initramfs
 
     conf = tmp_path / "etc/modules-load.d"
     conf.mkdir(parents=True)
     (conf / "b.conf").write_text("# the firewall\nnf_tables\n\n; old style comment\n  nft_ct  \n")
     (conf / "a.conf").write_text("xenfs\nxen-evtchn\n")
     (conf / "README").write_text("not a .conf\n")
-    assert bootfiles.early_modules(tmp_path) == ["xenfs", "xen-evtchn", "nf_tables", "nft_ct"]
-    assert bootfiles.early_modules(tmp_path / "nothing") == []
+    assert initramfs.early_modules(tmp_path) == ["xenfs", "xen-evtchn", "nf_tables", "nft_ct"]
+    assert initramfs.early_modules(tmp_path / "nothing") == []

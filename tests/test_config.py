@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import ROOT, build, config, mirror
+from appliance import ROOT, build, config
+from appliance.build import mirror
 from appliance.errors import RecipeError
 
 pytestmark = pytest.mark.unit
@@ -66,7 +67,7 @@ def test_recipe_digest_changes_with_values(tmp_path: Path):
 
 
 def test_authorized_keys_rejects_a_private_key(tmp_path: Path):
-    from appliance.configure import authorized_keys
+    from appliance.build.configure import authorized_keys
 
     key = tmp_path / "id"
     key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import ROOT, bootfiles, config, rootfs
+from appliance import ROOT, config
+from appliance.build import bootfiles, rootfs
 
 pytestmark = pytest.mark.image
 BOARD = config.load_board("cubieboard2")

@@ -539,7 +539,8 @@ def leases_of(path: Path) -> dict[str, str]:
 
 
 def booth() -> tuple[dict[str, bytes], dict[str, Any]]:
-    from appliance import config, configure
+    from appliance import config
+    from appliance.build import configure
     from appliance.identity import derive
 
     cfg = config.load("booth")
@@ -700,7 +701,8 @@ KINDS = {
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
-    from appliance import ROOT, config, configure
+    from appliance import ROOT, config
+    from appliance.build import configure
     from appliance.identity import derive
 
     monkeypatch.chdir(ROOT)

@@ -77,7 +77,8 @@ while not os.path.exists(stop):
 def ruleset() -> str:
     if "map svc" not in TEMPLATE.read_text():
         return MINIMAL_RULES
-    from appliance import config, configure
+    from appliance import config
+    from appliance.build import configure
     from appliance.identity import derive
 
     cfg = config.load("booth")
