@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import config, cpio, log
+from . import config, cpio, kmod, log
 from .config import Config, SiteSpec
 from .cpio import Entry
 from .errors import GuestError
@@ -58,11 +58,12 @@ def _inputs(cfg: Config, base: Base) -> dict[str, Path]:
     kver, vmlinuz = _kernel(base.tree)
     moddir = base.tree / "usr/lib/modules" / kver
     files = {"vmlinuz": vmlinuz, "busybox.deb": base.deb("busybox-static")}
-    files.update({f"modules/{m}": moddir / m for m in cpio.module_paths(moddir, [NETFRONT])})
+    files.update({f"modules/{m}": moddir / m for m in kmod.module_paths(moddir, [NETFRONT])})
     demo = cfg.root / "guest"
     files.update({f"guest/{p.relative_to(demo)}": p for p in sorted(demo.rglob("*")) if p.is_file()})
     files["builder"] = Path(__file__)  # how the bundle is made is an input too
     files["packer"] = Path(cpio.__file__)
+    files["kmod"] = Path(kmod.__file__)
     return files
 
 
@@ -119,7 +120,7 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
     entries += [cpio.CONSOLE, cpio.symlink("bin/sh", "busybox"),
                 cpio.file("bin/busybox", cpio.busybox(files["busybox.deb"], tmp), 0o755),
                 cpio.file("etc/guest-version", f"{version}\n".encode())]
-    entries += cpio.modules(kver, mods, tmp)
+    entries += kmod.modules(kver, mods, tmp)
     for name, p in files.items():
         if not name.startswith("guest/"):
             continue

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import cpio, log
+from .. import cpio, kmod, log
 from ..config import Config
 from ..log import step
 from . import rootfs
@@ -42,13 +42,14 @@ def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Pat
     the time systemd-modules-load took in a busy boot, and xenstored and the firewall no longer wait for it."""
     moddir = tree / "usr/lib/modules" / kernel.version
     wanted = list(dict.fromkeys([*(m for b in (cfg.board, *cfg.also) for m in b.modules), *early_modules(tree)]))
-    paths = cpio.module_paths(moddir, wanted)
-    wanted = [*cpio.softdeps(moddir, paths), *wanted]
-    paths = cpio.module_paths(moddir, wanted)
+    paths = kmod.module_paths(moddir, wanted)
+    wanted = [*kmod.softdeps(moddir, paths), *wanted]
+    paths = kmod.module_paths(moddir, wanted)
     init, busybox = cfg.root / INIT, base.deb("busybox-static")
     h = hashlib.sha256(kernel.version.encode())
     for name, data in [("init", init.read_bytes()), ("busybox", busybox.read_bytes()),
-                       ("packer", Path(cpio.__file__).read_bytes()), ("modules", "\n".join(wanted).encode()),
+                       ("packer", Path(cpio.__file__).read_bytes()),
+                       ("kmod", Path(kmod.__file__).read_bytes()), ("modules", "\n".join(wanted).encode()),
                        *((rel, (moddir / rel).read_bytes()) for rel in paths)]:
         h.update(f"{name}\0".encode() + hashlib.sha256(data).digest())
     cached = cfg.cache / "initrd" / f"initrd-{h.hexdigest()[:16]}.img"
@@ -65,7 +66,7 @@ def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Pat
                             cpio.file("bin/busybox", cpio.busybox(busybox, work), 0o755),
                             cpio.symlink("bin/sh", "busybox"), cpio.symlink("sbin/modprobe", "/bin/busybox"),
                             cpio.file("etc/modules", "".join(f"{m}\n" for m in wanted).encode())]
-                entries += cpio.modules(kernel.version, {rel: moddir / rel for rel in paths}, work)
+                entries += kmod.modules(kernel.version, {rel: moddir / rel for rel in paths}, work)
                 (work / "initrd.img").write_bytes(gzip.compress(cpio.pack(entries), compresslevel=9, mtime=0))
                 (work / "initrd.img").rename(cached)
             finally:
