@@ -264,11 +264,11 @@ def install(cfg: Config, base: Base | None, tree: Path) -> dict[str, str]:
     return out
 
 
-def build_task(recipe: str = "booth") -> Bundle:
+def build_task(recipe: str = "booth", cache: str | Path | None = None) -> Bundle:
     """`invoke guest`: the demo bundle for a recipe's board packages (from the cached base tree)."""
     from .config import load
 
-    cfg = load(recipe)
+    cfg = load(recipe, cache=Path(cache) if cache else None)
     bundle = build(cfg)
     log.info(f"demo guest {bundle.version}: {bundle.path}")
     return bundle

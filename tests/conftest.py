@@ -12,10 +12,12 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import testinfra
+from cards import Card, Loops, make_card
 
 from appliance import ROOT
 
@@ -109,3 +111,23 @@ def host(request):
         h = testinfra.get_host(board.testinfra_url, ssh_identity_file=str(board.key))
     h.backend_name = request.param  # tests that only make sense live or offline check this
     return h
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory: pytest.TempPathFactory) -> Card:
+    """A small card image (SPL bytes, two ext4 partitions) and its block map, one per test file: reading a whole
+    card (dd, the benchmark) caches zero pages over mke2fs's unwritten extents, which SEEK_DATA then reports as
+    data, so a card read by test_flash would map differently for test_bmap's determinism test."""
+    return make_card(tmp_path_factory.mktemp("card"))
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[Loops]:
+    """Loop devices over files in tmp_path, unmounted and detached after the test (root only)."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("loop devices need root and losetup")
+    made = Loops(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()

@@ -60,10 +60,10 @@ def source_date_epoch(cfg: Config) -> int:
 
 
 def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | None = None,
-           cache: Path | None = None, steps: Sequence[Step] = STEPS) -> Context:
+           cache: str | Path | None = None, steps: Sequence[Step] = STEPS) -> Context:
     """Check the recipe, board, overlays, templates, bundles and host tools, running every step's verify;
     build nothing. The context holds what the verifies computed."""
-    cfg = load(recipe, cache=cache)
+    cfg = load(recipe, cache=Path(cache) if cache else None)
     missing = [t for t in host_tools(steps) if not shutil.which(t, path=log.clean_env()["PATH"])]
     if missing:
         raise ToolError(f"host tools missing: {', '.join(missing)}", hint="run ./setup.sh")
@@ -88,7 +88,8 @@ def exclusive(root: Path) -> Iterator[None]:
 
 
 def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str | None = None,
-          out_dir: Path | None = None, cache: Path | None = None, steps: Sequence[Step] = STEPS) -> Outputs | None:
+          out_dir: Path | None = None, cache: str | Path | None = None,
+          steps: Sequence[Step] = STEPS) -> Outputs | None:
     """Build a recipe's image into out_dir (default: build/), using the cache (default: .cache)."""
     start = time.monotonic()
     with log.timings({}) as durations:
@@ -155,9 +156,9 @@ def _drop_partial(out_dir: Path) -> None:
         p.unlink()
 
 
-def clean(everything: bool = False, root: Path = ROOT, cache: Path | None = None) -> None:
+def clean(everything: bool = False, root: Path = ROOT, cache: str | Path | None = None) -> None:
     with log.step("Dropping caches" + (" and outputs" if everything else "")):
-        clean_cache(cache or root / ".cache")
+        clean_cache(Path(cache) if cache else root / ".cache")
         shutil.rmtree(root / "build" / ".work", ignore_errors=True)
         shutil.rmtree(shm_dir(root), ignore_errors=True)
         if everything:

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import guest, log
-from .config import Config
-from .emulate import Board, wait_for
+from .. import guest, log
+from ..config import Config
+from ..emulate import Board, wait_for
 
 STORE = "/var/lib/appliance/sites"
 ANSWERS_S = 300
