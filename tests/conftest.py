@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,18 +41,42 @@ def test_key() -> Path:
     return key
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What a folder of outputs holds: each file's size and mtime, and where `latest` points; then and now."""
+
+    folder: Path
+    before: dict[str, tuple[int, int] | str]
+
+    @staticmethod
+    def of(folder: Path) -> dict[str, tuple[int, int] | str]:
+        if not folder.is_dir():
+            return {}
+        return {p.name: os.readlink(p) if p.is_symlink() else (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in folder.iterdir() if p.is_symlink() or p.is_file()}
+
+    def now(self) -> dict[str, tuple[int, int] | str]:
+        return self.of(self.folder)
+
+
 @pytest.fixture(scope="session")
-def built_image(test_key: Path):
-    """The default recipe's image, built for real (the rootfs cache makes later runs fast)."""
+def users_outputs() -> Snapshot:
+    """The user's build/ before the suite builds anything: the suite builds into build/test/ and leaves it alone."""
+    return Snapshot(ROOT / "build", Snapshot.of(ROOT / "build"))
+
+
+@pytest.fixture(scope="session")
+def built_image(test_key: Path, users_outputs):
+    """The default recipe's image, built for real into build/test/ (the rootfs cache makes later runs fast); it
+    trusts the suite's key, so it is never the user's build/latest."""
     _root_required()
     from appliance import build
 
-    if os.environ.get("APPLIANCE_TEST_REUSE"):  # a developer's shortcut: test the last build as it is
-        cfg = build.verify("booth", None)
-        out = cfg.outputs()
-        if out.img.exists():
-            return out
-    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
+    if os.environ.get("APPLIANCE_TEST_REUSE"):  # a developer's shortcut: test the suite's last build as it is
+        last = build.verify("booth", out_dir=TEST_DIR).outputs()
+        if last.img.exists():
+            return last
+    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")), out_dir=TEST_DIR)
     assert out is not None and out.img.exists()
     return out
 
