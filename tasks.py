@@ -132,7 +132,7 @@ def guest(c, recipe="booth", debug=False):
     print(g.build_task(recipe, cache=_cache(c)).path)
 
 
-@task(help={"tier": "unit, image, system or all (default)", "pytest_args": "extra pytest arguments"})
+@task(help={"tier": "unit, root, image, system or all (default)", "pytest_args": "extra pytest arguments"})
 def test(c, tier="all", pytest_args=""):
     """Run the test suite: every tier by default."""
     marker = "" if tier == "all" else f"-m {tier}"

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.root
 
 TOOLS = ("nft", "ip", "bridge", "dnsmasq", "busybox")
 PAGE = "the demo site, blue slot"

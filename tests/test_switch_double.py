@@ -22,7 +22,7 @@ import pytest
 
 from appliance import ROOT
 
-pytestmark = [pytest.mark.unit,
+pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(c) for c in ("ip", "nft", "conntrack")),
                                  reason="needs root, ip, nft and conntrack (network namespaces)")]
 
