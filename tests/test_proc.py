@@ -18,12 +18,13 @@ from appliance import ROOT
 
 pytestmark = pytest.mark.unit
 
-# The parent: starts a stand-in for QEMU (a process that would run for ever), prints its pid, and waits.
+# The parent: starts a stand-in for QEMU (runs until signalled; not ended by its stdin closing), prints its pid,
+# and waits.
 _PARENT = """
 import subprocess, sys
 from appliance import proc
 extra = {"preexec_fn": proc.die_with_parent()} if sys.argv[1] == "yes" else {}
-child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **extra)
 print(child.pid, flush=True)
 child.wait()
