@@ -43,7 +43,8 @@ def test_key() -> Path:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What a folder of outputs holds: each file's size and mtime, and where `latest` points; then and now."""
+    """What a folder of outputs holds: each file's size and mtime, and where `latest` points; then and now
+    (not the build's lock and partial files, which any build touches)."""
 
     folder: Path
     before: dict[str, tuple[int, int] | str]
@@ -53,7 +54,7 @@ class Snapshot:
         if not folder.is_dir():
             return {}
         return {p.name: os.readlink(p) if p.is_symlink() else (p.stat().st_size, p.stat().st_mtime_ns)
-                for p in folder.iterdir() if p.is_symlink() or p.is_file()}
+                for p in folder.iterdir() if not p.name.startswith(".") and (p.is_symlink() or p.is_file())}
 
     def now(self) -> dict[str, tuple[int, int] | str]:
         return self.of(self.folder)
