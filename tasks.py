@@ -127,7 +127,7 @@ def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=F
 @_cli
 def guest(c, recipe="booth", debug=False):
     """Build the demo guest bundle (zImage + busybox httpd initramfs + the game) into build/guests/."""
-    from appliance import guest as g
+    from appliance.build import guest as g
 
     print(g.build_task(recipe, cache=_cache(c)).path)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance import ROOT, config, guest
+from appliance.build.guest import install
 from appliance.errors import GuestError
 
 pytestmark = pytest.mark.unit
@@ -54,7 +55,7 @@ def test_install_a_user_bundle(tmp_path: Path):
                                        f"  kernel.xen: {guest.sha256(bundle / 'kernel.xen')}\n")
     cfg = _user_recipe(tmp_path, "mybundle")
     tree = tmp_path / "tree"
-    assert guest.install(cfg, None, tree) == {"mine": "7"}
+    assert install(cfg, None, tree) == {"mine": "7"}
     store = tree / guest.STORE / "mine"
     assert os.readlink(store / "current") == "7"
     assert sorted(p.name for p in (store / "7").iterdir()) == ["kernel.xen", "manifest.json"]
@@ -67,7 +68,7 @@ def test_install_a_user_bundle(tmp_path: Path):
     with pytest.raises(GuestError, match="sha256"):
         guest.check(cfg)
     with pytest.raises(GuestError, match="sha256"):
-        guest.install(cfg, None, tree)
+        install(cfg, None, tree)
     assert os.readlink(store / "current") == "7" and (store / "7/kernel.xen").read_bytes() == zimage(b"mine")
 
 
@@ -80,7 +81,7 @@ def test_a_hostile_bundle_is_refused_before_anything_is_copied(tmp_path: Path, k
     cfg = _user_recipe(tmp_path, "b")
     tree = tmp_path / "deep" / "tree"
     with pytest.raises(GuestError, match="kernel"):
-        guest.install(cfg, None, tree)
+        install(cfg, None, tree)
     assert not (tree / guest.STORE).exists() and not (tmp_path / "escaped").exists()
 
 

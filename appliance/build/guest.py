@@ -1,17 +1,152 @@
-"""The guests step: each site's guest (its bundle, else the demo guest) and the board's guest manager laid into
-the image's store, checked first by the board's own validator (the bundles themselves: appliance.guest).
+"""The guests step, and the demo guest it serves when a site names no bundle of its own.
+
+`build()` makes the demo bundle from the cached base tree (the armmp zImage, and a deterministic initramfs of
+busybox httpd, xen-netfront and the site in guest/) with no emulation, cached by its inputs. `install()` lays
+each site's guest (its bundle, else the demo) and the board's guest manager into the image's store as `current`,
+checked first by the board's own manifest validator (the bundles themselves: appliance.guest).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import guest as bundles
+from .. import config, cpio, kmod, log
+from ..config import Config
+from ..cpio import Entry
+from ..errors import GuestError
+from ..files import sha256
+from ..guest import STORE, install_manager, store, user_bundle
+from ..guest import check as check_bundles
+from ..log import step
+from ..manager import manifest as board_manifest
+from . import rootfs
 from .configure import TITLE
 from .step import Step
 
 if TYPE_CHECKING:
     from .context import Context
+
+DEMO_NAME = "demo"
+DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
+DEMO_CMDLINE = board_manifest.DEFAULT_CMDLINE   # the board's default: ip=… for a Linux guest, appliance.port for the demo
+NETFRONT = "kernel/drivers/net/xen-netfront.ko"
+_PLACES = {"init": "init", "httpd.conf": "etc/httpd.conf", "udhcpc.script": "etc/udhcpc.script"}  # guest/ -> initramfs
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    name: str
+    version: str
+
+
+def _kernel(tree: Path) -> tuple[str, Path]:
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise GuestError(f"expected one kernel in {tree}/boot for the demo guest, found {[p.name for p in kernels]}")
+    return kernels[0].name.removeprefix("vmlinuz-"), kernels[0]
+
+
+def _inputs(cfg: Config, base: rootfs.Base) -> dict[str, Path]:
+    kver, vmlinuz = _kernel(base.tree)
+    moddir = base.tree / "usr/lib/modules" / kver
+    files = {"vmlinuz": vmlinuz, "busybox.deb": base.deb("busybox-static")}
+    files.update({f"modules/{m}": moddir / m for m in kmod.module_paths(moddir, [NETFRONT])})
+    demo = cfg.root / "guest"
+    files.update({f"guest/{p.relative_to(demo)}": p for p in sorted(demo.rglob("*")) if p.is_file()})
+    files["builder"] = Path(__file__)  # how the bundle is made is an input too
+    files["packer"] = Path(cpio.__file__)
+    files["kmod"] = Path(kmod.__file__)
+    return files
+
+
+def _digest(files: dict[str, Path], release: str) -> str:
+    h = hashlib.sha256(release.encode())
+    for name, p in sorted(files.items()):
+        h.update(f"{name}\0{p.stat().st_mode & 0o111}\0".encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELEASE) -> Bundle:
+    """The demo guest bundle (build/guests/demo-VERSION/): made once per set of inputs, then reused.
+
+    Another `release` makes another version of the same demo (the tests switch between two of them)."""
+    base = base or rootfs.ensure(cfg)
+    files = _inputs(cfg, base)
+    version = f"{release}-{_digest(files, release)[:10]}"
+    out = cfg.root / "build" / "guests" / f"{DEMO_NAME}-{version}"
+    if (out / "guest.yaml").exists():
+        log.info(f"demo guest {version} from cache ({out.relative_to(cfg.root)})")
+        return Bundle(out, DEMO_NAME, version)
+    with step(f"Building the demo guest {version} (zImage + busybox httpd initramfs)"):
+        kver, _ = _kernel(base.tree)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        initrd = gzip.compress(cpio.pack(_initramfs(files, kver, version, tmp)), compresslevel=9, mtime=0)
+        (tmp / "initrd.gz").write_bytes(initrd)
+        shutil.copyfile(files["vmlinuz"], tmp / "vmlinuz")
+        manifest = {
+            "name": DEMO_NAME, "version": version, "kernel": "vmlinuz", "ramdisk": "initrd.gz",
+            "sha256": {n: sha256(tmp / n) for n in ("vmlinuz", "initrd.gz")},
+            "cmdline": DEMO_CMDLINE,
+        }
+        (tmp / "guest.yaml").write_text(json.dumps(manifest, indent=1) + "\n")
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        for old in out.parent.glob(f"{DEMO_NAME}-{release}-*"):
+            if old != out:
+                shutil.rmtree(old)  # earlier builds of this release: their inputs are gone
+        log.info(f"{out.relative_to(cfg.root)}: vmlinuz {files['vmlinuz'].stat().st_size >> 10} KiB, "
+                 f"initrd.gz {len(initrd) >> 10} KiB")
+    return Bundle(out, DEMO_NAME, version)
+
+
+def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> list[Entry]:
+    mods = {n.removeprefix("modules/"): p for n, p in files.items() if n.startswith("modules/")}
+    entries = [cpio.directory(d) for d in ("dev", "proc", "run", "sys", "tmp", "www", "www/cgi-bin")]
+    entries += [cpio.CONSOLE, cpio.symlink("bin/sh", "busybox"),
+                cpio.file("bin/busybox", cpio.busybox(files["busybox.deb"], tmp), 0o755),
+                cpio.file("etc/guest-version", f"{version}\n".encode())]
+    entries += kmod.modules(kver, mods, tmp)
+    for name, p in files.items():
+        if not name.startswith("guest/"):
+            continue
+        rel = name.removeprefix("guest/")
+        mode = 0o755 if p.stat().st_mode & 0o111 else 0o644
+        dest = _PLACES.get(rel) or (f"www/{rel.removeprefix('site/')}" if rel.startswith("site/") else None)
+        if dest:
+            entries.append(cpio.file(dest, p.read_bytes(), mode))
+    return list({e.path: e for e in entries}.values())  # a directory named twice is packed once
+
+
+def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> dict[str, str]:
+    """Lay each site's guest (its bundle, else the demo) into the tree's store as current: site -> version."""
+    if "booth" not in cfg.recipe.overlays:
+        return {}  # no guest manager in this image, so no guest to serve
+    install_manager(cfg, tree)
+    out = {}
+    for i, site in enumerate(cfg.recipe.sites):
+        src = user_bundle(cfg, i) or build(cfg, base).path
+        with step(f"Installing the guest of site {site.name} from {config.rel(src)} into /{STORE}/{site.name}"):
+            out[site.name] = store(tree, src, site)
+    return out
+
+
+def build_task(recipe: str = "booth", cache: str | Path | None = None) -> Bundle:
+    """`invoke guest`: the demo bundle for a recipe's board packages (from the cached base tree)."""
+    cfg = config.load(recipe, cache=Path(cache) if cache else None)
+    bundle = build(cfg)
+    log.info(f"demo guest {bundle.version}: {bundle.path}")
+    return bundle
 
 
 class Guest(Step):
@@ -19,7 +154,7 @@ class Guest(Step):
     title = TITLE      # part of configuring the rootfs, as the user sees it
 
     def verify(self, ctx: Context) -> None:
-        bundles.check(ctx.cfg)
+        check_bundles(ctx.cfg)
 
     def run(self, ctx: Context) -> None:
-        bundles.install(ctx.cfg, ctx.base, ctx.tree)
+        install(ctx.cfg, ctx.base, ctx.tree)

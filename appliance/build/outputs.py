@@ -27,9 +27,14 @@ if TYPE_CHECKING:
 def pack(ctx: Context, out: Outputs) -> dict[str, str]:
     """The block map and the .xz beside the partial image; the checksums of all three."""
     tmp_bmap, tmp_xz = partial(out.bmap), partial(out.xz)
-    # xz is the slow part: its chunks are cached (see compress.py) and run while the block map is made.
+    # xz is the slow part: its chunks are cached (see compress.py) and run while the block map is made. The
+    # cache keeps one image's chunks; the tests' and benchmarks' images have their own, so that building
+    # them never makes the user's next build compress its image anew.
+    chunks_of = ctx.cfg.cache / "xz" / ctx.cfg.image_name
+    if ctx.out_dir != ctx.cfg.root / "build":
+        chunks_of = ctx.cfg.cache / "xz" / ctx.out_dir.name / ctx.cfg.image_name
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        packed = pool.submit(compress.xz, ctx.tmp_img, tmp_xz, ctx.cfg.cache / "xz" / ctx.cfg.image_name)
+        packed = pool.submit(compress.xz, ctx.tmp_img, tmp_xz, chunks_of)
         img_sum = pool.submit(sha256, ctx.tmp_img)
         bmap.create(ctx.tmp_img, tmp_bmap)
         sums = {out.img.name: img_sum.result()}
