@@ -7,7 +7,7 @@ attacked by a hostile visitor while a good visitor keeps fetching the demo site'
                            brg0 10.42.100.1/24, port vif1.0 -> "be" (the demo's blue slot: a Python http.server)
                            eth0 192.168.77.1/24 -> "up" (the uplink: the venue's network, a web server)
 
-The rules are the real ones (the booth recipe rendered by appliance.configure, loaded with `nft -f`), and so is
+The rules are the real ones (the booth recipe rendered by appliance.build.configure, loaded with `nft -f`), and so is
 dnsmasq's configuration. The DHCP client of the visitors is busybox udhcpc. The helpers that run inside the
 namespaces (attacker, sniffer, web client, probes) are this file run as a script: see `main()`.
 Needs root, nft, ip, bridge, dnsmasq and busybox (setup.sh installs them); skipped otherwise.
