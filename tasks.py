@@ -46,7 +46,7 @@ def build(c, recipe="booth", dry_run=False, authorized_keys=None, debug=False):
     """Build the SD-card image of a recipe (default: booth) into build/."""
     from appliance import build as b
 
-    b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys)
+    b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c))
 
 
 @task(help={"all": "also drop downloaded packages and built images"})
@@ -55,7 +55,7 @@ def clean(c, all=False, debug=False):
     """Drop the build caches (and with --all, the outputs too)."""
     from appliance import build as b
 
-    b.clean(everything=all)
+    b.clean(everything=all, cache=_cache(c))
 
 
 def _positional_given(name: str, valued: set[str]) -> bool:
@@ -130,9 +130,9 @@ def guest(c, recipe="booth", static=None, debug=False):
     """Build the demo guest bundle (zImage + busybox httpd initramfs + the game, or --static DIR) into build/guests/."""
     from pathlib import Path
 
-    from appliance import guest as g
+    from appliance.build import guest as g
 
-    print(g.build_task(recipe, static=Path(static) if static else None).path)
+    print(g.build_task(recipe, cache=_cache(c), static=Path(static) if static else None).path)
 
 
 _SSH_HELP = {"host": "the board: user@name, name:port or an ~/.ssh/config alias (deploy: may be repeated)",
@@ -229,7 +229,7 @@ def guests(c, host=None, site=None, accept_new=False, ssh_config=None, known_hos
     print(d.guests_text(d.guests(t, site)))
 
 
-@task(help={"tier": "unit, ssh, image, system or all (default)", "pytest_args": "extra pytest arguments"})
+@task(help={"tier": "unit, root, ssh, image, system or all (default)", "pytest_args": "extra pytest arguments"})
 def test(c, tier="all", pytest_args=""):
     """Run the test suite: every tier by default."""
     marker = "" if tier == "all" else f"-m {tier}"
@@ -237,14 +237,23 @@ def test(c, tier="all", pytest_args=""):
 
 
 @task(help={"skip_cold": "skip the cold build (it takes minutes)", "skip_flash": "skip the flash benchmark",
-            "skip_boot": "skip the QEMU boot benchmark", "authorized_keys": "an SSH public key file for the images",
+            "skip_boot": "skip the QEMU boot benchmark",
+            "authorized_keys": "an SSH public key file for the images (default: a throwaway key made for the run)",
+            "runs": "runs of each benchmark (default 3): a figure is their median, printed with the spread",
             "debug": "show commands and tracebacks"})
 @_cli
-def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, debug=False):
-    """Print the benchmark figures: build times, image sizes, flash and boot speed."""
+def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, runs=3, debug=False):
+    """Print the benchmark figures: build times, image sizes, flash and boot speed (into build/bench/)."""
     from appliance import bench as b
 
-    b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys))
+    b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys,
+                   runs=int(runs)))
+
+
+def _cache(c: Any) -> str | None:
+    """The cache directory setting (`appliance.cache` in invoke.yaml, or INVOKE_APPLIANCE_CACHE); None: .cache."""
+    return c.config.appliance.cache
 
 
 ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, rollback, status, guests)
+ns.configure({"appliance": {"cache": None}})

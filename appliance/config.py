@@ -1,7 +1,8 @@
 """Recipes and boards are data: strict YAML parsed once into frozen dataclasses.
 
 Every setting is declared once, as a dataclass field; the same declaration drives parsing, defaults and
-the error for an unknown or missing key, which always names the file and the dotted key.
+the error for an unknown or missing key, which always names the file and the dotted key. A setting with a few
+choices is a Literal, checked when the file is loaded, and its error lists the choices.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -49,7 +50,7 @@ class UBoot:
     file: str                    # path inside that package
     board_name: str              # what U-Boot reports as ${board_name}; boot.scr branches on it
     offset: Size | None = None   # byte offset on the card; None when QEMU loads it with -bios
-    header: str | None = None    # "egon" for Allwinner boot-ROM images
+    header: Literal["egon"] | None = None   # "egon" for Allwinner boot-ROM images
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Qemu:
     cpu: str = "cortex-a15"
     smp: int = 2
     memory_mib: int = 2048
-    disk: str = "virtio"         # "virtio" (-drive + virtio-blk-device) or "sd" (-sd IMAGE)
+    disk: Literal["virtio", "sd"] = "virtio"   # -drive + virtio-blk-device, or the SoC's SD card (-sd IMAGE)
     nic: str = "virtio-net-device"
     cntfrq: int | None = None    # Hz of the CPUs' generic-timer counter; None: QEMU's default (62.5 MHz in 7.2)
 
@@ -133,7 +134,7 @@ class Ssh:
 class Wifi:
     ssid: str = "appliance"
     country: str = "DE"                # regulatory domain: which channels and powers are legal
-    hw_mode: str = "g"                 # a (5 GHz), b or g (2.4 GHz)
+    hw_mode: Literal["a", "b", "g"] = "g"   # a (5 GHz), b or g (2.4 GHz)
     channel: int = 6
     open: bool = False                 # true: no encryption (a booth); false: WPA2 with the passphrase below
     passphrase_file: str | None = None  # a file of the user's (relative to the recipe), never in the repo
@@ -151,7 +152,7 @@ class Network:
     dhcp_end: str = "10.42.3.250"      # about 900 leases: a crowd of a few hundred, phones passing by
     lease_minutes: int = 30
     leases_per_station: int = 4        # one station (one source MAC) holds at most this many leases
-    uplink: str = "dhcp"               # "dhcp": the wired port is a DHCP client; "bridge": joined to the bridge
+    uplink: Literal["dhcp", "bridge"] = "dhcp"   # dhcp: the wired port is a DHCP client; bridge: joined to br0
     captive: bool = True               # booth mode: every name resolves to the default (first) site
     unique_hostname: bool = True       # first boot: hostname becomes NAME-xxxxxx (MAC suffix), published over mDNS
 
@@ -213,6 +214,7 @@ class Config:
     recipe_path: Path
     root: Path = ROOT
     digest: str = field(default="")
+    cache: Path = ROOT / ".cache"      # base trees, initramfs images and xz chunks (a setting: `cache` in invoke)
 
     @property
     def image_name(self) -> str:
@@ -241,6 +243,13 @@ def _convert(tp: Any, value: Any, path: Path, key: str) -> Any:
         if value is None:
             return None
         return _convert(args[0], value, path, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            named = [f"'{c}'" for c in choices]
+            either = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} or {named[-1]}"
+            raise _fail(path, key, f"{value!r} must be {either}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _fail(path, key, "must be a mapping")
@@ -330,8 +339,9 @@ def recipe_path(name_or_path: str, root: Path = ROOT) -> Path:
     return root / "recipes" / f"{name_or_path}.yaml"
 
 
-def load(recipe: str = "booth", root: Path = ROOT, **overrides: Any) -> Config:
-    """Load and check a recipe and its boards. `overrides` replace top-level recipe keys (CLI options)."""
+def load(recipe: str = "booth", root: Path = ROOT, *, cache: Path | None = None, **overrides: Any) -> Config:
+    """Load and check a recipe and its boards. `overrides` replace top-level recipe keys (CLI options);
+    `cache` is where the build keeps what it can reuse (default: .cache in the checkout)."""
     path = recipe_path(recipe, root)
     data = read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -341,7 +351,8 @@ def load(recipe: str = "booth", root: Path = ROOT, **overrides: Any) -> Config:
     board = load_board(rec.board, root)
     also = tuple(load_board(b, root) for b in rec.also_boots if b != rec.board)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(rec), sort_keys=True, default=str).encode()).hexdigest()
-    return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest)
+    return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest,
+                  cache=Path(cache) if cache is not None else root / ".cache")
 
 
 def _moved(data: dict[str, Any], path: Path) -> None:
@@ -376,8 +387,6 @@ def _check_wifi(w: Wifi, path: Path) -> None:
         raise _fail(path, "wifi.ssid", f"'{w.ssid}' must be 1 to 32 bytes long")
     if not w.ssid.isprintable():
         raise _fail(path, "wifi.ssid", f"{w.ssid!r} must not hold control characters")
-    if w.hw_mode not in _CHANNELS:
-        raise _fail(path, "wifi.hw_mode", f"'{w.hw_mode}' must be one of a, b, g")
     if w.channel not in _CHANNELS[w.hw_mode]:
         raise _fail(path, "wifi.channel", f"channel {w.channel} is not allowed in hw_mode '{w.hw_mode}'")
     if not re.fullmatch(r"[A-Z]{2}", w.country):
@@ -408,8 +417,6 @@ def _check_network(rec: Recipe, path: Path) -> None:
         raise _fail(path, "network.lease_minutes", f"{n.lease_minutes} must be 2 to 1440 (minutes)")
     if not 1 <= n.leases_per_station <= 64:
         raise _fail(path, "network.leases_per_station", f"{n.leases_per_station} must be 1 to 64")
-    if n.uplink not in ("dhcp", "bridge"):
-        raise _fail(path, "network.uplink", f"'{n.uplink}' must be 'dhcp' or 'bridge'")
     g = rec.guests
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,14}", g.bridge) or g.bridge == n.bridge:
         raise _fail(path, "guests.bridge", f"'{g.bridge}' must be an interface name other than network.bridge")

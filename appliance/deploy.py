@@ -26,6 +26,7 @@ from typing import Any
 import paramiko
 
 from . import guest, log, ssh
+from .build import guest as demo_guest
 from .errors import ApplianceError, DeployError, GuestError, SshError
 from .manager import manifest, names
 from .manager.staging import PART, digest_prefix
@@ -86,7 +87,7 @@ def source(path: Path, *, name: str | None = None, version: str | None = None, m
     (the demo guest serving DIR, built here)."""
     with tempfile.TemporaryDirectory(prefix="appliance-deploy-") as tmp:
         if static is not None:
-            path = guest.build_task(recipe, static=Path(static)).path
+            path = demo_guest.build_task(recipe, static=Path(static)).path
         elif not path.exists():
             raise GuestError(f"{path}: no such bundle, tarball or kernel")
         elif path.is_file() and re.search(r"\.(tar|tar\.gz|tgz)$", path.name):

@@ -1,13 +1,14 @@
 """Logging, timed steps, progress and the one `run()` helper every host command goes through.
 
 `step("Doing X")` prints what is being done, indents what happens inside it, and prints how long it
-took; the durations are kept so the build manifest can record them. Progress bars are drawn only when
+took; inside `timings(d)` the durations are also kept in d (the build's context, for its manifest). Progress bars are drawn only when
 stderr is a TTY; elsewhere (CI) plain lines are printed at most every few percent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shlex
 import subprocess
@@ -20,7 +21,7 @@ from .errors import ToolError
 
 DEBUG = bool(os.environ.get("APPLIANCE_DEBUG"))
 _depth = 0
-durations: dict[str, float] = {}
+_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("timings", default=None)
 
 
 def set_debug(on: bool) -> None:
@@ -42,6 +43,16 @@ def debug(message: str) -> None:
 
 
 @contextlib.contextmanager
+def timings(into: dict[str, float]) -> Iterator[dict[str, float]]:
+    """Keep the duration of every step() run inside this block in `into`, by title."""
+    token = _timings.set(into)
+    try:
+        yield into
+    finally:
+        _timings.reset(token)
+
+
+@contextlib.contextmanager
 def step(title: str) -> Iterator[None]:
     """Announce, indent and time one piece of work."""
     global _depth
@@ -53,7 +64,9 @@ def step(title: str) -> Iterator[None]:
     finally:
         _depth -= 1
         took = time.monotonic() - start
-        durations[title] = round(took, 2)
+        kept = _timings.get()
+        if kept is not None:
+            kept[title] = round(took, 2)
         info(f"  ✓ {title} ({took:.1f} s)" if sys.exc_info()[0] is None else f"  ✗ {title} ({took:.1f} s)")
 
 

@@ -12,10 +12,13 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import testinfra
+from cards import Card, Loops, make_card
 
 from appliance import ROOT
 
@@ -38,18 +41,43 @@ def test_key() -> Path:
     return key
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What a folder of outputs holds: each file's size and mtime, and where `latest` points; then and now
+    (not the build's lock and partial files, which any build touches)."""
+
+    folder: Path
+    before: dict[str, tuple[int, int] | str]
+
+    @staticmethod
+    def of(folder: Path) -> dict[str, tuple[int, int] | str]:
+        if not folder.is_dir():
+            return {}
+        return {p.name: os.readlink(p) if p.is_symlink() else (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in folder.iterdir() if not p.name.startswith(".") and (p.is_symlink() or p.is_file())}
+
+    def now(self) -> dict[str, tuple[int, int] | str]:
+        return self.of(self.folder)
+
+
 @pytest.fixture(scope="session")
-def built_image(test_key: Path):
-    """The default recipe's image, built for real (the rootfs cache makes later runs fast)."""
+def users_outputs() -> Snapshot:
+    """The user's build/ before the suite builds anything: the suite builds into build/test/ and leaves it alone."""
+    return Snapshot(ROOT / "build", Snapshot.of(ROOT / "build"))
+
+
+@pytest.fixture(scope="session")
+def built_image(test_key: Path, users_outputs):
+    """The default recipe's image, built for real into build/test/ (the rootfs cache makes later runs fast); it
+    trusts the suite's key, so it is never the user's build/latest."""
     _root_required()
     from appliance import build
 
-    if os.environ.get("APPLIANCE_TEST_REUSE"):  # a developer's shortcut: test the last build as it is
-        cfg = build.verify("booth", None)
-        out = cfg.outputs()
-        if out.img.exists():
-            return out
-    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
+    if os.environ.get("APPLIANCE_TEST_REUSE"):  # a developer's shortcut: test the suite's last build as it is
+        last = build.verify("booth", out_dir=TEST_DIR).outputs()
+        if last.img.exists():
+            return last
+    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")), out_dir=TEST_DIR)
     assert out is not None and out.img.exists()
     return out
 
@@ -110,3 +138,23 @@ def host(request):
         h = testinfra.get_host(board.testinfra_url, ssh_identity_file=str(board.key))
     h.backend_name = request.param  # tests that only make sense live or offline check this
     return h
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory: pytest.TempPathFactory) -> Card:
+    """A small card image (SPL bytes, two ext4 partitions) and its block map, one per test file: reading a whole
+    card (dd, the benchmark) caches zero pages over mke2fs's unwritten extents, which SEEK_DATA then reports as
+    data, so a card read by test_flash would map differently for test_bmap's determinism test."""
+    return make_card(tmp_path_factory.mktemp("card"))
+
+
+@pytest.fixture
+def loops(tmp_path: Path) -> Iterator[Loops]:
+    """Loop devices over files in tmp_path, unmounted and detached after the test (root only)."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("loop devices need root and losetup")
+    made = Loops(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()

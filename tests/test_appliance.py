@@ -10,8 +10,6 @@ import json
 
 import pytest
 
-from appliance import ROOT
-
 
 @pytest.mark.parametrize("package", ["xen-hypervisor-4.17-armhf", "xen-utils-4.17", "linux-image-armmp",
                                      "openssh-server", "systemd-sysv", "initramfs-tools"])
@@ -64,11 +62,11 @@ def test_machine_id_is_made_at_first_boot(host):
         assert len(mid) == 32
 
 
-def test_fstab_matches_the_image(host, request):
+def test_fstab_matches_the_image(host, request, built_image):
     fstab = [line.split() for line in host.file("/etc/fstab").content_string.splitlines()
              if line.strip() and not line.startswith("#")]
     mounts = {f[1]: f[0] for f in fstab}
-    manifest = json.loads((ROOT / "build" / "cubieboard2-booth.manifest.json").read_text())
+    manifest = json.loads(built_image.manifest.read_text())
     ident = manifest["identity"]
     assert mounts["/"] == f"UUID={ident['root_uuid']}"
     assert mounts["/boot/firmware"] == f"UUID={ident['boot_uuid']}"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flash_fixtures import Card, card_fixture  # noqa: F401 - a fixture
+from cards import Card
 
 from appliance import bmap, log
 from appliance.errors import FlashError

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import ROOT, build, config, mirror
+from appliance import ROOT, build, config
+from appliance.build import mirror
 from appliance.errors import RecipeError
 
 pytestmark = pytest.mark.unit
@@ -66,7 +67,7 @@ def test_recipe_digest_changes_with_values(tmp_path: Path):
 
 
 def test_authorized_keys_rejects_a_private_key(tmp_path: Path):
-    from appliance.configure import authorized_keys
+    from appliance.build.configure import authorized_keys
 
     key = tmp_path / "id"
     key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n")
@@ -109,3 +110,24 @@ def test_clean_drops_caches_and_keeps_outputs_unless_all(tmp_path: Path):
     assert (tmp_path / "build" / "x.img").exists()
     build.clean(everything=True, root=tmp_path)
     assert not (tmp_path / "build").exists()
+
+
+@pytest.mark.parametrize("board, key, value, message", [
+    ("qemu-virt", "disk", "scsi", "qemu.disk: 'scsi' must be 'virtio' or 'sd'"),
+    ("cubieboard2", "header", "toc0", "uboot.header: 'toc0' must be 'egon'"),
+])
+def test_a_boards_choices_are_checked_when_it_is_loaded(tmp_path: Path, board: str, key: str, value: str,
+                                                         message: str):
+    (tmp_path / "board").mkdir()
+    text = (ROOT / "board" / f"{board}.yaml").read_text()
+    changed = re.sub(rf"^(\s+{key}:) \S+", rf"\1 {value}", text, count=1, flags=re.M)
+    assert changed != text
+    (tmp_path / "board" / f"{board}.yaml").write_text(changed)
+    with pytest.raises(RecipeError, match=re.escape(f"{tmp_path}/board/{board}.yaml: {message}")):
+        config.load_board(board, tmp_path)
+
+
+def test_the_cache_is_a_setting(tmp_path: Path):
+    assert config.load("booth").cache == ROOT / ".cache"
+    assert config.load("booth", cache=tmp_path).cache == tmp_path
+    assert build.verify("booth", cache=tmp_path).cfg.cache == tmp_path

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config, guest
+from appliance import config
 from appliance import deploy as d
-from appliance.bench_switch import steady_visitor
+from appliance.bench.switch import steady_visitor
+from appliance.build import guest
 from appliance.emulate import Board, wait_for
 from appliance.errors import DeployError, GuestError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance import deploy as d
-from appliance import guest
+from appliance.build import guest
 from appliance.errors import DeployError, GuestError
 
 pytestmark = pytest.mark.unit

@@ -17,21 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flash_fixtures import (  # noqa: F401 - fixtures
-    CARD_SIZE,
-    SPL_OFFSET,
-    Card,
-    Loop,
-    Loops,
-    card_fixture,
-    digest,
-    loops_fixture,
-    same_bytes,
-)
+from cards import CARD_SIZE, SPL_OFFSET, Card, Loop, Loops, MiB, digest, same_bytes
 
 from appliance import bmap, flash, log
-from appliance.bench_flash import bench, written_bytes
+from appliance.bench.flash import bench
 from appliance.errors import FlashError
+from appliance.loop import written_bytes
 
 
 def never_ask(question: str) -> str:
@@ -162,7 +153,7 @@ def test_the_bmap_is_found_next_to_the_image(tmp_path: Path, bmap_name: str) -> 
 
 @pytest.mark.unit
 def test_the_default_image_is_build_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flash, "BUILD", tmp_path)
+    monkeypatch.setattr(flash.source, "BUILD", tmp_path)
     with pytest.raises(FlashError, match="no image has been built yet"):
         flash.default_image()
     (tmp_path / "cubieboard2-booth.img").write_bytes(b"")
@@ -179,7 +170,7 @@ READERS = [flash.Disk(Path("/dev/sdb"), "Generic SD reader", 15_931_539_456, "us
 @pytest.mark.unit
 def test_choosing_lists_the_removable_disks(monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(flash, "candidates", lambda: READERS)
+    monkeypatch.setattr(flash.disks, "candidates", lambda: READERS)
     assert flash.choose(ask=lambda question: "2") == READERS[1]
     assert "1) /dev/sdb (Generic SD reader, 15.9 GB, usb)\n" in capsys.readouterr().err
     with pytest.raises(FlashError, match=r"no disk chosen \(answer '3'\)"):
@@ -188,9 +179,39 @@ def test_choosing_lists_the_removable_disks(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(FlashError, match=r"no terminal to ask on; removable disks: /dev/sdb .*"
                                          r"/dev/mmcblk0 \(SC16G, 15.9 GB, mmc, mounted on /media/card\)$"):
         flash.choose()
-    monkeypatch.setattr(flash, "candidates", list)
+    monkeypatch.setattr(flash.disks, "candidates", list)
     with pytest.raises(FlashError, match="no removable disk found"):
         flash.choose(ask=never_ask)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("sysfs, bus, removable", [
+    ({"sdb/removable": "1"}, "usb", True),
+    ({"sdb/removable": "0"}, "usb", True),                                  # a USB reader that says otherwise
+    ({"mmcblk1/removable": "0", "mmcblk1/device/type": "SD"}, "mmc", True),  # a card in a laptop's own slot
+    ({"mmcblk0/removable": "0", "mmcblk0/device/type": "MMC", "mmcblk0boot0/size": "8192",
+      "mmcblk0boot1/size": "8192"}, "mmc", False),                          # the laptop's soldered eMMC
+    ({"mmcblk0/removable": "0", "mmcblk0boot0/size": "8192"}, "mmc", False),  # eMMC without device/type
+    ({"nvme0n1/removable": "0"}, "nvme", False),
+], ids=["usb", "usb-says-fixed", "sd-slot", "emmc", "emmc-boot0", "nvme"])
+def test_internal_emmc_is_not_removable(tmp_path: Path, sysfs: dict[str, str], bus: str, removable: bool) -> None:
+    for rel, text in sysfs.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text + "\n")
+    disk = tmp_path / next(iter(sysfs)).split("/")[0]
+    assert flash.disks.removable(disk, bus) is removable
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("card_size, image_size, sizes", [
+    (16 * MiB - 512, 16 * MiB, "16776704 bytes < 16777216 bytes"),   # rounded, both would say 16.0 MiB
+    (15 * MiB, 16 * MiB, "15.0 MiB < 16.0 MiB"),
+])
+def test_the_too_small_message_tells_the_sizes_apart(card_size: int, image_size: int, sizes: str) -> None:
+    disk = flash.Disk(Path("/dev/sdz"), "Generic SD reader", card_size, "usb", True, False, ())
+    with pytest.raises(FlashError, match=re.escape(f"/dev/sdz is smaller than the image ({sizes})")):
+        flash.check(disk, image_size)
+    flash.check(disk, card_size)       # the same size fits
 
 
 @pytest.mark.unit

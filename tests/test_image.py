@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import ROOT, bootfiles, config, rootfs
+from appliance import ROOT, config
+from appliance.build import bootfiles, rootfs
 
 pytestmark = pytest.mark.image
 BOARD = config.load_board("cubieboard2")
@@ -187,7 +188,12 @@ def test_checksums_and_manifest(built_image):
     assert m["packages"]["xen-hypervisor-4.17-armhf"] and m["packages"]["openssh-server"]
     assert set(m["steps"]) and all(v >= 0 for v in m["steps"].values())
     assert m["sizes"]["mapped"] < m["sizes"]["image"]
-    assert (ROOT / "build" / "latest").resolve() == built_image.img.resolve()
+    assert (built_image.img.parent / "latest").resolve() == built_image.img.resolve()
+
+
+def test_the_suite_leaves_the_users_image_alone(built_image, users_outputs):
+    assert built_image.img.parent != ROOT / "build"
+    assert users_outputs.now() == users_outputs.before     # build/latest and the user's image as they were
 
 
 def test_xz_decompresses_to_the_image(built_image):
@@ -206,21 +212,26 @@ def test_rebuild_is_bit_identical(built_image, test_key):
         pytest.skip("the reused image may come from other inputs")
 
     before = hashlib.sha256(built_image.img.read_bytes()).hexdigest()
-    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
+    out = build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")), out_dir=built_image.img.parent)
     assert hashlib.sha256(out.img.read_bytes()).hexdigest() == before
 
 
-def test_a_failed_build_leaves_the_finished_image_alone(built_image, test_key, monkeypatch):
+def test_a_failed_build_leaves_the_finished_image_alone_and_no_workspace(built_image, test_key, monkeypatch):
     from appliance import bmap, build
+    from appliance.build.context import workspace
     from appliance.errors import BuildError
 
     before = hashlib.sha256(built_image.img.read_bytes()).hexdigest()
+    made = []
 
     def broken(image, out):
+        made.append(workspace(config.load("booth")))
+        assert (made[0] / "rootfs/etc/os-release").exists()    # the tree was there when the build failed
         raise BuildError("simulated failure while writing the block map")
 
     monkeypatch.setattr(bmap, "create", broken)
     with pytest.raises(BuildError, match="simulated failure"):
-        build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")))
+        build.build("booth", authorized_keys=str(test_key.with_suffix(".pub")), out_dir=built_image.img.parent)
     assert hashlib.sha256(built_image.img.read_bytes()).hexdigest() == before
     assert not list(built_image.img.parent.glob(".*.partial"))
+    assert made and not made[0].exists()     # 868 MiB of tree no longer stays in /dev/shm

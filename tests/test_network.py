@@ -7,7 +7,7 @@ attacked by a hostile visitor while a good visitor keeps fetching the demo site'
                            brg0 10.42.100.1/24, port vif1.0 -> "be" (the demo's blue slot: a Python http.server)
                            eth0 192.168.77.1/24 -> "up" (the uplink: the venue's network, a web server)
 
-The rules are the real ones (the booth recipe rendered by appliance.configure, loaded with `nft -f`), and so is
+The rules are the real ones (the booth recipe rendered by appliance.build.configure, loaded with `nft -f`), and so is
 dnsmasq's configuration. The DHCP client of the visitors is busybox udhcpc. The helpers that run inside the
 namespaces (attacker, sniffer, web client, probes) are this file run as a script: see `main()`.
 Needs root, nft, ip, bridge, dnsmasq and busybox (setup.sh installs them); skipped otherwise.
@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.root
 
 TOOLS = ("nft", "ip", "bridge", "dnsmasq", "busybox")
 PAGE = "the demo site, blue slot"
@@ -539,7 +539,8 @@ def leases_of(path: Path) -> dict[str, str]:
 
 
 def booth() -> tuple[dict[str, bytes], dict[str, Any]]:
-    from appliance import config, configure
+    from appliance import config
+    from appliance.build import configure
     from appliance.identity import derive
 
     cfg = config.load("booth")
@@ -700,7 +701,8 @@ KINDS = {
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
-    from appliance import ROOT, config, configure
+    from appliance import ROOT, config
+    from appliance.build import configure
     from appliance.identity import derive
 
     monkeypatch.chdir(ROOT)

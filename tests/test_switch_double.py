@@ -22,7 +22,7 @@ import pytest
 
 from appliance import ROOT
 
-pytestmark = [pytest.mark.unit,
+pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(c) for c in ("ip", "nft", "conntrack")),
                                  reason="needs root, ip, nft and conntrack (network namespaces)")]
 
@@ -77,7 +77,8 @@ while not os.path.exists(stop):
 def ruleset() -> str:
     if "map svc" not in TEMPLATE.read_text():
         return MINIMAL_RULES
-    from appliance import config, configure
+    from appliance import config
+    from appliance.build import configure
     from appliance.identity import derive
 
     cfg = config.load("booth")

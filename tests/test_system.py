@@ -21,7 +21,7 @@ import pytest
 import testinfra
 
 from appliance import config
-from appliance.bench_switch import STORE, manager, steady_visitor, upload
+from appliance.bench.switch import STORE, manager, steady_visitor, upload
 from appliance.emulate import Board, EmulateError, wait_for
 
 pytestmark = pytest.mark.system
@@ -286,7 +286,7 @@ def versions(board: Board, recipe: config.Recipe, guest, tmp_path_factory) -> di
     """Versions of the demo site made on the host and copied into the board's store: the image's own (`one`),
     a second release of the demo (`two`), one whose guest never answers its health check (it serves another
     port) and one that crashes at start (its kernel panics: no init)."""
-    from appliance import guest as g
+    from appliance.build import guest as g
 
     cfg = config.load("booth")
     work = tmp_path_factory.mktemp("store")

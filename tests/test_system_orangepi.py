@@ -44,16 +44,8 @@ def opi(test_key: Path) -> Iterator[tuple[Board, config.Recipe]]:
     from appliance import build
 
     assert recipe is not None
-    # The build points build/latest at this image; put it back, so that `invoke flash` and `invoke emulate`
-    # still take the default image after a test run.
-    latest = ROOT / "build" / "latest"
-    before = os.readlink(latest) if latest.is_symlink() else None
-    try:
-        out = build.build(recipe, authorized_keys=str(test_key.with_suffix(".pub")))
-    finally:
-        if before is not None:
-            latest.unlink(missing_ok=True)
-            latest.symlink_to(before)
+    # into the suite's own folder: build/latest and the user's images stay as they are
+    out = build.build(recipe, authorized_keys=str(test_key.with_suffix(".pub")), out_dir=ARTIFACTS)
     assert out is not None
     with boot(out.img, log_path=ARTIFACTS / f"console-{BOARD}.log", key=test_key, board=BOARD,
               timeout=SSH_S) as b:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .. import ROOT, log
+from .. import ROOT, log, proc
 from ..config import Board as BoardSpec
 from ..config import load_board
 from ..errors import EmulateError
@@ -113,20 +113,20 @@ def interactive(img: Path, *, board: str | None = None, timeout: float | None = 
     log.info("  console: Ctrl-A X quits QEMU, Ctrl-A C its monitor; Ctrl-A three times switches Xen/dom0")
     log.debug(f"+ {shlex.join(argv)}")
     try:
-        proc = subprocess.Popen(argv, env=log.clean_env())
+        qemu_proc = subprocess.Popen(argv, env=log.clean_env(), preexec_fn=proc.die_with_parent())
     except FileNotFoundError:
         raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \
             from None
     try:
-        return proc.wait(timeout=timeout)
+        return qemu_proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         log.info(f"--timeout {timeout:.0f} s reached: powering off")
-        proc.terminate()
-        return proc.wait()
+        qemu_proc.terminate()
+        return qemu_proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if qemu_proc.poll() is None:
+            qemu_proc.kill()
+            qemu_proc.wait()
         if disk != img:
             disk.unlink(missing_ok=True)
 

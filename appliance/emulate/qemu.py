@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import log
+from .. import log, proc
 from ..config import Board as BoardSpec
 from ..errors import EmulateError
 
@@ -85,11 +85,12 @@ def sd_card(img: Path, work: Path) -> Path:
 
 def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
     """Start QEMU with its serial console on a pipe (stdin too, so that keys can be typed on it), in a process
-    group of its own."""
+    group of its own, that dies with this process however it ends (call it from the main thread)."""
     log.debug(f"+ {' '.join(map(str, argv))}")
     try:
         return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=log.clean_env(), start_new_session=True)
+                                stderr=subprocess.STDOUT, env=log.clean_env(), start_new_session=True,
+                                preexec_fn=proc.die_with_parent())
     except FileNotFoundError:
         raise EmulateError(f"{argv[0]} is not installed on this machine", hint="apt-get install qemu-system-arm") \
             from None

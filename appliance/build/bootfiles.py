@@ -1,27 +1,28 @@
-"""Boot files: Xen, the dom0 zImage, the initramfs, the boards' DTBs and a boot.scr made with mkimage.
+"""Boot files: Xen, the dom0 zImage, the initramfs, the boards' DTBs and a boot.scr made with mkimage; the SPL.
 
-dom0's initramfs is ours, not initramfs-tools': busybox, the boards' short module list and
-board/initramfs-init, packed on the host and cached by what shapes it (kernel, modules, init, busybox).
+The boot partition's files are laid in the workspace and checked against each board's RAM layout; the SPL
+comes from the board's U-Boot package in the rootfs cache.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 
-from . import cpio, log, rootfs
-from .config import Board, Config
-from .errors import BuildError, RecipeError
-from .identity import Identity
-from .log import run, step
+from ..config import Board, Config
+from ..errors import BuildError, RecipeError
+from ..identity import Identity
+from ..log import run
+from . import rootfs
+from .step import Step
 
-INIT = "board/initramfs-init"  # dom0's /init
+if TYPE_CHECKING:
+    from .context import Context
 
 
 @dataclass(frozen=True)
@@ -61,57 +62,6 @@ def boot_cmd(cfg: Config, ident: Identity, xen_version: str = "4.17") -> str:
     return env.get_template("boot.cmd.j2").render(
         image=cfg.image_name, xen_version=xen_version, board=cfg.board, others=cfg.also,
         xen_args=lambda b: xen_args(cfg, b), dom0_args=lambda b: dom0_args(cfg, ident, b))
-
-
-def early_modules(tree: Path) -> list[str]:
-    """The modules the tree's /etc/modules-load.d asks for (the overlays' Xen, bridge and nftables ones)."""
-    names: list[str] = []
-    for conf in sorted((tree / "etc/modules-load.d").glob("*.conf")):
-        for line in conf.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith(("#", ";")):
-                names.append(line)
-    return names
-
-
-def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Path:
-    """dom0's initramfs: static busybox, board/initramfs-init and the boards' modules with what they depend
-    on, packed on the host (no emulation, no udev), reproducibly, and cached by its inputs. It also loads the
-    modules of the tree's modules-load.d: loaded there, before anything else runs, they cost a fraction of
-    the time systemd-modules-load took in a busy boot, and xenstored and the firewall no longer wait for it."""
-    moddir = tree / "usr/lib/modules" / kernel.version
-    wanted = list(dict.fromkeys([*(m for b in (cfg.board, *cfg.also) for m in b.modules), *early_modules(tree)]))
-    paths = cpio.module_paths(moddir, wanted)
-    wanted = [*cpio.softdeps(moddir, paths), *wanted]
-    paths = cpio.module_paths(moddir, wanted)
-    init, busybox = cfg.root / INIT, base.deb("busybox-static")
-    h = hashlib.sha256(kernel.version.encode())
-    for name, data in [("init", init.read_bytes()), ("busybox", busybox.read_bytes()),
-                       ("packer", Path(cpio.__file__).read_bytes()), ("modules", "\n".join(wanted).encode()),
-                       *((rel, (moddir / rel).read_bytes()) for rel in paths)]:
-        h.update(f"{name}\0".encode() + hashlib.sha256(data).digest())
-    cached = rootfs.cache_dir(cfg) / "initrd" / f"initrd-{h.hexdigest()[:16]}.img"
-    if cached.exists():
-        log.info(f"initramfs from cache ({cached.name})")
-    else:
-        with step(f"Making dom0's initramfs ({len(paths)} modules, busybox, {INIT})"):
-            work = cached.with_name(cached.name + ".work")
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            try:
-                entries = [cpio.directory(d) for d in ("dev", "proc", "root", "run", "sys", "tmp")]  # mount points
-                entries += [cpio.CONSOLE, cpio.file("init", init.read_bytes(), 0o755),
-                            cpio.file("bin/busybox", cpio.busybox(busybox, work), 0o755),
-                            cpio.symlink("bin/sh", "busybox"), cpio.symlink("sbin/modprobe", "/bin/busybox"),
-                            cpio.file("etc/modules", "".join(f"{m}\n" for m in wanted).encode())]
-                entries += cpio.modules(kernel.version, {rel: moddir / rel for rel in paths}, work)
-                (work / "initrd.img").write_bytes(gzip.compress(cpio.pack(entries), compresslevel=9, mtime=0))
-                (work / "initrd.img").rename(cached)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-    target = tree / "boot" / f"initrd.img-{kernel.version}"
-    shutil.copyfile(cached, target)
-    return target
 
 
 def collect(cfg: Config, ident: Identity, tree: Path, kernel: Kernel, initrd: Path, out: Path,
@@ -161,3 +111,31 @@ def check_layout(b: Board, sizes: dict[str, int]) -> None:
     for (n1, (s1, e1)), (n2, (s2, _)) in itertools.pairwise(regs):
         if e1 > s2:
             raise BuildError(f"board/{b.name}.yaml: load: {n1} ({s1:#x}-{e1:#x}) overlaps {n2} at {s2:#x}")
+
+
+def extract_spl(base: rootfs.Base, cfg: Config, work: Path) -> Path | None:
+    """The board's SPL from its U-Boot package, or None when QEMU loads U-Boot with -bios."""
+    if cfg.board.uboot.offset is None:
+        return None
+    deb = base.deb(cfg.board.uboot.package)
+    dest = work / "uboot"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    run(["dpkg-deb", "-x", deb, dest], what=f"dpkg-deb -x {deb.name}")
+    spl = dest / cfg.board.uboot.file
+    if not spl.exists():
+        raise BuildError(f"board/{cfg.board.name}.yaml: uboot.file: {cfg.board.uboot.file} is not in {deb.name}")
+    return spl
+
+
+class BootFiles(Step):
+    name = "boot files"
+    title = "Collecting boot files and compiling boot.scr"
+    tools = ("mkimage", "dpkg-deb")
+
+    def verify(self, ctx: Context) -> None:
+        boot_cmd(ctx.cfg, ctx.ident)
+
+    def run(self, ctx: Context) -> None:
+        ctx.boot_files = collect(ctx.cfg, ctx.ident, ctx.tree, ctx.kernel, ctx.initrd, ctx.work / "boot", ctx.sde)
+        ctx.spl = extract_spl(ctx.base, ctx.cfg, ctx.work)

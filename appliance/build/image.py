@@ -12,10 +12,17 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import BuildError
-from .identity import Identity
-from .log import run
+from .. import log
+from ..errors import BuildError
+from ..files import partial
+from ..identity import Identity
+from ..log import run
+from .step import Step
+
+if TYPE_CHECKING:
+    from .context import Context
 
 MiB = 1 << 20
 BOOT_START = 1 * MiB
@@ -151,3 +158,23 @@ def assemble(out: Path, lay: Layout, ident: Identity, boot_fs: Path, root_fs: Pa
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Image(Step):
+    """The boot and root filesystems, and the image made of them and the SPL, under its partial name."""
+
+    name = "image"
+    title = "Making the filesystems and the image (no loop devices, no mounts)"
+    tools = ("mke2fs", "debugfs", "mkfs.vfat", "mcopy", "mmd", "sfdisk")
+
+    def run(self, ctx: Context) -> None:
+        cfg, work = ctx.cfg, ctx.work
+        n = clamp_times(ctx.tree, ctx.sde)
+        clamp_times(work / "boot", ctx.sde)
+        lay = ctx.layout = layout(cfg.recipe.image.boot_size, ctx.tree, cfg.recipe.image.root_free)
+        log.info(f"{n} files; boot {lay.boot_size >> 20} MiB at 1 MiB, root {lay.root_size >> 20} MiB")
+        boot = {**ctx.boot_files, "boot.cmd": ctx.boot_files["boot.scr"].with_name("boot.cmd")}
+        make_boot_fs(boot, work / "boot.vfat", lay.boot_size, ctx.ident, ctx.sde)
+        make_root_fs(ctx.tree, work / "root.ext4", lay.root_size, ctx.ident, ctx.sde)
+        ctx.tmp_img = partial(ctx.outputs().img)
+        assemble(ctx.tmp_img, lay, ctx.ident, work / "boot.vfat", work / "root.ext4", ctx.spl, cfg.board.uboot.offset)

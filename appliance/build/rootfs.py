@@ -17,12 +17,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import log
-from .config import Config
-from .errors import BuildError
-from .log import run, step
+from .. import log
+from ..config import Config
+from ..errors import BuildError
+from ..log import run, step
 from .mirror import Source, sources
+from .step import Step
+
+if TYPE_CHECKING:
+    from .context import Context
 
 # Bump when the way the tree is made changes, so old caches are not reused.
 RECIPE_FORMAT = 3
@@ -63,11 +68,6 @@ class Base:
         return found[-1]
 
 
-def cache_dir(cfg: Config) -> Path:
-    """The cache of base trees and initramfs images; APPLIANCE_CACHE moves it (the benchmark uses that)."""
-    return Path(os.environ.get("APPLIANCE_CACHE") or cfg.root / ".cache")
-
-
 def packages(cfg: Config) -> list[str]:
     return sorted({*BASE_PACKAGES, cfg.board.kernel_package, cfg.board.xen_package, *cfg.recipe.packages,
                    *cfg.board.wifi_firmware})
@@ -97,13 +97,15 @@ def key(cfg: Config, srcs: list[Source]) -> str:
 
 
 def cached(cfg: Config) -> Base | None:
-    base = Base(cache_dir(cfg) / "rootfs" / key(cfg, wanted_sources(cfg)))
+    base = Base(cfg.cache / "rootfs" / key(cfg, wanted_sources(cfg)))
     return base if (base.path / "meta.json").exists() else None
 
 
-def ensure(cfg: Config) -> Base:
-    """The base tree for cfg: from the cache, or made now with mmdebstrap (one maker at a time)."""
-    lock_path = cache_dir(cfg) / "rootfs" / ".lock"
+def ensure(cfg: Config, srcs: list[Source] | None = None) -> Base:
+    """The base tree for cfg (its apt sources: srcs, or the recipe's): from the cache, or made now with
+    mmdebstrap (one maker at a time)."""
+    srcs = srcs if srcs is not None else wanted_sources(cfg)
+    lock_path = cfg.cache / "rootfs" / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         try:
@@ -111,12 +113,11 @@ def ensure(cfg: Config) -> Base:
         except BlockingIOError:
             log.info("waiting for another process making the base rootfs…")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _ensure(cfg)
+        return _ensure(cfg, srcs)
 
 
-def _ensure(cfg: Config) -> Base:
-    srcs = wanted_sources(cfg)
-    base = Base(cache_dir(cfg) / "rootfs" / key(cfg, srcs))
+def _ensure(cfg: Config, srcs: list[Source]) -> Base:
+    base = Base(cfg.cache / "rootfs" / key(cfg, srcs))
     if (base.path / "meta.json").exists():
         log.info(f"base rootfs from cache ({base.path.name})")
         return base
@@ -203,6 +204,22 @@ def copy_tree(src: Path, dst: Path) -> None:
     run(["cp", "-a", "--reflink=auto", str(src), str(dst)], what="copying the cached rootfs")
 
 
-def clean(root: Path) -> None:
-    shutil.rmtree(root / ".cache", ignore_errors=True)
-    os.makedirs(root / ".cache", exist_ok=True)
+def clean(cache: Path) -> None:
+    shutil.rmtree(cache, ignore_errors=True)
+    os.makedirs(cache, exist_ok=True)
+
+
+class Rootfs(Step):
+    """The base tree, from the cache or made now, and a working copy of it in the workspace."""
+
+    name = "rootfs"
+    # mmdebstrap runs its hooks (ours diverts update-initramfs) with the host's chroot
+    tools = ("mmdebstrap", "chroot", "apt-get", "dpkg-query", "cp")
+
+    def verify(self, ctx: Context) -> None:
+        ctx.sources = wanted_sources(ctx.cfg)
+
+    def run(self, ctx: Context) -> None:
+        ctx.base = ensure(ctx.cfg, ctx.sources)
+        with step("Copying the base tree into the workspace"):
+            copy_tree(ctx.base.tree, ctx.tree)

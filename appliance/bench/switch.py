@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import guest, log
-from .config import Config
-from .emulate import Board, wait_for
+from .. import guest, log
+from ..build import guest as demo_guest
+from ..config import Config
+from ..emulate import Board, wait_for
 
 STORE = "/var/lib/appliance/sites"
 ANSWERS_S = 300
@@ -109,7 +110,7 @@ def bench(board: Board, cfg: Config) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-switch-") as tmp:
         one = board.run(f"readlink {STORE}/{site.name}/current").out.strip()
-        two = upload(board, cfg, guest.build(cfg, release="2.0").path, Path(tmp))
+        two = upload(board, cfg, demo_guest.build(cfg, release="2.0").path, Path(tmp))
     for mode, flag, target in (("blue-green", "", two), ("destroy-then-create", "--cold ", one)):
         with log.step(f"Switching {site.name} to {target} ({mode}) under a steady visitor"):
             with steady_visitor(board, url) as v:

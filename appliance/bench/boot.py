@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ROOT, bench_switch, emulate, log
-from .errors import EmulateError
+from .. import ROOT, emulate, log
+from ..errors import EmulateError
+from . import switch as bench_switch
+from .report import report
 
 GOAL_S = 45.0  # first HTTP 200 from the guest, from power-on
 POLLED = "guest HTTP 200, polled over SSH"  # once dom0's SSH answers
@@ -114,14 +116,12 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
 def main() -> None:
     import argparse
 
-    from . import bench as b
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("image", nargs="?", type=Path, default=ROOT / "build" / "latest")
     ap.add_argument("--key", type=Path)
     ap.add_argument("--board")
     args = ap.parse_args()
-    b.report(bench(args.image, args.key, board=args.board))
+    report(bench(args.image, args.key, board=args.board))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Fixtures for the bmap and flash tests: a small card image made in a second, and loop devices that are
-always detached (and unmounted) afterwards, even when a test fails.
+"""Cards for the bmap and flash tests: a small card image made in a second, and loop devices that are always
+detached (and unmounted) afterwards, even when a test fails. The fixtures (`card`, `loops`) are in conftest.py.
 """
 
 from __future__ import annotations
@@ -9,14 +9,11 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from appliance import bmap, log
-from appliance.bench_flash import attached
+from appliance.loop import attached
 
 MiB = 1 << 20
 SPL_OFFSET = 8192
@@ -57,11 +54,6 @@ def make_card(directory: Path, name: str = "card") -> Card:
                  "-E", f"offset={start * 512},lazy_itable_init=0,lazy_journal_init=0", img, f"{size // 2}k"])
     bmap.create(img, directory / f"{name}.bmap")
     return Card(img, directory / f"{name}.bmap", spl, files)
-
-
-@pytest.fixture(scope="session", name="card")
-def card_fixture(tmp_path_factory: pytest.TempPathFactory) -> Card:
-    return make_card(tmp_path_factory.mktemp("card"))
 
 
 def digest(path: Path) -> str:
@@ -127,14 +119,3 @@ class Loops:
 
     def close(self) -> None:
         self.stack.close()
-
-
-@pytest.fixture(name="loops")
-def loops_fixture(tmp_path: Path) -> Iterator[Loops]:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("loop devices need root and losetup")
-    made = Loops(tmp_path)
-    try:
-        yield made
-    finally:
-        made.close()

@@ -5,37 +5,18 @@ Bytes written are what the loop device's own statistics count, not what either w
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from . import log
-from .bmap import parse
-from .errors import FlashError
-from .flash import flash
+from .. import log
+from ..bmap import parse
+from ..errors import FlashError
+from ..flash import flash
+from ..loop import attached, written_bytes
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def attached(backing: Path, *, read_only: bool = False, partscan: bool = False) -> Iterator[Path]:
-    """A loop device over `backing`, detached afterwards whatever happens."""
-    argv = ["losetup", "--find", "--show", *(["--read-only"] if read_only else []),
-            *(["--partscan"] if partscan else []), str(backing)]
-    node = Path(log.run(argv, what="losetup").stdout.decode().strip())
-    try:
-        yield node
-    finally:
-        log.run(["losetup", "--detach", str(node)], check=False)
-
-
-def written_bytes(loop: Path) -> int:
-    """Bytes written to a block device since it appeared, as the kernel counts them."""
-    # field 7 of /sys/block/X/stat: 512-byte sectors written
-    return int(Path(f"/sys/block/{loop.name}/stat").read_text().split()[6]) * 512
 
 
 def _uncache(path: Path) -> None:

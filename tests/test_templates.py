@@ -1,19 +1,17 @@
-"""Unit tier for the booth: templates rendered for WPA2 (two sites), open and bridged-uplink recipes; bad values
-refused; guest bundles checked before they are laid into a site's store.
+"""The booth's configuration: its templates rendered for WPA2 (two sites), open and bridged-uplink recipes, and bad
+values refused (guest bundles: test_bundles.py; the initramfs: test_initramfs.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from appliance import ROOT, config, configure, guest, sites
-from appliance.errors import GuestError, RecipeError
+from appliance import ROOT, config, sites
+from appliance.build import configure
+from appliance.errors import RecipeError
 from appliance.identity import derive
 
 pytestmark = pytest.mark.unit
@@ -183,123 +181,3 @@ def test_a_missing_passphrase_is_refused_when_rendering(tmp_path: Path):
         configure.context(cfg, derive(cfg.digest))
     with pytest.raises(RecipeError, match=f"^{path}: wifi: no WPA2 passphrase"):
         config.wifi_passphrase(cfg.recipe, path)  # given the recipe file, the message names it
-
-
-def zimage(tag: bytes = b"") -> bytes:
-    head = bytearray(0x30)
-    head[0x24:0x28] = (0x016F2818).to_bytes(4, "little")
-    return bytes(head) + tag
-
-
-# ---------------------------------------------------------------- guest bundles on the host
-
-
-def test_cpio_is_deterministic_and_readable(tmp_path: Path):
-    from appliance import cpio
-
-    entries = [cpio.directory("www"), cpio.file("init", b"#!/bin/sh\n", 0o755), cpio.file("www/index.html", b"<p>hi</p>"),
-               cpio.symlink("bin/sh", "busybox"), cpio.directory("bin")]
-    a, b = cpio.pack(entries), cpio.pack(list(reversed(entries)))
-    assert a == b
-    if shutil.which("cpio"):
-        listing = subprocess.run(["cpio", "-t"], input=a, capture_output=True, check=True).stdout.decode().split()
-        assert listing == ["bin", "bin/sh", "init", "www", "www/index.html"]
-
-
-def test_cpio_adds_the_parent_directories_the_kernel_would_not_make():
-    from appliance import cpio
-
-    archive = cpio.pack([cpio.file("lib/modules/6.1/kernel/ext4.ko", b"\x7fELF")])
-    if not shutil.which("cpio"):
-        pytest.skip("no cpio on this host")
-    listing = subprocess.run(["cpio", "-t"], input=archive, capture_output=True, check=True).stdout.decode().split()
-    assert listing == ["lib", "lib/modules", "lib/modules/6.1", "lib/modules/6.1/kernel",
-                       "lib/modules/6.1/kernel/ext4.ko"]
-
-
-SITE = config.SiteSpec()
-
-
-def test_a_bare_zimage_is_a_bundle(tmp_path: Path):
-    k = tmp_path / "mirage-www.xen"
-    k.write_bytes(zimage(b"unikernel"))
-    m, folder = guest.read_bundle(k, SITE)
-    assert m.name == SITE.name and m.version.startswith("mirage-www-") and m.kernel == "mirage-www.xen"
-    assert folder == tmp_path and m.ramdisk is None
-    assert (m.memory, m.vcpus, m.port) == (SITE.memory_mib, SITE.vcpus, SITE.port), "the site fills in the rest"
-
-
-def _user_recipe(tmp_path: Path, bundle: str) -> config.Config:
-    text = RECIPE.format(name="u", wifi="  open: true", network="  uplink: dhcp") + (
-        f"sites:\n  - name: mine\n    bundle: {bundle}\n")
-    (tmp_path / "u.yaml").write_text(text)
-    return config.load(str(tmp_path / "u.yaml"))
-
-
-def test_install_a_user_bundle(tmp_path: Path):
-    bundle = tmp_path / "mybundle"
-    bundle.mkdir()
-    (bundle / "kernel.xen").write_bytes(zimage(b"mine"))
-    (bundle / "guest.yaml").write_text(f"name: mine\nversion: '7'\nkernel: kernel.xen\nmemory: 48\nsha256:\n"
-                                       f"  kernel.xen: {guest.sha256(bundle / 'kernel.xen')}\n")
-    cfg = _user_recipe(tmp_path, "mybundle")
-    tree = tmp_path / "tree"
-    assert guest.install(cfg, None, tree) == {"mine": "7"}
-    store = tree / guest.STORE / "mine"
-    assert os.readlink(store / "current") == "7"
-    assert sorted(p.name for p in (store / "7").iterdir()) == ["kernel.xen", "manifest.json"]
-    m = json.loads((store / "7/manifest.json").read_text())
-    assert m["memory"] == 48 and m["vcpus"] == 1 and m["port"] == 80
-    assert m["health"] == {"path": "/", "deadline": 120}
-    assert (tree / guest.MANAGER / "appliance/manager/manifest.py").is_file(), "the board gets the same validator"
-    guest.check(cfg)
-    (bundle / "kernel.xen").write_bytes(b"no zImage here" * 4)
-    with pytest.raises(GuestError, match="sha256"):
-        guest.check(cfg)
-    with pytest.raises(GuestError, match="sha256"):
-        guest.install(cfg, None, tree)
-    assert os.readlink(store / "current") == "7" and (store / "7/kernel.xen").read_bytes() == zimage(b"mine")
-
-
-@pytest.mark.parametrize("kernel", ["../../escaped", "a\"b\niomem = [ '0x0,1' ]", "/etc/passwd", ".."])
-def test_a_hostile_bundle_is_refused_before_anything_is_copied(tmp_path: Path, kernel: str):
-    bundle = tmp_path / "b"
-    bundle.mkdir()
-    (bundle / "guest.yaml").write_text(json.dumps({"name": "x", "version": "1", "kernel": kernel,
-                                                   "sha256": {kernel: "0" * 64}}))
-    cfg = _user_recipe(tmp_path, "b")
-    tree = tmp_path / "deep" / "tree"
-    with pytest.raises(GuestError, match="kernel"):
-        guest.install(cfg, None, tree)
-    assert not (tree / guest.STORE).exists() and not (tmp_path / "escaped").exists()
-
-
-def test_a_broken_guest_yaml_is_one_line(tmp_path: Path):
-    bundle = tmp_path / "b"
-    bundle.mkdir()
-    (bundle / "guest.yaml").write_bytes(b"name: 'unclosed\n")
-    with pytest.raises(GuestError, match=r"guest.yaml: not valid YAML at line \d"):
-        guest.read_bundle(bundle, SITE)
-    (bundle / "guest.yaml").write_bytes(b"name: caf\xe9\n")
-    with pytest.raises(GuestError, match="guest.yaml: not UTF-8 text"):
-        guest.read_bundle(bundle, SITE)
-
-
-def test_a_missing_bundle_is_named(tmp_path: Path):
-    cfg = _user_recipe(tmp_path, "nowhere")
-    with pytest.raises(GuestError) as err:
-        guest.check(cfg)
-    assert str(err.value) == f"{tmp_path}/u.yaml: sites[0].bundle: no such file or directory {tmp_path}/nowhere"
-    guest.check(config.load("booth"))  # the demo's sources are all there
-
-
-def test_the_initramfs_loads_what_modules_load_d_names(tmp_path: Path):
-    from appliance import bootfiles
-
-    conf = tmp_path / "etc/modules-load.d"
-    conf.mkdir(parents=True)
-    (conf / "b.conf").write_text("# the firewall\nnf_tables\n\n; old style comment\n  nft_ct  \n")
-    (conf / "a.conf").write_text("xenfs\nxen-evtchn\n")
-    (conf / "README").write_text("not a .conf\n")
-    assert bootfiles.early_modules(tmp_path) == ["xenfs", "xen-evtchn", "nf_tables", "nft_ct"]
-    assert bootfiles.early_modules(tmp_path / "nothing") == []

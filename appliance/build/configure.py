@@ -13,15 +13,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from . import sites
-from .config import Config, rel, wifi_passphrase
-from .errors import BuildError, RecipeError
-from .identity import Identity
+from .. import sites
+from ..config import Config, rel, wifi_passphrase
+from ..errors import BuildError, RecipeError
+from ..identity import Identity
 from .mirror import Source
+from .step import Step
+
+if TYPE_CHECKING:
+    from .context import Context
 
 _KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) "
                   r"[A-Za-z0-9+/=]+( .*)?$")
@@ -212,3 +216,27 @@ def undivert_initramfs(tree: Path) -> None:
         out.append(lines[i])
         i += 1
     diversions.write_text("".join(out))
+
+
+TITLE = "Configuring the rootfs (overlays, users, SSH, fstab)"
+
+
+class Configure(Step):
+    """The working tree made this image's: identity, users, SSH, fstab, the overlays; update-initramfs back."""
+
+    name = "configure"
+    title = TITLE
+
+    def verify(self, ctx: Context) -> None:
+        cfg = ctx.cfg
+        if ctx.authorized_keys:  # the command line's path is the user's, relative to where they are
+            ctx.keys = authorized_keys(ctx.authorized_keys, Path.cwd(), "--authorized-keys")
+        else:
+            ctx.keys = authorized_keys(cfg.recipe.ssh.authorized_keys, cfg.recipe_path.parent,
+                                       f"{rel(cfg.recipe_path)}: ssh.authorized_keys")
+        ctx.rendered = render_overlays(cfg, context(cfg, ctx.ident))
+
+    def run(self, ctx: Context) -> None:
+        system(ctx.tree, ctx.cfg, ctx.ident, ctx.sources, ctx.keys, ctx.sde)
+        lay(ctx.tree, ctx.rendered)
+        undivert_initramfs(ctx.tree)

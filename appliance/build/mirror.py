@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 
 @dataclass(frozen=True)

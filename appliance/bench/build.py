@@ -1,0 +1,70 @@
+"""Build benchmarks: a cold build (an empty cache of its own, so the user's is left alone) and a warm rebuild after an
+overlay edit, each timed over a few runs, with the image's sizes and the warm rebuild's steps from its manifest.
+
+The images go to the benchmark's own folder (build/bench/), never to build/ or its `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import ROOT
+from .. import build as builder
+from .report import combine
+
+MiB = 1 << 20
+
+
+def recipe(work: Path) -> tuple[Path, Path]:
+    """The booth recipe as `bench`, with an overlay of its own whose one file the warm rebuild edits."""
+    overlay = work / "overlay"
+    (overlay / "etc").mkdir(parents=True, exist_ok=True)
+    stamp = overlay / "etc" / "bench-stamp"
+    stamp.write_text("0\n")
+    data = yaml.safe_load((ROOT / "recipes/booth.yaml").read_text())
+    data["name"] = "bench"
+    data["overlays"] = [*data["overlays"], str(overlay)]
+    path = work / "bench.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, stamp
+
+
+def timed(recipe: Path, keys: str, out_dir: Path, cache: Path | None = None) -> tuple[float, builder.Outputs]:
+    start = time.monotonic()
+    out = builder.build(str(recipe), authorized_keys=keys, out_dir=out_dir, cache=cache)
+    assert out is not None
+    return time.monotonic() - start, out
+
+
+def bench(work: Path, keys: str, *, runs: int = 3, cold: bool = True) -> tuple[dict[str, Any], builder.Outputs]:
+    """The build figures, and the outputs of the last warm rebuild (for the flash and boot benchmarks)."""
+    path, stamp = recipe(work)
+    out_dir = work / "images"
+    figures: dict[str, Any] = {}
+    if cold:
+        times = []
+        for _ in range(runs):
+            with tempfile.TemporaryDirectory(dir=ROOT / "build", prefix="bench-cache-") as cache:
+                times.append({"cold build (empty caches), s": timed(path, keys, out_dir, Path(cache))[0]})
+        figures.update(combine(times))
+    timed(path, keys, out_dir)  # primes the user's cache for this recipe
+    warm: list[dict[str, Any]] = []
+    for _ in range(runs):
+        stamp.write_text(f"{time.time()}\n")
+        took, out = timed(path, keys, out_dir)
+        manifest = json.loads(out.manifest.read_text())
+        warm.append({
+            "warm rebuild after an overlay edit, s": took,
+            "image size, MiB": manifest["sizes"]["image"] / MiB,
+            "image.xz size, MiB": manifest["sizes"]["xz"] / MiB,
+            "real data in the image (bmap mapped), MiB": manifest["sizes"]["mapped"] / MiB,
+            "warm rebuild steps, s": manifest["steps"],
+        })
+    figures.update(combine(warm))
+    return figures, out

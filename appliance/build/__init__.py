@@ -1,0 +1,165 @@
+"""The build: a list of steps, recipe -> rootfs -> configure -> guest -> initramfs -> boot files -> image -> outputs.
+
+Every step's `verify` runs before any step's `run` (`--dry-run` stops there), like debos's actions; what a step
+computes once is kept on the Context for the steps after it (see step.py and context.py). Outputs are written
+under temporary names and renamed when complete, and the workspace is removed however the build ends, so a failed
+or interrupted build leaves neither a half image where a finished one belongs nor its tree in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+
+from .. import ROOT, log
+from ..config import Config, load
+from ..errors import ToolError
+from ..identity import derive
+from .bootfiles import BootFiles
+from .configure import Configure
+from .context import Context, Outputs, shm_dir, workspace
+from .guest import Guest
+from .image import Image
+from .initramfs import Initramfs
+from .outputs import WriteOutputs
+from .rootfs import Rootfs
+from .rootfs import clean as clean_cache
+from .step import Step
+
+__all__ = ["STEPS", "Context", "Outputs", "Step", "build", "clean", "verify"]
+
+STEPS: tuple[Step, ...] = (Rootfs(), Configure(), Guest(), Initramfs(), BootFiles(), Image(), WriteOutputs())
+
+
+def host_tools(steps: Sequence[Step] = STEPS) -> list[str]:
+    return list(dict.fromkeys(t for s in steps for t in s.tools))
+
+
+def source_date_epoch(cfg: Config) -> int:
+    """SOURCE_DATE_EPOCH from the environment, else the recipe, else the last git commit."""
+    if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    if cfg.recipe.source_date_epoch is not None:
+        return cfg.recipe.source_date_epoch
+    try:
+        out = subprocess.run(["git", "-C", str(cfg.root), "log", "-1", "--format=%ct"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        return int(out)
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return int(cfg.recipe_path.stat().st_mtime)
+
+
+def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | None = None,
+           cache: str | Path | None = None, steps: Sequence[Step] = STEPS) -> Context:
+    """Check the recipe, board, overlays, templates, bundles and host tools, running every step's verify;
+    build nothing. The context holds what the verifies computed."""
+    cfg = load(recipe, cache=Path(cache) if cache else None)
+    missing = [t for t in host_tools(steps) if not shutil.which(t, path=log.clean_env()["PATH"])]
+    if missing:
+        raise ToolError(f"host tools missing: {', '.join(missing)}", hint="run ./setup.sh")
+    ctx = Context(cfg, derive(cfg.digest), source_date_epoch(cfg), out_dir or cfg.root / "build", workspace(cfg),
+                  time.monotonic(), authorized_keys=authorized_keys)
+    for s in steps:
+        s.verify(ctx)
+    return ctx
+
+
+@contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """One build at a time per checkout: they share the rootfs cache and the workspace."""
+    (root / "build").mkdir(exist_ok=True)
+    with open(root / "build" / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another build in this checkout to finish…")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str | None = None,
+          out_dir: Path | None = None, cache: str | Path | None = None,
+          steps: Sequence[Step] = STEPS) -> Outputs | None:
+    """Build a recipe's image into out_dir (default: build/), using the cache (default: .cache)."""
+    start = time.monotonic()
+    with log.timings({}) as durations:
+        with log.step(f"Checking recipe {recipe}, its boards, overlays, templates and host tools"):
+            ctx = verify(recipe, authorized_keys, out_dir=out_dir, cache=cache, steps=steps)
+            ctx.start, ctx.durations = start, durations
+            cfg = ctx.cfg
+            if ctx.keys is None:
+                log.warn("the image will have no SSH authorized key, so nobody can log in to it: give one with "
+                         "--authorized-keys FILE or ssh.authorized_keys in the recipe")
+            log.info(f"{cfg.image_name}: board {cfg.board.name} (+ {', '.join(b.name for b in cfg.also) or 'none'}),"
+                     f" {cfg.recipe.suite}/{cfg.board.arch}, SOURCE_DATE_EPOCH={ctx.sde}")
+        if dry_run:
+            log.info("dry run: the recipe, boards, overlays and templates check out; nothing was built")
+            return None
+        with exclusive(cfg.root):
+            run(ctx, steps)
+    return ctx.outputs()
+
+
+def run(ctx: Context, steps: Sequence[Step] = STEPS) -> None:
+    """Run the verified steps. However they end, the workspace goes; unless they all succeed, so do the partial
+    outputs, and the last finished image stays as it was."""
+    _drop_partial(ctx.out_dir)
+    try:
+        with _terminate_as_exit():
+            for title, group in itertools.groupby(steps, key=lambda s: s.title):
+                with log.step(title) if title else contextlib.nullcontext():
+                    for s in group:
+                        s.run(ctx)
+    except BaseException:
+        _drop_partial(ctx.out_dir)
+        raise
+    finally:
+        remove_workspace(ctx.work)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (a CI timeout, `kill`) ends the build as Ctrl-C does, through the cleanup, not past it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def remove_workspace(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()       # the checkout's folder of workspaces, when no other image's is in it
+
+
+def _drop_partial(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in out_dir.glob(".*.partial"):
+        p.unlink()
+
+
+def clean(everything: bool = False, root: Path = ROOT, cache: str | Path | None = None) -> None:
+    with log.step("Dropping caches" + (" and outputs" if everything else "")):
+        clean_cache(Path(cache) if cache else root / ".cache")
+        shutil.rmtree(root / "build" / ".work", ignore_errors=True)
+        shutil.rmtree(shm_dir(root), ignore_errors=True)
+        if everything:
+            shutil.rmtree(root / "build", ignore_errors=True)
