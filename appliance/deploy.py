@@ -222,9 +222,10 @@ def upload(conn: ssh.Connection, m: manifest.Manifest, folder: Path, staged: dic
 
 
 def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Callable[[int], None] | None = None,
-           tty: bool | None = None, prune: bool = True, row: Row | None = None) -> Row:
+           tty: bool | None = None, prune: bool = True, row: Row | None = None, cold: bool = False) -> Row:
     """Deploy g to one board: stage, upload, verify, commit, switch, prune. Raises DeployError (and SshError);
-    row, if given, holds what was known when it did."""
+    row, if given, holds what was known when it did. cold: destroy the old guest before the new one starts (the
+    old way, kept for the benchmark)."""
     t0 = time.monotonic()
     row = row or Row(target.host, site or "?")
     conn = target.connect()
@@ -238,7 +239,7 @@ def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Calla
         if not staged["in_store"]:
             row.sent = upload(conn, m, g.folder, staged, target.host, progress, tty)
             s.ask("commit", version=m.version)
-        out = s.ask("switch", SWITCH_S, version=m.version)
+        out = s.ask("switch", SWITCH_S, version=m.version, **({"cold": True} if cold else {}))
         row.detail["switch"] = out
         if prune:
             row.detail["pruned"] = s.ask("prune")["removed"]

@@ -65,7 +65,8 @@ print(json.dumps({"xl_create": t1 - t0, "http": t2 - t0 if ok else None}))
 def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_path: Path | None = None,
           timeout: float = 600, switch: bool = True) -> dict[str, Any]:
     """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board, and
-    (with switch) the blue-green switch against destroy-then-create under a steady visitor."""
+    (with switch) the blue-green switch against destroy-then-create under a steady visitor, and the same for
+    `invoke deploy` of new releases, with an upload cut halfway and resumed."""
     img = Path(img).resolve()
     key = key or emulate.default_key()
     if key is None:
@@ -108,6 +109,7 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             ready = f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}"
             if b.run(ready, check=False, timeout=timeout + 30).rc == 0:   # serving again after the xl benchmark
                 figures["switch"] = bench_switch.bench(b, cfg)
+                figures["deploy"] = bench_switch.deploys(b, cfg)
             else:
                 log.warn(f"the site did not serve again at {url}: no switch benchmark")
     return figures

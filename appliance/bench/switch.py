@@ -6,6 +6,7 @@ DNAT) while the guest manager switches; each mode reports its switch time and fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import tempfile
@@ -19,6 +20,7 @@ from .. import guest, log
 from ..build import guest as demo_guest
 from ..config import Config
 from ..emulate import Board, wait_for
+from ..errors import DeployError
 
 STORE = "/var/lib/appliance/sites"
 ANSWERS_S = 300
@@ -120,4 +122,43 @@ def bench(board: Board, cfg: Config) -> dict[str, Any]:
             seen = v.counts()
         figures[f"{mode} switch, s"] = round(took, 1) if rc == 0 else f"failed: {out.get('error')}"
         figures[f"{mode}: failed / total requests"] = f"{seen['failed']} / {seen['ok'] + seen['failed']}"
+    return figures
+
+
+class _Drop(Exception):
+    """The benchmark's cut of an upload midway (the client gives up; the board keeps what arrived)."""
+
+
+def deploys(board: Board, cfg: Config) -> dict[str, Any]:
+    """`invoke deploy` of new demo releases over the board's SSH, under a steady visitor: blue-green against
+    destroy-then-create (upload, verify, switch), and an upload cut halfway then resumed."""
+    from .. import deploy as d
+
+    site = cfg.recipe.sites[0]
+    url = f"http://{site.address}:{site.port}/cgi-bin/status"
+    target = d.Target(f"root@127.0.0.1:{board.ssh_port}", ssh_config=board.ssh_config, key=board.key, timeout=60)
+    figures: dict[str, Any] = {}
+    for mode, release, cold in (("blue-green", "3.0", False), ("destroy-then-create", "4.0", True)):
+        bundle = demo_guest.build(cfg, release=release).path
+        with log.step(f"Deploying demo {release} ({mode}) under a steady visitor"):
+            with steady_visitor(board, url) as v, d.source(bundle) as g:
+                try:
+                    row = d.deploy(target, g, site.name, cold=cold, tty=False)
+                    figures[f"{mode} deploy (upload, verify, switch), s"] = row.seconds
+                except DeployError as exc:
+                    figures[f"{mode} deploy (upload, verify, switch), s"] = f"failed: {exc}"
+            seen = v.counts()
+        figures[f"{mode} deploy: failed / total requests"] = f"{seen['failed']} / {seen['ok'] + seen['failed']}"
+    bundle = demo_guest.build(cfg, release="5.0").path
+    with log.step("Deploying demo 5.0 with its upload cut halfway, then again"), d.source(bundle) as g:
+        total = sum(p.stat().st_size for p in bundle.iterdir() if p.name != "guest.yaml")
+
+        def cut(sent: int) -> None:
+            if sent >= total // 2:
+                raise _Drop()
+
+        with contextlib.suppress(_Drop):
+            d.deploy(target, g, site.name, progress=cut, tty=False)
+        row = d.deploy(target, g, site.name, tty=False)
+    figures["resumed upload: bytes sent the second time / the bundle's bytes"] = f"{row.sent} / {total}"
     return figures

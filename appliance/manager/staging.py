@@ -191,7 +191,7 @@ def session(ctx: Context, name: str | None) -> None:
                 elif op == "commit":
                     out = commit(ctx, site, req.get("version"))
                 elif op == "switch":
-                    out = switch(ctx, site.name, req.get("version"))
+                    out = switch(ctx, site.name, req.get("version"), cold=req.get("cold") is True)
                 elif op == "prune":
                     out = prune(ctx, site)
                 elif op == "status":
