@@ -95,7 +95,7 @@ def check(cfg: Config) -> None:
         if src is not None:
             read_bundle(src, site)
         elif "booth" in cfg.recipe.overlays:
-            missing = [n for n in ("init", "site/index.html", "site/game.js")
+            missing = [n for n in ("init", "site/index.html", "site/game.js", "site/rules.js")
                        if not (cfg.root / "guest" / n).is_file()]
             if missing:
                 raise GuestError(f"the demo guest's sources are incomplete: guest/{', guest/'.join(missing)} missing")

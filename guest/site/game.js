@@ -1,166 +1,169 @@
-// The booth's sliding-tile game, and a footer saying which guest serves it and for how long it has been up.
-// No libraries, no external assets: the guest serves this file and index.html, and /cgi-bin/status.
+// The booth's 2048 (its rules are in rules.js), and a footer saying which guest serves it and for how long.
+// No libraries, no external assets: the guest serves this file, rules.js and index.html, and /cgi-bin/status.
+// For tests: ?seed=N makes the new tiles repeatable, ?tiles=a,b,… (16 numbers, row by row) sets the first board.
 "use strict";
 
-const board = document.getElementById("board");
-const movesEl = document.getElementById("moves");
-const timeEl = document.getElementById("time");
-const bestEl = document.getElementById("best");
-const messageEl = document.getElementById("message");
+const SIZE = 4;
+const $ = (id) => document.getElementById(id);
+const board = $("board"), scoreEl = $("score"), bestEl = $("best"), messageEl = $("message"), keepEl = $("keep");
+const howto = $("howto");
+const params = new URLSearchParams(location.search);
+const random = params.has("seed") ? Rules.seeded(Number(params.get("seed"))) : Math.random;
 
-let size = Number(localStorage.getItem("size")) || 4;
-let tiles = [];        // tiles[position] = number, 0 is the gap
-let moves = 0;
-let started = 0;       // when the first move of this game was made (ms), 0 before it
-let won = false;
-let timer = null;
+// localStorage can be missing or refuse (private browsing): the game still plays, it only forgets.
+const store = {
+  get(key) { try { return localStorage.getItem(key); } catch { return null; } },
+  set(key, value) { try { localStorage.setItem(key, value); } catch { /* not kept */ } },
+};
 
-function solved(n) {
-  return Array.from({ length: n * n }, (_, i) => (i + 1) % (n * n));
+let grid, score, best = Number(store.get("2048-best")) || 0;
+let won = false, keepPlaying = false, over = false;
+
+function tilesParam() {
+  const v = (params.get("tiles") || "").split(",").map(Number);
+  const ok = v.length === SIZE * SIZE && v.every((n) => n === 0 || (n >= 2 && (n & (n - 1)) === 0));
+  return ok ? Array.from({ length: SIZE }, (_, r) => v.slice(r * SIZE, r * SIZE + SIZE)) : null;
 }
 
-function neighbours(pos) {
-  const r = Math.floor(pos / size), c = pos % size, out = [];
-  if (r > 0) out.push(pos - size);
-  if (r < size - 1) out.push(pos + size);
-  if (c > 0) out.push(pos - 1);
-  if (c < size - 1) out.push(pos + 1);
-  return out;
-}
-
-// Shuffle by random legal moves from the solved board, so every game can be solved.
-function shuffle() {
-  tiles = solved(size);
-  let gap = tiles.indexOf(0), last = -1;
-  for (let i = 0; i < size * size * 30; i++) {
-    const options = neighbours(gap).filter((p) => p !== last);
-    const pick = options[Math.floor(Math.random() * options.length)];
-    [tiles[gap], tiles[pick]] = [tiles[pick], tiles[gap]];
-    last = gap;
-    gap = pick;
-  }
-  if (isSolved()) shuffle();
-}
-
-function isSolved() {
-  return tiles.every((t, i) => t === (i + 1) % (size * size));
-}
-
-function bestKey() { return "best-" + size; }
-
-function showBest() {
-  const best = JSON.parse(localStorage.getItem(bestKey()) || "null");
-  bestEl.textContent = best ? `${best.moves} / ${clock(best.ms)}` : "–";
-}
-
-function clock(ms) {
-  const s = Math.floor(ms / 1000);
-  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
-}
-
-function tick() {
-  timeEl.textContent = clock(started ? Date.now() - started : 0);
-}
-
-function render() {
+function render(fresh) {
   board.textContent = "";
-  board.classList.toggle("won", won);
-  const gapPx = 6, cell = (board.clientWidth - gapPx * (size + 1)) / size;
-  tiles.forEach((t, pos) => {
-    if (t === 0) return;
-    const el = document.createElement("div");
-    el.className = "tile" + (t === pos + 1 ? " home" : "");
-    el.textContent = t;
-    el.setAttribute("role", "gridcell");
-    el.style.width = el.style.height = cell + "px";
-    el.style.left = gapPx + (pos % size) * (cell + gapPx) + "px";
-    el.style.top = gapPx + Math.floor(pos / size) * (cell + gapPx) + "px";
-    el.style.fontSize = cell * 0.42 + "px";
-    el.addEventListener("pointerdown", (e) => { e.preventDefault(); slide(pos); });
-    board.appendChild(el);
+  grid.forEach((row, r) => {
+    const rowEl = document.createElement("div");
+    rowEl.setAttribute("role", "row");
+    row.forEach((v, c) => {
+      const cell = document.createElement("span");
+      cell.setAttribute("role", "gridcell");
+      if (v) {
+        cell.textContent = v;
+        cell.dataset.v = v;
+        if (v > 2048) cell.className = "big";
+      } else {
+        cell.setAttribute("aria-label", "empty");
+      }
+      if (fresh && fresh[r][c] !== v) cell.classList.add("new");
+      rowEl.appendChild(cell);
+    });
+    board.appendChild(rowEl);
   });
-  movesEl.textContent = moves;
+  scoreEl.textContent = score;
+  bestEl.textContent = best;
 }
 
-// Slide the tile at pos towards the gap; a tile further along the same row or column pushes the ones between.
-function slide(pos) {
-  if (won) return;
-  const gap = tiles.indexOf(0);
-  const sameRow = Math.floor(pos / size) === Math.floor(gap / size);
-  const sameCol = pos % size === gap % size;
-  if (pos === gap || (!sameRow && !sameCol)) return;
-  const step = sameRow ? (pos > gap ? 1 : -1) : (pos > gap ? size : -size);
-  for (let p = gap; p !== pos; p += step) {
-    tiles[p] = tiles[p + step];
-    moves++;
+function check() {
+  if (!won && Rules.hasWon(grid)) {
+    won = true;
+    messageEl.textContent = "You made 2048! Keep going for a bigger tile, or start again.";
+    keepEl.hidden = false;
+    keepEl.focus();
+  } else if (!Rules.canMove(grid)) {
+    over = true;
+    messageEl.textContent = `No moves left: game over, with ${score} points. New game?`;
   }
-  tiles[pos] = 0;
-  if (!started) {
-    started = Date.now();
-    timer = setInterval(tick, 500);
+}
+
+function go(direction) {
+  if (over || (won && !keepPlaying) || !howto.hidden) return;
+  const m = Rules.play(grid, direction, random);
+  if (!m.moved) return;
+  grid = m.grid;
+  score += m.score;
+  if (score > best) {
+    best = score;
+    store.set("2048-best", best);
   }
-  if (isSolved()) finish();
-  render();
+  render(m.slid);   // the new tile pops
+  check();
 }
 
-function finish() {
-  won = true;
-  clearInterval(timer);
-  const ms = Date.now() - started;
-  tick();
-  const best = JSON.parse(localStorage.getItem(bestKey()) || "null");
-  const better = !best || moves < best.moves || (moves === best.moves && ms < best.ms);
-  if (better) localStorage.setItem(bestKey(), JSON.stringify({ moves, ms }));
-  messageEl.textContent = `Solved in ${moves} moves and ${clock(ms)}${better ? " – a new best!" : "!"}`;
-  showBest();
-}
-
-function newGame(n) {
-  size = n || size;
-  localStorage.setItem("size", size);
-  document.querySelectorAll("button[data-size]").forEach((b) => b.classList.toggle("on", Number(b.dataset.size) === size));
-  clearInterval(timer);
-  moves = 0;
-  started = 0;
-  won = false;
+function newGame(start) {
+  grid = start || Rules.newGrid(SIZE, random);
+  score = 0;
+  won = keepPlaying = over = false;
   messageEl.textContent = "";
-  shuffle();
-  tick();
-  showBest();
+  keepEl.hidden = true;
   render();
+  check();
 }
 
-document.getElementById("new").addEventListener("click", () => newGame());
-document.querySelectorAll("button[data-size]").forEach((b) => b.addEventListener("click", () => newGame(Number(b.dataset.size))));
-window.addEventListener("resize", render);
+function showHowto(show) {
+  howto.hidden = !show;
+  if (show) {
+    $("howto-ok").focus();
+  } else {
+    store.set("2048-howto-seen", "1");
+    board.focus();
+  }
+}
+
+const KEYS = { ArrowLeft: "left", ArrowRight: "right", ArrowUp: "up", ArrowDown: "down",
+  a: "left", d: "right", w: "up", s: "down" };
 document.addEventListener("keydown", (e) => {
-  const gap = tiles.indexOf(0), r = Math.floor(gap / size), c = gap % size;
-  // An arrow moves the tile on that side of the gap in the arrow's direction.
-  const from = { ArrowLeft: c < size - 1 ? gap + 1 : -1, ArrowRight: c > 0 ? gap - 1 : -1,
-    ArrowUp: r < size - 1 ? gap + size : -1, ArrowDown: r > 0 ? gap - size : -1 }[e.key];
-  if (from === undefined) return;
+  if (e.key === "Escape" && !howto.hidden) return showHowto(false);
+  const direction = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
+  if (!direction || e.ctrlKey || e.altKey || e.metaKey) return;
   e.preventDefault();
-  if (from >= 0) slide(from);
+  go(direction);
 });
 
-// The guest's version and uptime: fetched now and then, counted up in between.
+// A swipe: where a pointer (finger, pen or mouse) went down on the board and where it came up.
+let swipe = null;
+board.addEventListener("pointerdown", (e) => {
+  swipe = { id: e.pointerId, x: e.clientX, y: e.clientY };
+  board.setPointerCapture(e.pointerId);
+  e.preventDefault();
+});
+board.addEventListener("pointerup", (e) => {
+  if (!swipe || swipe.id !== e.pointerId) return;
+  const dx = e.clientX - swipe.x, dy = e.clientY - swipe.y;
+  swipe = null;
+  if (Math.max(Math.abs(dx), Math.abs(dy)) < 20) return;   // a tap, not a swipe
+  go(Math.abs(dx) > Math.abs(dy) ? (dx > 0 ? "right" : "left") : (dy > 0 ? "down" : "up"));
+});
+board.addEventListener("pointercancel", () => { swipe = null; });
+board.addEventListener("touchmove", (e) => e.preventDefault(), { passive: false });   // no scrolling while swiping
+board.tabIndex = 0;
+
+$("new").addEventListener("click", () => newGame());
+$("help").addEventListener("click", () => showHowto(true));
+$("howto-ok").addEventListener("click", () => showHowto(false));
+keepEl.addEventListener("click", () => {
+  keepPlaying = true;
+  keepEl.hidden = true;
+  messageEl.textContent = "";
+  board.focus();
+});
+
+// The guest's version and uptime, and its lifetime figures where the status has them (never made up here):
+// woken (Unix seconds), wake_ms, requests and wakes_today. Fetched now and then, the uptime counted up in between.
 let uptime = null, fetchedAt = 0;
 function duration(s) {
   const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
   return (d ? d + " d " : "") + (d || h ? h + " h " : "") + m + " min " + Math.floor(s % 60) + " s";
 }
 function showUptime() {
-  if (uptime !== null) document.getElementById("uptime").textContent = duration(uptime + (Date.now() - fetchedAt) / 1000);
+  if (uptime !== null) $("uptime").textContent = duration(uptime + (Date.now() - fetchedAt) / 1000);
+}
+function lifetime(s) {
+  const n = (k) => typeof s[k] === "number" && Number.isFinite(s[k]);
+  const parts = [];
+  if (n("woken")) parts.push(`Woken at ${new Date(s.woken * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })}`);
+  if (n("wake_ms")) parts.push(`the wake took ${(s.wake_ms / 1000).toFixed(1)} s`);
+  if (n("requests")) parts.push(`${s.requests} requests served since`);
+  if (n("wakes_today")) parts.push(`woken ${s.wakes_today} times today`);
+  $("lifetime").textContent = parts.length ? parts.join(", ") + "." : "";
+  $("lifetime").hidden = !parts.length;
 }
 function status() {
   fetch("/cgi-bin/status", { cache: "no-store" }).then((r) => r.json()).then((s) => {
-    document.getElementById("guest").textContent = `${s.name} ${s.version} (Linux ${s.kernel})`;
+    $("guest").textContent = `${s.name} ${s.version} (Linux ${s.kernel})`;
     uptime = s.uptime;
     fetchedAt = Date.now();
     showUptime();
-  }).catch(() => { document.getElementById("guest").textContent = "(status unavailable)"; });
+    lifetime(s);
+  }).catch(() => { $("guest").textContent = "(status unavailable)"; });
 }
 setInterval(showUptime, 1000);
 setInterval(status, 60000);
 status();
-newGame();
+newGame(tilesParam());
+if (!store.get("2048-howto-seen")) showHowto(true);
