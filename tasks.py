@@ -229,7 +229,7 @@ def guests(c, host=None, site=None, accept_new=False, ssh_config=None, known_hos
     print(d.guests_text(d.guests(t, site)))
 
 
-@task(help={"tier": "unit, root, ssh, image, system or all (default)", "pytest_args": "extra pytest arguments"})
+@task(help={"tier": "unit, root, ssh, browser, image, system or all (default)", "pytest_args": "extra pytest arguments"})
 def test(c, tier="all", pytest_args=""):
     """Run the test suite: every tier by default."""
     marker = "" if tier == "all" else f"-m {tier}"
