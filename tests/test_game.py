@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 def test_rules_in_node() -> None:
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed (./setup.sh installs Debian's nodejs)")
+        pytest.fail("node is not installed (./setup.sh installs Debian's nodejs)")
     run = subprocess.run([node, "--test", "tests/game/"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          check=False)
     if run.returncode != 0:

@@ -74,7 +74,7 @@ def server() -> Iterator[tuple[str, type[_Handler]]]:
 def browser() -> Iterator[WebDriver]:
     for path in (CHROMIUM, CHROMEDRIVER):
         if not shutil.which(path):
-            pytest.skip(f"{path} is missing: ./setup.sh installs Debian's chromium and chromium-driver")
+            pytest.fail(f"{path} is missing: ./setup.sh installs Debian's chromium and chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run"):
