@@ -128,6 +128,38 @@ def test_a_guest_that_never_answers_leaves_the_old_one_serving(board, site, targ
     assert serving(board, site) == first
 
 
+def test_a_guest_that_crashes_after_start_leaves_the_old_one_serving(board, site, target, first, second, tmp_path):
+    crash = tmp_path / "crash"
+    shutil.copytree(second.path, crash)
+    m = json.loads((crash / "guest.yaml").read_text())
+    # its kernel boots, finds no init and panics: the domain dies while the health check waits
+    m.update(version="2.0-crash", cmdline=guest.DEMO_CMDLINE + " rdinit=/no-such-init", health={"path": "/", "deadline": 60})
+    (crash / "guest.yaml").write_text(json.dumps(m))
+    row, seen = deploy_with_visitor(board, site, target, crash)
+    assert isinstance(row, DeployError), row
+    assert f"{first} keeps serving" in str(row), row
+    assert seen["failed"] == 0, seen
+    assert serving(board, site) == first
+    assert len([line for line in board.run("xl list").out.splitlines()[1:] if not line.startswith("Domain-0")]) == 1
+
+
+def test_a_board_with_too_little_space_refuses_before_sending(board, site, target, first, cfg):
+    third = guest.build(cfg, release="3.0")          # not on the board yet: the whole bundle must be sent
+    need = sum(p.stat().st_size for p in third.path.iterdir())
+    avail = int(board.run("df --output=avail -B1 /var/lib/appliance | tail -1").out)
+    filler = "/var/lib/appliance/test-filler"
+    board.run(f"fallocate -l {max(avail - need // 2, 0)} {filler}")
+    try:
+        row, seen = deploy_with_visitor(board, site, target, third.path)
+        assert isinstance(row, DeployError), row
+        assert "refused before any byte is sent" in str(row), row
+        assert seen["failed"] == 0 and serving(board, site) == first
+    finally:
+        board.run(f"rm -f {filler}", check=False)
+    staged = board.run("find /var/lib/appliance/staging -name '*.part' -size +0", check=False).out.strip()
+    assert staged == "", f"bytes were sent: {staged}"
+
+
 def test_a_static_site_is_served(board, site, target, first, tmp_path):
     www = tmp_path / "www"
     (www / "img").mkdir(parents=True)
