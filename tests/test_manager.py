@@ -419,10 +419,14 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path: Path):
 # ---------------------------------------------------------------- the supervisor, with an xl stand-in
 
 FAKE_XL = """#!{python}
-# A stand-in for xl: domains are lines "name kernel" in a file; every call is logged.
-import pathlib, re, sys
+# A stand-in for xl: domains are lines "name kernel" in a file; every call is logged. The supervisor's thread
+# and a switch call it at the same time, so each call holds a lock for its read-modify-write and replaces the
+# file whole (a reader of a half-written file would write back a list without the running guest).
+import fcntl, os, pathlib, re, sys
 here = pathlib.Path({here!r})
 state, calls = here / "domains", here / "xl-calls"
+lock = open(here / "xl.lock", "w")
+fcntl.flock(lock, fcntl.LOCK_EX)
 doms = dict(l.split(" ", 1) for l in state.read_text().splitlines()) if state.exists() else {{}}
 with open(calls, "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
@@ -446,7 +450,8 @@ elif cmd == "list":
     print("Domain-0 0 512 2 r----- 1.0")
     for n in doms:
         print(n + " 7 32 1 -b---- 0.1")
-state.write_text("".join(k + " " + v + "\\n" for k, v in doms.items()))
+(here / "domains.new").write_text("".join(k + " " + v + "\\n" for k, v in doms.items()))
+os.replace(here / "domains.new", state)
 """
 
 
