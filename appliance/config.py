@@ -23,7 +23,7 @@ import yaml
 from . import ROOT
 from .errors import RecipeError
 from .manager import manifest, names
-from .manager.settings import KEEP_MAX
+from .manager.settings import IDLE_MAX, IDLE_MIN, KEEP_MAX
 
 REQUIRED: Any = dataclasses.MISSING
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KiB|M|MiB|G|GiB)?\s*$")
@@ -166,6 +166,16 @@ class GuestNet:
 
 
 @dataclass(frozen=True)
+class OnDemand:
+    """A site whose guest sleeps until a visitor asks: woken by a DNS query for one of its names or by a
+    connection to its service address (held by dom0 until the guest answers), stopped after `idle` seconds with
+    no query, no new connection and no open one. destroy frees its memory; pause keeps it for an instant wake."""
+
+    idle: int = 60
+    stop: Literal["destroy", "pause"] = "destroy"
+
+
+@dataclass(frozen=True)
 class SiteSpec:
     """What visitors reach: names, a service address owned by dom0, a health check and the guest that serves."""
 
@@ -180,6 +190,7 @@ class SiteSpec:
     deadline: int = 120                # seconds a started guest has to pass it
     drain: int = 30                    # seconds an old guest keeps its connections after a switch
     keep: int = 3                      # versions a deploy keeps in the board's store (current, previous, newest)
+    on_demand: OnDemand | None = None  # None: always on
 
 
 @dataclass(frozen=True)
@@ -478,6 +489,9 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
             raise _fail(path, f"{key}.drain", f"{s.drain} must be 0 to 3600 (seconds)")
         if not 1 <= s.keep <= KEEP_MAX:   # the board's own bounds
             raise _fail(path, f"{key}.keep", f"{s.keep} must be 1 to {KEEP_MAX} (versions)")
+        if s.on_demand and not IDLE_MIN <= s.on_demand.idle <= IDLE_MAX:
+            raise _fail(path, f"{key}.on_demand.idle", f"{s.on_demand.idle} must be {IDLE_MIN} to {IDLE_MAX} "
+                                                      f"(seconds)")
 
 
 def _passphrase(w: Wifi, base: Path, recipe: Path | None, *, required: bool) -> str | None:

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from .config import Recipe
-from .manager.settings import SLOTS
+from .manager.settings import SLOTS, WAKE_DNS
 
 
 def _net(address: str, bridge: str) -> dict[str, Any]:
@@ -39,6 +39,7 @@ def resolved(rec: Recipe) -> list[dict[str, Any]]:
     return [{"name": s.name, "names": list(s.names), "address": s.address, "port": s.port, "memory": s.memory_mib,
              "vcpus": s.vcpus, "health_path": s.health_path, "deadline": s.deadline, "drain": s.drain,
              "keep": s.keep,
+             "on_demand": {"idle": s.on_demand.idle, "stop": s.on_demand.stop} if s.on_demand else None,
              "slots": {name: slot(rec, i, j) for j, name in enumerate(SLOTS)}}
             for i, s in enumerate(rec.sites)]
 
@@ -61,4 +62,4 @@ def template_context(rec: Recipe) -> dict[str, Any]:
     return {"net": net, "gnet": guests(rec), "sites": all_sites,
             "dom0_addresses": [net["address"], *(s["address"] for s in all_sites)],
             "guest_macs": [sl["mac"] for s in all_sites for sl in s["slots"].values()],
-            "sites_json": board_json(rec)}
+            "sites_json": board_json(rec), "wake_dns": "%s#%d" % WAKE_DNS}

@@ -6,6 +6,7 @@ and runs a tiny guest there whose behaviour is the tail of its "kernel" file (af
   slow-start:<s>:<page>     answers only after s seconds
   never-answer              accepts connections and never answers
   crash-after:<s>           boots, never serves, and dies after s seconds (on_crash=destroy: the domain goes)
+`pause` and `unpause` stop and continue the guest's processes (SIGSTOP, SIGCONT).
 Its stdout is the domain's console log, <XL_STANDIN_CONSOLE>/guest-<name>.log, like xenconsoled's.
 The environment: XL_STANDIN_DIR (its state), XL_STANDIN_PREFIX (namespace names), XL_STANDIN_CONSOLE,
 XL_STANDIN_MEMORY (MiB Xen has for guests).
@@ -186,11 +187,22 @@ def main(argv: list[str]) -> None:
         if args[0] not in have:
             raise SystemExit(f"xl stand-in: no domain {args[0]}")
         doms.remove(have[args[0]])
+    elif cmd in ("pause", "unpause"):
+        if args[0] not in have:
+            raise SystemExit(f"xl stand-in: no domain {args[0]}")
+        os.killpg(have[args[0]]["pid"], signal.SIGSTOP if cmd == "pause" else signal.SIGCONT)
+        have[args[0]]["paused"] = cmd == "pause"
+        (doms.dir / f"{args[0]}.json").write_text(json.dumps(have[args[0]]))
     elif cmd == "list":
+        if args and args[0] not in have:
+            raise SystemExit(f"xl stand-in: no domain {args[0]}")
         print("Name                                        ID   Mem VCPUs\tState\tTime(s)")
-        print("Domain-0                                     0   512     2     r-----      1.0")
+        if not args:
+            print("Domain-0                                     0   512     2     r-----      1.0")
         for d in have.values():
-            print(f"{d['name']:<40} {d['domid']:>5} {d['memory']:>5}     1     -b----      0.1")
+            if not args or d["name"] == args[0]:
+                state = "--p---" if d.get("paused") else "-b----"
+                print(f"{d['name']:<40} {d['domid']:>5} {d['memory']:>5}     1     {state}      0.1")
     elif cmd == "info":
         free = int(os.environ.get("XL_STANDIN_MEMORY", "1024")) - sum(d["memory"] for d in have.values())
         print(f"host                   : stand-in\nfree_memory            : {free}")

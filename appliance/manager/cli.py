@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+LIFETIME = ("woken", "wake_ms", "trigger", "requests", "wakes_today")   # the figures a site's state may hold
+
+
 def site_status(ctx: Context, site: Site) -> dict[str, Any]:
     store = ctx.store(site)
     st = ctx.read_state(site)
@@ -79,6 +82,10 @@ def site_status(ctx: Context, site: Site) -> dict[str, Any]:
         except Error as exc:
             out["error"] = str(exc)
     out["ok"] = bool(running and out["healthy"] is not False and active is not None)
+    if site.on_demand:
+        out["on_demand"] = {"idle": site.on_demand.idle, "stop": site.on_demand.stop}
+        out["ok"] = out["ok"] or (st.get("state") in ("asleep", "paused") and not st.get("error"))
+    out.update({k: st.get(k) for k in LIFETIME})
     serving = running and st.get("state") == "serving" and isinstance(st.get("since"), (int, float))
     out.update(uptime_s=round(time.time() - st["since"]) if serving else None, keep=site.keep,
                versions=store.versions(), free_bytes=staging.free_bytes(store.root))

@@ -34,6 +34,7 @@ ENV = {  # variable: board default
     "APPLIANCE_CONNTRACK": "conntrack",
     "APPLIANCE_STAGING": "/var/lib/appliance/staging",   # uploads; on the store's filesystem (one rename in)
     "APPLIANCE_MARGIN_MIB": "16",                        # free space an upload must leave
+    "APPLIANCE_WAKE_DNS": "%s:%d" % settings_mod.WAKE_DNS,  # where dnsmasq asks for on-demand sites' names
 }
 CONSOLE_LINES = 20
 
@@ -49,6 +50,13 @@ def _mib(text: str) -> int:
     if not text.isdigit():
         raise Error(f"APPLIANCE_MARGIN_MIB: {text!r} must be a whole number of MiB")
     return int(text)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise Error(f"APPLIANCE_WAKE_DNS: {text!r} must be ADDRESS:PORT")
+    return host, int(port)
 
 
 class GuestFailed(Error):
@@ -69,6 +77,7 @@ class Context:
     net: Net
     staging_root: Path = Path(ENV["APPLIANCE_STAGING"])
     margin: int = int(ENV["APPLIANCE_MARGIN_MIB"]) << 20    # bytes
+    wake_dns: tuple[str, int] = settings_mod.WAKE_DNS
     _settings: Settings | None = field(default=None, repr=False)
 
     @classmethod
@@ -77,7 +86,8 @@ class Context:
         return cls(Path(e["APPLIANCE_SITES"]), Path(e["APPLIANCE_STORE"]), Path(e["APPLIANCE_RUN"]),
                    Path(e["APPLIANCE_CONSOLE"]), Xl(e["APPLIANCE_XL"]),
                    Net(e["APPLIANCE_NFT"], e["APPLIANCE_CONNTRACK"], Path(e["APPLIANCE_SYSFS_NET"])),
-                   Path(e["APPLIANCE_STAGING"]), _mib(e["APPLIANCE_MARGIN_MIB"]) << 20)
+                   Path(e["APPLIANCE_STAGING"]), _mib(e["APPLIANCE_MARGIN_MIB"]) << 20,
+                   _hostport(e["APPLIANCE_WAKE_DNS"]))
 
     @property
     def settings(self) -> Settings:

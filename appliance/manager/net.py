@@ -92,6 +92,25 @@ class Net:
             raise Error(f"{shlex.join(argv)} failed: {p.stderr.strip().splitlines()[-1:] or p.returncode}")
         return sum(1 for line in p.stdout.splitlines() if line.startswith("tcp"))
 
+    def connections(self, service: str, backend: str) -> tuple[set[int], int]:
+        """Visitors' TCP connections to a service address that went to a backend: their conntrack ids (a new id
+        is a new connection) and how many are established. dom0's own (health checks) go to the backend's own
+        address and are not among them."""
+        ipaddress.IPv4Address(service), ipaddress.IPv4Address(backend)
+        argv = [*self.conntrack, "-L", "-p", "tcp", "--orig-dst", service, "--reply-src", backend, "-o", "id"]
+        p = self._run(argv, "conntrack -L")
+        if p.returncode != 0:
+            raise Error(f"{shlex.join(argv)} failed: {p.stderr.strip().splitlines()[-1:] or p.returncode}")
+        ids, established = set(), 0
+        for line in p.stdout.splitlines():
+            if not line.startswith("tcp"):
+                continue
+            established += " ESTABLISHED " in line
+            for word in line.split():
+                if word.startswith("id=") and word[3:].isdigit():
+                    ids.add(int(word[3:]))
+        return ids, established
+
     def mac(self, bridge: str) -> str | None:
         try:
             return (self.sysfs / bridge / "address").read_text().strip()

@@ -17,6 +17,9 @@ from .names import check_site
 
 SLOTS = ("blue", "green")
 KEEP, KEEP_MAX = 3, 100     # versions kept in a site's store by default, and at most
+IDLE_MIN, IDLE_MAX = 2, 86400   # seconds an on-demand guest may sit idle before it is stopped
+STOPS = ("destroy", "pause")
+WAKE_DNS = ("127.0.0.1", 5354)  # where dnsmasq sends the queries for on-demand sites' names (the manager answers)
 MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
@@ -38,6 +41,12 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class OnDemand:
+    idle: float      # seconds with no query, no new connection and no open one before the guest is stopped
+    stop: str        # destroy (frees its memory) or pause (kept for an instant wake)
+
+
+@dataclass(frozen=True)
 class Site:
     name: str
     names: tuple[str, ...]
@@ -53,6 +62,7 @@ class Site:
     probe_failures: int = 3         # probes missed in a row before it is restarted
     stop_grace: float = 10.0        # seconds a stopped guest has to shut down before it is destroyed
     keep: int = 3                   # versions a deploy's prune keeps (current and previous always among them)
+    on_demand: OnDemand | None = None   # None: always on
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:
@@ -135,7 +145,8 @@ class _Reader:
         except Error:
             raise self.fail("sites", f"{name!r} is not a site name") from None
         d = self.mapping(value, key, ("names", "address", "port", "memory", "vcpus", "health_path", "deadline",
-                                      "drain", "slots"), ("probe_interval", "probe_failures", "stop_grace", "keep"))
+                                      "drain", "slots"), ("probe_interval", "probe_failures", "stop_grace", "keep",
+                                                          "on_demand"))
         names = d["names"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise self.fail(f"{key}.names", f"{names!r} must be a list of host names")
@@ -146,6 +157,12 @@ class _Reader:
             made.append(Slot(s, self.ipv4(sd["address"], f"{key}.slots.{s}.address"),
                              self.text(sd["mac"], f"{key}.slots.{s}.mac", MAC, "a lower-case MAC address"),
                              f"{name}.{s}"))
+        od = None
+        if d.get("on_demand") is not None:
+            o = self.mapping(d["on_demand"], f"{key}.on_demand", ("idle", "stop"))
+            if o["stop"] not in STOPS:
+                raise self.fail(f"{key}.on_demand.stop", f"{o['stop']!r} must be destroy or pause")
+            od = OnDemand(self.seconds(o["idle"], f"{key}.on_demand.idle", IDLE_MIN, IDLE_MAX), o["stop"])
         return Site(name, tuple(names), self.ipv4(d["address"], f"{key}.address"),
                     self.int(d["port"], f"{key}.port", 1, 65535), self.int(d["memory"], f"{key}.memory", 16, 1 << 20),
                     self.int(d["vcpus"], f"{key}.vcpus", 1, 64),
@@ -155,7 +172,7 @@ class _Reader:
                     self.seconds(d.get("probe_interval", 15), f"{key}.probe_interval", 0.05, 3600),
                     self.int(d.get("probe_failures", 3), f"{key}.probe_failures", 1, 100),
                     self.seconds(d.get("stop_grace", 10), f"{key}.stop_grace", 0, 600),
-                    self.int(d.get("keep", KEEP), f"{key}.keep", 1, KEEP_MAX))
+                    self.int(d.get("keep", KEEP), f"{key}.keep", 1, KEEP_MAX), od)
 
 
 def load(path: Path) -> Settings:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import demand, dns
 from .context import Context, log
 from .errors import Error
 from .lock import Busy
@@ -272,13 +273,33 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
             log(str(exc))
     wait_bridges(ctx.net.sysfs, [s.guests.bridge], bridge_wait, stop)
     threading.Thread(target=_protect_dom0, args=(ctx, bridge_wait, stop), name="dom0-mac", daemon=True).start()
-    sups = [SiteSupervisor(ctx, site, stop, **options) for site in s.sites.values()]  # type: ignore[arg-type]
-    threads = [threading.Thread(target=sup.run, name=sup.site.name, daemon=True) for sup in sups]
+    sups = [SiteSupervisor(ctx, site, stop, **options)  # type: ignore[arg-type]
+            for site in s.sites.values() if site.on_demand is None]
+    registry: list[demand.DemandSite] = []
+    registry += [demand.DemandSite(ctx, site, stop, registry) for site in s.sites.values() if site.on_demand]
+    listeners: list[demand.Activator | dns.Server] = []
+    for d in registry:
+        try:
+            listeners.append(demand.Activator(d).start())
+        except Error as exc:
+            log(str(exc))
+    if registry:
+        by_name = {n: d for d in registry for n in d.site.names}
+        try:
+            listeners.append(dns.Server(ctx.wake_dns, {n: d.site.address for n, d in by_name.items()},
+                                        lambda name: by_name[name].poke("dns query")).start())
+        except Error as exc:
+            log(f"{exc}: on-demand sites wake by connection only")
+    threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in [*sups, *registry]]
     for t in threads:
         t.start()
     while not stop.wait(1):
         pass
+    for x in listeners:
+        x.close()
     for t in threads:
         t.join(30)
     for sup in sups:
         sup.stop_guest()
+    for d in registry:
+        d.shutdown()

@@ -1,0 +1,440 @@
+"""On-demand sites: a site with `on_demand` sleeps until a visitor asks for it. While it sleeps its map element
+is absent, so a connection to its service address arrives at dom0 itself, where the site's activator listens:
+it holds the connection, wakes the guest, and passes the connection on once the guest passes its health check
+(a slow first page, never an error, with any guest: Knative's activator, not Synjitsu's patched stack). Then the
+map element is added and the next connections go straight to the guest. A DNS query for one of the site's names
+wakes it too (dns.py), so the boot overlaps the visitor's connect, as Jitsu's did.
+
+After `idle` seconds with no query, no new connection and no open one, the map element goes first (a visitor
+arriving then is held by the activator again), then the guest: destroyed (its memory freed) or paused (kept for
+an instant wake). Waking respects memory: when Xen has no room, the on-demand guests idle longest (and holding
+no connection) are stopped first; when that is not enough the visitor gets a status page saying so, and no
+running guest is touched.
+
+What a wake did goes in the site's state: when it was woken, what woke it, how long the wake took (from the
+query or connection to the health check's answer), the connections served since, the wakes today.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .context import Context, log
+from .errors import Error
+from .lock import Busy
+from .settings import Site, Slot
+
+POLL_S = 1.0          # how often a serving guest's connections are counted (one `conntrack -L`)
+LOOK_S = 3.0          # how often its domain is looked for
+IP_FREEBIND = 15      # bind the service address before networkd has put it on the bridge
+BUFFER = 65536
+
+
+class NoRoom(Error):
+    """No memory for the guest, even with every idle on-demand guest stopped."""
+
+
+def victims(need: int, free: int, others: Sequence[tuple[str, float, int]]) -> list[str] | None:
+    """Which on-demand guests to stop so that `need` MiB fit: `others` are (site, last activity, MiB) of the guests
+    that may go (idle ones, holding no connection); the longest idle go first, and no more than needed. None when
+    even all of them would not make room."""
+    if need <= free:
+        return []
+    out: list[str] = []
+    for name, _, mib in sorted(others, key=lambda o: o[1]):
+        out.append(name)
+        free += mib
+        if need <= free:
+            return out
+    return None
+
+
+def idle_for(now: float, last: float, established: int, held: int) -> float:
+    """Seconds the site has been idle: none while a connection is open (to the guest or held by the activator)."""
+    return 0.0 if established or held else max(0.0, now - last)
+
+
+def status_page(site: Site, reason: str) -> bytes:
+    body = (f"<!doctype html><meta charset=utf-8><meta name=viewport content='width=device-width'>"
+            f"<title>{site.name}: not now</title><h1>{site.name} cannot start right now</h1>"
+            f"<p>{reason}</p><p>Try again in a minute.</p>\n").encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html; charset=utf-8\r\nRetry-After: 30\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() +
+            b"\r\n\r\n" + body)
+
+
+@dataclass
+class DemandSite:
+    """One on-demand site: its wakes, its idle stop, and its figures."""
+
+    ctx: Context
+    site: Site
+    stop: threading.Event
+    registry: list[DemandSite] = field(default_factory=list)
+    state: str = "asleep"            # asleep, waking, serving, stopping, paused
+    slot: Slot | None = None
+    version: str | None = None
+    port: int = 0                    # the backend's port
+    memory: int = 0
+    last: float = field(default_factory=time.monotonic)
+    held: int = 0                    # connections the activator is passing on
+    requests: int = 0                # connections served since the wake
+    woken: float | None = None       # Unix time
+    wake_ms: int | None = None
+    trigger: str | None = None
+    wakes_today: int = 0
+    day: str = ""
+    error: str | None = None
+    ids: set[int] = field(default_factory=set)
+    cv: threading.Condition = field(default_factory=threading.Condition)
+    _next_look: float = 0.0
+
+    def __post_init__(self) -> None:
+        st = self.ctx.read_state(self.site)
+        if st.get("day") == time.strftime("%Y-%m-%d"):
+            self.day, self.wakes_today = st["day"], int(st.get("wakes_today") or 0)
+
+    # ---------------------------------------------------------------- figures
+
+    def figures(self) -> dict[str, Any]:
+        return {"on_demand": {"idle": self.site.on_demand.idle, "stop": self.site.on_demand.stop}
+                if self.site.on_demand else None, "woken": self.woken, "wake_ms": self.wake_ms,
+                "trigger": self.trigger, "requests": self.requests, "wakes_today": self.wakes_today, "day": self.day}
+
+    def write(self) -> None:
+        s = self.slot
+        self.ctx.write_state(self.site, state=self.state, slot=s.name if s else None, domain=s.domain if s else None,
+                             version=self.version, backend=s.address if s else None, error=self.error,
+                             note=None, **self.figures())
+
+    # ---------------------------------------------------------------- waking
+
+    def poke(self, trigger: str) -> None:
+        """A DNS query for the site: it is not idle, and it wakes now (in a thread of its own) if it sleeps."""
+        self.last = time.monotonic()
+        if self.state in ("asleep", "paused"):
+            t0 = time.monotonic()
+            threading.Thread(target=self._try_wake, args=(trigger, t0), name=f"wake-{self.site.name}",
+                             daemon=True).start()
+
+    def _try_wake(self, trigger: str, t0: float) -> None:
+        try:
+            self.wake(trigger, t0)
+        except Error as exc:
+            log(f"site {self.site.name}: {exc}")
+
+    def wake(self, trigger: str, t0: float) -> tuple[str, int]:
+        """The backend to pass a connection to, once the site serves (it is woken if it sleeps)."""
+        with self.cv:
+            self.last = time.monotonic()
+            while self.state in ("waking", "stopping"):
+                self.cv.wait(1)
+                if self.stop.is_set():
+                    raise Error(f"site {self.site.name}: the guest manager is stopping")
+            if self.state == "serving" and self.slot:
+                return self.slot.address, self.port
+            was, self.state = self.state, "waking"
+        try:
+            self.write()
+            self._wake(was, trigger, t0)
+        except Error as exc:
+            with self.cv:
+                self.state, self.error = ("paused" if was == "paused" and self.slot else "asleep"), str(exc)
+                self.cv.notify_all()
+            self.write()
+            raise
+        with self.cv:
+            self.state, self.error = "serving", None
+            self.cv.notify_all()
+        self.write()
+        assert self.slot is not None
+        return self.slot.address, self.port
+
+    def _wake(self, was: str, trigger: str, t0: float) -> None:
+        try:
+            lock = self.ctx.lock(self.site, f"wake ({trigger})", self.version, wait=self.site.deadline).acquire()
+        except Busy as exc:
+            raise Error(str(exc)) from None
+        try:
+            if was == "paused" and self.slot and self.ctx.xl.paused(self.slot.domain):
+                self.ctx.xl.unpause(self.slot.domain)
+                log(f"site {self.site.name}: unpaused {self.slot.domain} ({trigger})")
+            else:
+                self._boot()
+            self.ctx.net.point(self.site.address, self.site.port, self.slot.address, self.port)  # type: ignore
+        finally:
+            lock.release()
+        today = time.strftime("%Y-%m-%d")
+        self.wakes_today = self.wakes_today + 1 if self.day == today else 1
+        self.day, self.woken, self.trigger = today, round(time.time(), 3), trigger
+        self.wake_ms, self.requests, self.last = round((time.monotonic() - t0) * 1000), 0, time.monotonic()
+        self.ids = self._connections()[0]
+        log(f"site {self.site.name}: woken by a {trigger} in {self.wake_ms} ms ({self.version} in "
+            f"{self.slot.domain})")  # type: ignore[union-attr]
+
+    def _boot(self) -> None:
+        store = self.ctx.store(self.site)
+        version = store.pointer("current")
+        if version is None:
+            raise Error(f"{store.dir}/current: site {self.site.name} has no current version")
+        m = store.load(version, self.site.defaults())
+        self.make_room(m.memory)
+        st = self.ctx.read_state(self.site)
+        slot = self.site.slot(st["slot"]) if st.get("slot") in ("blue", "green") else self.site.slots[0]
+        for s in self.site.slots:       # a paused guest that is not the one to wake holds memory for nothing
+            if self.ctx.xl.domid(s.domain) is not None:
+                self.ctx.xl.destroy(s.domain)
+        self.ctx.start(self.site, slot, version, self.stop)
+        self.slot, self.version, self.port, self.memory = slot, version, m.port, m.memory
+
+    def make_room(self, need: int) -> None:
+        free = self.ctx.xl.free_memory()
+        others = [(d.site.name, d.last, d.memory) for d in self.registry
+                  if d is not self and d.state in ("serving", "paused") and not d.held and d.memory]
+        names = victims(need, free, others)
+        if names is None:
+            raise NoRoom(f"site {self.site.name}: needs {need} MiB and Xen has {free} MiB free, even with every "
+                         f"idle on-demand site stopped; nothing was stopped")
+        for d in self.registry:
+            if d.site.name in names:
+                log(f"site {self.site.name}: stopping {d.site.name}, idle longest, to make room for {need} MiB")
+                d.sleep(destroy=True)
+
+    # ---------------------------------------------------------------- idling
+
+    def _connections(self) -> tuple[set[int], int]:
+        if self.slot is None:
+            return set(), 0
+        try:
+            return self.ctx.net.connections(self.site.address, self.slot.address)
+        except Error as exc:
+            log(str(exc))
+            return set(self.ids), 1          # cannot tell: counted as busy, never stopped blind
+
+    def tick(self, now: float) -> None:
+        """One look at a serving site: new connections, a crash, a switch, the idle deadline."""
+        if self.state == "asleep":
+            self._adopt()
+            return
+        if self.state != "serving" or self.slot is None:
+            return
+        slot, version = self.ctx.served(self.site)
+        if slot is not None and version is not None and (slot, version) != (self.slot, self.version):
+            log(f"site {self.site.name}: following the switch to {version} in {slot.domain}")
+            self.slot, self.version = slot, version
+            self._reload()
+        if now >= self._next_look:
+            self._next_look = now + LOOK_S
+            if self.ctx.xl.domid(self.slot.domain) is None:
+                log(f"site {self.site.name}: {self.slot.domain} is gone (crashed, shut down or destroyed); the next "
+                    f"visitor wakes it again")
+                self.ctx.net.remove(self.site.address, self.site.port)
+                with self.cv:
+                    self.state, self.error = "asleep", f"{self.slot.domain} was gone"
+                self.write()
+                return
+        ids, established = self._connections()
+        new = ids - self.ids
+        if new:
+            self.requests += len(new)
+            self.last = now
+        self.ids = ids
+        if new or established or self.held:
+            self.last = now
+        if new:
+            self.write()
+        assert self.site.on_demand is not None
+        if idle_for(now, self.last, established, self.held) >= self.site.on_demand.idle:
+            self.sleep()
+
+    def _reload(self) -> None:
+        try:
+            m = self.ctx.store(self.site).load(self.version or "", self.site.defaults())
+            self.port, self.memory = m.port, m.memory
+        except Error as exc:
+            log(str(exc))
+
+    def _adopt(self) -> None:
+        """A switch or a deploy started the sleeping site: it serves now, and idles from here."""
+        slot, version = self.ctx.served(self.site)
+        if slot is None or version is None:
+            return
+        try:
+            active = self.ctx.net.active(self.site.address, self.site.port)
+        except Error:
+            return
+        if active is None or active[0] != slot.address or self.ctx.xl.domid(slot.domain) is None:
+            return
+        with self.cv:
+            if self.state != "asleep":
+                return
+            self.slot, self.version, self.state, self.last = slot, version, "serving", time.monotonic()
+        self._reload()
+        self.ids = self._connections()[0]
+        log(f"site {self.site.name}: {version} serves from {slot.domain} (started by a switch)")
+        self.write()
+
+    def sleep(self, destroy: bool = False) -> None:
+        """Stop the idle guest: the map element first, then the guest (paused, or destroyed)."""
+        assert self.site.on_demand is not None
+        try:
+            lock = self.ctx.lock(self.site, "idle stop", self.version).acquire()
+        except Busy:
+            return                        # a switch or a wake is at work: look again later
+        try:
+            with self.cv:
+                if self.state not in ("serving", "paused") or self.slot is None:
+                    return
+                was, self.state = self.state, "stopping"
+            slot = self.slot
+            self.ctx.net.remove(self.site.address, self.site.port)
+            if was == "serving" and (self._connections()[1] or self.held) and not destroy:
+                self.ctx.net.point(self.site.address, self.site.port, slot.address, self.port)
+                with self.cv:
+                    self.state = "serving"
+                    self.cv.notify_all()
+                return                    # a visitor came just now
+            pause = self.site.on_demand.stop == "pause" and not destroy
+            if pause and was == "serving":
+                self.ctx.xl.pause(slot.domain)
+            elif not pause:
+                self.ctx.xl.destroy(slot.domain)
+            log(f"site {self.site.name}: idle: {'paused' if pause else 'destroyed'} {slot.domain}")
+            with self.cv:
+                self.state = "paused" if pause else "asleep"
+                if not pause:
+                    self.memory = 0
+                self.cv.notify_all()
+            self.write()
+        except Error as exc:
+            log(f"site {self.site.name}: idle stop: {exc}")
+            with self.cv:
+                if self.state == "stopping":
+                    self.state = "serving"
+                self.cv.notify_all()
+        finally:
+            lock.release()
+
+    def run(self) -> None:
+        if self._removable():
+            self.ctx.net.remove(self.site.address, self.site.port)
+        for s in self.site.slots:        # what a previous run left: nobody asked for it yet
+            try:
+                if self.ctx.xl.domid(s.domain) is not None:
+                    self.ctx.xl.destroy(s.domain)
+            except Error as exc:
+                log(str(exc))
+        self.write()
+        log(f"site {self.site.name}: on demand (idle {self.site.on_demand.idle:g} s, then "  # type: ignore
+            f"{self.site.on_demand.stop}); asleep until a visitor asks")  # type: ignore[union-attr]
+        while not self.stop.wait(POLL_S):
+            try:
+                self.tick(time.monotonic())
+            except Error as exc:
+                log(f"site {self.site.name}: {exc}")
+            except Exception as exc:      # a bug must not stop the other sites  # noqa: BLE001
+                log(f"site {self.site.name}: internal error: {type(exc).__name__}: {exc}")
+
+    def _removable(self) -> bool:
+        try:
+            return self.ctx.net.active(self.site.address, self.site.port) is not None
+        except Error as exc:
+            log(str(exc))
+            return False
+
+    def shutdown(self) -> None:
+        for s in self.site.slots:
+            try:
+                if self.ctx.xl.domid(s.domain) is not None:
+                    self.ctx.xl.destroy(s.domain)
+            except Error as exc:
+                log(str(exc))
+
+
+# ---------------------------------------------------------------- the activator
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(BUFFER):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class Activator:
+    """dom0's listener on a sleeping site's service address: holds each connection until the site serves."""
+
+    def __init__(self, demand: DemandSite) -> None:
+        self.demand, site = demand, demand.site
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        try:
+            self.sock.bind((site.address, site.port))
+            self.sock.listen(128)
+        except OSError as exc:
+            self.sock.close()
+            raise Error(f"site {site.name}: cannot listen on {site.address}:{site.port}: {exc.strerror}") from None
+        self.thread = threading.Thread(target=self._accept, name=f"activator-{site.name}", daemon=True)
+
+    def start(self) -> Activator:
+        self.thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, time.monotonic()), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, t0: float) -> None:
+        d = self.demand
+        with d.cv:
+            d.held += 1
+        try:
+            try:
+                backend = d.wake("connection", t0)
+                up = socket.create_connection(backend, timeout=10)
+            except NoRoom as exc:
+                conn.sendall(status_page(d.site, "The board has no memory free for it while the other sites "
+                                                 "are busy."))
+                log(str(exc))
+                return
+            except (Error, OSError) as exc:
+                conn.sendall(status_page(d.site, "Its guest did not start."))
+                log(f"site {d.site.name}: a held connection: {exc}")
+                return
+            up.settimeout(None)
+            d.requests += 1
+            back = threading.Thread(target=_pipe, args=(up, conn), daemon=True)
+            back.start()
+            _pipe(conn, up)
+            back.join()
+            up.close()
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with d.cv:
+                d.held -= 1
+                d.last = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
