@@ -101,7 +101,6 @@ class Server:
     def __init__(self, address: tuple[str, int], names: dict[str, str], on_query: Callable[[str], None]) -> None:
         self.names, self.on_query = {n.lower(): a for n, a in names.items()}, on_query
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind(address)
         except OSError as exc:
