@@ -30,7 +30,7 @@ import http.client, json, sys, time
 t = time.monotonic()
 try:
     c = http.client.HTTPConnection(sys.argv[1], 80, timeout=60)
-    c.request("GET", "/")
+    c.request("GET", sys.argv[2])
     r = c.getresponse()
     print(json.dumps({"status": r.status, "body": r.read().decode(), "s": time.monotonic() - t}))
 except Exception as e:
@@ -58,8 +58,8 @@ def sleepy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Board]:
         yield b
 
 
-def fetch(board: Board) -> dict[str, Any]:
-    p = subprocess.run(["ip", "netns", "exec", board.visitor, sys.executable, "-c", FETCH, SERVICE],
+def fetch(board: Board, path: str = "/") -> dict[str, Any]:
+    p = subprocess.run(["ip", "netns", "exec", board.visitor, sys.executable, "-c", FETCH, SERVICE, path],
                        capture_output=True, text=True, timeout=90, check=True)
     return dict(json.loads(p.stdout))
 
@@ -81,6 +81,11 @@ def test_a_held_connection_is_answered_once_the_guest_is_up(sleepy: Board):
     st = sleepy.state()
     assert (st["state"], st["trigger"], st["wakes_today"], st["version"]) == ("serving", "connection", 1, "1.0")
     assert 5000 <= st["wake_ms"] <= first["s"] * 1000 + 500, (st["wake_ms"], first["s"])
+    told = json.loads(fetch(sleepy, "/cgi-bin/status")["body"])
+    assert {k: told.get(k) for k in ("site", "woken", "wake_ms", "trigger", "wakes_today", "version")} == {
+        "site": "demo", "woken": st["woken"], "wake_ms": st["wake_ms"], "trigger": "connection", "wakes_today": 1,
+        "version": "1.0"}, "the guest was told its wake before the held connection went on"
+    assert told["sites"]["demo"]["on_demand"] == {"idle": IDLE, "stop": stop}
     domid = domain(sleepy, "domid").stdout.strip()
     visitor = sleepy.visit()                      # once awake, connections go straight to the guest
     lines = visitor.finish(30)

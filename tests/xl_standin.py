@@ -2,7 +2,8 @@
 """A stand-in for `xl` in the namespace double of the board: `create CFG` makes a network namespace for the
 domain, plugs a veth into the config's bridge with the vif's MAC, gives it the address of the cmdline's ip=,
 and runs a tiny guest there whose behaviour is the tail of its "kernel" file (after the zImage header):
-  serve:<page>              answers every GET with the page
+  serve:<page>              answers every GET with the page (and /cgi-bin/status and /cgi-bin/lifetime as the
+                            demo guest does: the figures dom0 posted, given back)
   slow-start:<s>:<page>     answers only after s seconds
   never-answer              accepts connections and never answers
   crash-after:<s>           boots, never serves, and dies after s seconds (on_crash=destroy: the domain goes)
@@ -147,14 +148,28 @@ def guest(kernel: str, port: int, name: str) -> None:
         while True:
             held.append(s.accept()[0])
 
+    told: dict = {}
+
     class Page(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
         def do_GET(self) -> None:
+            body = page
+            if self.path == "/cgi-bin/status":     # as the demo guest's: its name and what dom0 last told it
+                body = json.dumps({"name": name, **told}).encode()
             self.send_response(200)
-            self.send_header("Content-Length", str(len(page)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(page)
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            ok = self.path == "/cgi-bin/lifetime"
+            if ok:
+                told.clear()
+                told.update(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def log_message(self, *args: object) -> None:
             pass

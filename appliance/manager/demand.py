@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import lifetime
 from .context import Context, log
 from .errors import Error
 from .lock import Busy
@@ -109,7 +110,8 @@ class DemandSite:
     def write(self) -> None:
         s = self.slot
         self.ctx.write_state(self.site, state=self.state, slot=s.name if s else None, domain=s.domain if s else None,
-                             version=self.version, backend=s.address if s else None, error=self.error,
+                             version=self.version, backend=s.address if s else None, port=self.port or None,
+                             error=self.error,
                              note=None, **self.figures())
 
     # ---------------------------------------------------------------- waking
@@ -152,6 +154,7 @@ class DemandSite:
             self.state, self.error = "serving", None
             self.cv.notify_all()
         self.write()
+        lifetime.tell(self.ctx, self.site)       # before the held connection goes on: its page has the figures
         assert self.slot is not None
         return self.slot.address, self.port
 
@@ -228,6 +231,7 @@ class DemandSite:
             log(f"site {self.site.name}: following the switch to {version} in {slot.domain}")
             self.slot, self.version = slot, version
             self._reload()
+            self._figures(self.ctx.read_state(self.site))
         if now >= self._next_look:
             self._next_look = now + LOOK_S
             if self.ctx.xl.domid(self.slot.domain) is None:
@@ -259,6 +263,12 @@ class DemandSite:
         except Error as exc:
             log(str(exc))
 
+    def _figures(self, st: dict[str, Any]) -> None:
+        """Take the figures a switch wrote for the guest it started."""
+        if isinstance(st.get("woken"), (int, float)):
+            self.woken, self.wake_ms, self.trigger = st["woken"], st.get("wake_ms"), st.get("trigger")
+            self.requests, self.wakes_today, self.day = 0, int(st.get("wakes_today") or 0), st.get("day") or ""
+
     def _adopt(self) -> None:
         """A switch or a deploy started the sleeping site: it serves now, and idles from here."""
         slot, version = self.ctx.served(self.site)
@@ -275,6 +285,7 @@ class DemandSite:
                 return
             self.slot, self.version, self.state, self.last = slot, version, "serving", time.monotonic()
         self._reload()
+        self._figures(self.ctx.read_state(self.site))
         self.ids = self._connections()[0]
         log(f"site {self.site.name}: {version} serves from {slot.domain} (started by a switch)")
         self.write()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import demand, dns
+from . import demand, dns, lifetime, switch
 from .context import Context, log
 from .errors import Error
 from .lock import Busy
@@ -38,6 +38,11 @@ def wait_bridges(sysfs: Path, bridges: Sequence[str], deadline: float, stop: thr
         stop.wait(0.1)
 
 
+def kept_figures(st: dict[str, object]) -> dict[str, object]:
+    """The lifetime figures a site's state holds (a switch wrote them): kept by whoever watches it next."""
+    return {k: st[k] for k in (*lifetime.FIGURES, "day", "port") if k in st}
+
+
 @dataclass
 class SiteSupervisor:
     ctx: Context
@@ -54,6 +59,7 @@ class SiteSupervisor:
     error: str | None = None
     note: str | None = None
     misses: int = 0
+    figures: dict[str, object] = field(default_factory=dict)   # the serving guest's lifetime (lifetime.py)
     _next_probe: float = field(default=0.0, repr=False)
     _next_look: float = field(default=0.0, repr=False)
 
@@ -64,7 +70,8 @@ class SiteSupervisor:
         self.ctx.write_state(self.site, state=state, slot=self.slot.name if self.slot else None,
                              domain=self.slot.domain if self.slot else None, version=self.version,
                              backend=self.slot.address if self.slot else None, failures=self.failures,
-                             restarts=self.restarts, error=self.error, note=self.note, **extra)
+                             restarts=self.restarts, error=self.error, note=self.note,
+                             **{**self.figures, **extra})
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -125,7 +132,7 @@ class SiteSupervisor:
             self.ctx.net.point(self.site.address, self.site.port, slot.address, m.port)
         self.slot, self.version, self.misses = slot, version, 0
         self.up_since, self._next_probe = time.monotonic(), time.monotonic() + self.site.probe_interval
-        self.booted = True
+        self.booted, self.figures = True, kept_figures(self.ctx.read_state(self.site))
         log(f"site {self.site.name}: {version} serves from {slot.domain}")
         self.state("serving")
         return True
@@ -144,8 +151,11 @@ class SiteSupervisor:
             self.version, self.slot = version, slot
             self.state("starting")
             try:
+                t0 = time.monotonic()
                 m = self.ctx.start(self.site, slot, version, self.stop)
                 self._point(slot, m.port)
+                self.figures = {**switch.figures(self.ctx, self.site, "restart" if self.restarts else "boot",
+                                                 round((time.monotonic() - t0) * 1000)), "port": m.port}
             except Error as exc:
                 reasons.append(str(exc))
                 log(str(exc))
@@ -201,7 +211,7 @@ class SiteSupervisor:
                                                                                           self.version):
             if st.get("state") == "serving":   # a switch moved the site: watch its slot from now on
                 self.slot, self.version = self.site.slot(st["slot"]), st.get("version")
-                self.misses, self.up_since = 0, time.monotonic()
+                self.misses, self.up_since, self.figures = 0, time.monotonic(), kept_figures(st)
                 log(f"site {self.site.name}: following the switch to {self.version} in {self.slot.domain}")
             return
         reason = None
@@ -291,6 +301,7 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
         except Error as exc:
             log(f"{exc}: on-demand sites wake by connection only")
     threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in [*sups, *registry]]
+    threads.append(threading.Thread(target=lifetime.run, args=(ctx, stop), name="lifetime", daemon=True))
     for t in threads:
         t.start()
     while not stop.wait(1):

@@ -51,7 +51,8 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
         switch_ms = _ms(t1)
         prev = store.make_current(version)
         ctx.write_state(site, state="serving", slot=new.name, domain=new.domain, version=version,
-                        backend=new.address, failures=0, restarts=0, error=None, note=None, switched_from=old)
+                        backend=new.address, port=m.port, failures=0, restarts=0, error=None, note=None,
+                        switched_from=old, **figures(ctx, site, "switch", health_ms))
         log(f"site {site.name}: {site.address}:{site.port} now goes to {version} in {new.domain} "
             f"({switch_ms} ms)")
         drained: dict[str, Any] = {}
@@ -60,6 +61,15 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
         return {"ok": True, "site": site.name, "version": version, "from": old, "previous": prev,
                 "slot": new.name, "backend": f"{new.address}:{m.port}", "changed": True, "start_ms": health_ms,
                 "switch_ms": switch_ms, **drained}
+
+
+def figures(ctx: Context, site: Site, trigger: str, wake_ms: int) -> dict[str, Any]:
+    """A switch starts a guest too: its lifetime figures begin there (the wakes of the day go on counting)."""
+    st = ctx.read_state(site)
+    today = time.strftime("%Y-%m-%d")
+    wakes = int(st.get("wakes_today") or 0) + 1 if st.get("day") == today else 1
+    return {"woken": round(time.time(), 3), "wake_ms": wake_ms, "trigger": trigger, "requests": 0,
+            "wakes_today": wakes, "day": today}
 
 
 def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
@@ -99,7 +109,8 @@ def _cold(ctx: Context, site: Site, slot: Slot | None, old: str | None, version:
     ctx.net.point(site.address, site.port, slot.address, m.port)
     prev = ctx.store(site).make_current(version)
     ctx.write_state(site, state="serving", slot=slot.name, domain=slot.domain, version=version,
-                    backend=slot.address, failures=0, restarts=0, error=None, note=None, switched_from=old)
+                    backend=slot.address, port=m.port, failures=0, restarts=0, error=None, note=None,
+                    switched_from=old, **figures(ctx, site, "cold switch", _ms(t0)))
     return {"ok": True, "site": site.name, "version": version, "from": old, "previous": prev, "slot": slot.name,
             "cold": True, "changed": True, "switch_ms": _ms(t0)}
 

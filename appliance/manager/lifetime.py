@@ -1,0 +1,70 @@
+"""Each guest's lifetime, told to the guest itself: the figures dom0's guest manager keeps in every site's state
+(when the guest was woken and by what, how long the wake took, the visitors' connections since, the wakes today)
+are posted as JSON to the serving guest's /cgi-bin/lifetime, every site's figures with its own, so the page it
+serves can show them (the demo guest's /cgi-bin/status answers with what it was last told). The channel is the
+guests' bridge, from dom0's address there, the one the guest accepts them from. A guest without that path (a
+MirageOS .xen) answers 404 and is left alone.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from typing import Any
+
+from .context import Context
+from .settings import Site
+
+PATH = "/cgi-bin/lifetime"
+EVERY_S = 10.0
+FIGURES = ("woken", "wake_ms", "trigger", "requests", "wakes_today")
+
+
+def site_figures(ctx: Context, site: Site) -> dict[str, Any]:
+    st = ctx.read_state(site)
+    return {"state": st.get("state"), "version": st.get("version"), **{k: st.get(k) for k in FIGURES},
+            "on_demand": {"idle": site.on_demand.idle, "stop": site.on_demand.stop} if site.on_demand else None}
+
+
+def every_site(ctx: Context) -> dict[str, dict[str, Any]]:
+    return {s.name: site_figures(ctx, s) for s in ctx.settings.sites.values()}
+
+
+def post(address: str, port: int, body: dict[str, Any], timeout: float = 2.0) -> int | None:
+    """POST the figures; the HTTP status, or None when the guest did not answer."""
+    data = json.dumps(body, separators=(", ", ": ")).encode()
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("POST", PATH, body=data, headers={"Content-Type": "application/json", "Connection": "close",
+                                                       "User-Agent": "appliance-guest lifetime"})
+        r = conn.getresponse()
+        r.read(4096)
+        return r.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def tell(ctx: Context, site: Site, figures: dict[str, dict[str, Any]] | None = None) -> int | None:
+    """Post a serving site's figures (and every site's) to its guest."""
+    figures = figures if figures is not None else every_site(ctx)
+    st = ctx.read_state(site)
+    if st.get("state") != "serving" or not st.get("backend"):
+        return None
+    own = {k: v for k, v in figures[site.name].items() if v is not None}
+    return post(str(st["backend"]), int(st.get("port") or site.port), {"site": site.name, **own, "sites": figures})
+
+
+def run(ctx: Context, stop: threading.Event, every: float = EVERY_S) -> None:
+    """Tell every serving guest its figures now and then (a wake tells its guest at once)."""
+    missing: set[str] = set()          # guests that have no such path: not asked again until they change
+    while not stop.wait(every):
+        figures = every_site(ctx)
+        for site in ctx.settings.sites.values():
+            key = f"{site.name}/{figures[site.name]['version']}"
+            if key in missing:
+                continue
+            if tell(ctx, site, figures) == 404:
+                missing.add(key)
