@@ -209,3 +209,22 @@ def test_an_on_demand_site_in_the_rendered_files():
                     'while it sleeps"']
     board = json.loads(sleepy["etc/appliance/sites.json"])["sites"]
     assert board["demo"]["on_demand"] == {"idle": 45, "stop": "pause"} and board["about"]["on_demand"] is None
+
+
+def test_on_demand_changed_on_the_board(tmp_path: Path):
+    from test_manager import cli
+
+    (tmp_path / "sites.json").write_text(json.dumps(sites_json(on_demand={"idle": 60, "stop": "destroy"})))
+    rc, out, _ = cli(tmp_path, "on-demand", "demo", "--idle", "5")
+    assert rc == 0 and out == {"ok": True, "site": "demo", "on_demand": {"idle": 5.0, "stop": "destroy"}}
+    rc, out, _ = cli(tmp_path, "on-demand", "demo", "--stop", "pause")
+    assert rc == 0 and out["on_demand"] == {"idle": 5.0, "stop": "pause"}
+    assert cli(tmp_path, "status", "demo")[1]["on_demand"] == {"idle": 5.0, "stop": "pause"}
+    rc, out, _ = cli(tmp_path, "on-demand", "demo", "--idle", "1")
+    assert rc == 1 and out["error"] == (f"{tmp_path}/store/demo/on_demand.json: on-demand.idle: 1.0 must be a "
+                                        f"number of seconds from 2 to 86400")
+    assert json.loads((tmp_path / "store/demo/on_demand.json").read_text()) == {"idle": 5.0, "stop": "pause"}
+    (tmp_path / "sites.json").write_text(json.dumps(sites_json()))
+    rc, out, _ = cli(tmp_path, "on-demand", "demo", "--idle", "5")
+    assert rc == 1 and out["error"].endswith("site demo is always on: only a site with on_demand in the recipe can "
+                                             "change its idle or stop on the board")

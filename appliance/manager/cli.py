@@ -51,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="remove SITE's versions beyond its keep: (never current or previous)")
     pr.add_argument("site")
     pr.add_argument("--keep", type=int)
+    od = sub.add_parser("on-demand", help="change an on-demand SITE's idle seconds or stop mode on the board")
+    od.add_argument("site")
+    od.add_argument("--idle", type=float)
+    od.add_argument("--stop", choices=("destroy", "pause"))
     sub.add_parser("session", help="a deploy: hold SITE's deploy lock, one JSON request a line on stdin"
                    ).add_argument("site", nargs="?")
     return ap
@@ -82,8 +86,9 @@ def site_status(ctx: Context, site: Site) -> dict[str, Any]:
         except Error as exc:
             out["error"] = str(exc)
     out["ok"] = bool(running and out["healthy"] is not False and active is not None)
-    if site.on_demand:
-        out["on_demand"] = {"idle": site.on_demand.idle, "stop": site.on_demand.stop}
+    od = ctx.on_demand(site)
+    out["on_demand"] = {"idle": od.idle, "stop": od.stop} if od else None
+    if od:
         out["ok"] = out["ok"] or (st.get("state") in ("asleep", "paused") and not st.get("error"))
     out.update({k: st.get(k) for k in LIFETIME})
     serving = running and st.get("state") == "serving" and isinstance(st.get("since"), (int, float))
@@ -162,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                     out = staging.commit(ctx, site, args.version)
                 else:
                     out = staging.prune(ctx, site, args.keep)
+        elif args.cmd == "on-demand":
+            site = ctx.settings.site(args.site)
+            out = {"ok": True, "site": site.name, "on_demand": ctx.set_on_demand(site, args.idle, args.stop)}
         elif args.cmd == "session":
             try:
                 staging.session(ctx, args.site)

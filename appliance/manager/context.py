@@ -79,6 +79,7 @@ class Context:
     margin: int = int(ENV["APPLIANCE_MARGIN_MIB"]) << 20    # bytes
     wake_dns: tuple[str, int] = settings_mod.WAKE_DNS
     _settings: Settings | None = field(default=None, repr=False)
+    _said: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Context:
@@ -97,6 +98,41 @@ class Context:
 
     def store(self, site: Site) -> Store:
         return Store(self.store_root, site.name)
+
+    def on_demand_path(self, site: Site) -> Path:
+        return self.store_root / site.name / "on_demand.json"
+
+    def on_demand(self, site: Site) -> settings_mod.OnDemand | None:
+        """The site's on_demand: as changed on the board, else as sites.json has it (None: always on). A broken
+        override is said once in the log and the recipe's setting kept."""
+        if site.on_demand is None:
+            return None
+        try:
+            return settings_mod.on_demand_override(self.on_demand_path(site)) or site.on_demand
+        except Error as exc:
+            if str(exc) != self._said:
+                log(f"{exc}; keeping sites.json's")
+                self._said = str(exc)
+            return site.on_demand
+
+    def set_on_demand(self, site: Site, idle: float | None, stop: str | None) -> dict[str, Any]:
+        """`appliance-guest on-demand SITE [--idle S] [--stop destroy|pause]`: taken by the running manager at its
+        next look (within a second); whether a site is on demand at all is the recipe's (sites.json)."""
+        now = self.on_demand(site)
+        if now is None:
+            raise Error(f"{self.settings_path}: site {site.name} is always on: only a site with on_demand in the "
+                        f"recipe can change its idle or stop on the board")
+        value = {"idle": now.idle if idle is None else idle, "stop": now.stop if stop is None else stop}
+        path = self.on_demand_path(site)
+        settings_mod._Reader(path).on_demand(value, "on-demand")          # refused before it is written
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".on_demand.json.tmp")
+            tmp.write_text(json.dumps(value) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise Error(f"{path}: cannot write: {exc.strerror}") from None
+        return value
 
     def lock(self, site: Site, what: str, version: str | None, wait: float = 0.0, name: str = "lock") -> SiteLock:
         return SiteLock(self.run, site.name, what, version, wait, name)

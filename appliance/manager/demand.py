@@ -28,7 +28,7 @@ from . import lifetime
 from .context import Context, log
 from .errors import Error
 from .lock import Busy
-from .settings import Site, Slot
+from .settings import OnDemand, Site, Slot
 
 POLL_S = 1.0          # how often a serving guest's connections are counted (one `conntrack -L`)
 LOOK_S = 3.0          # how often its domain is looked for
@@ -100,11 +100,18 @@ class DemandSite:
         if st.get("day") == time.strftime("%Y-%m-%d"):
             self.day, self.wakes_today = st["day"], int(st.get("wakes_today") or 0)
 
+    @property
+    def policy(self) -> OnDemand:
+        """idle and stop: the recipe's, or as changed on the board since (looked at on every use)."""
+        p = self.ctx.on_demand(self.site)
+        assert p is not None, "a DemandSite is made for on-demand sites only"
+        return p
+
     # ---------------------------------------------------------------- figures
 
     def figures(self) -> dict[str, Any]:
-        return {"on_demand": {"idle": self.site.on_demand.idle, "stop": self.site.on_demand.stop}
-                if self.site.on_demand else None, "woken": self.woken, "wake_ms": self.wake_ms,
+        p = self.policy
+        return {"on_demand": {"idle": p.idle, "stop": p.stop}, "woken": self.woken, "wake_ms": self.wake_ms,
                 "trigger": self.trigger, "requests": self.requests, "wakes_today": self.wakes_today, "day": self.day}
 
     def write(self) -> None:
@@ -252,8 +259,7 @@ class DemandSite:
             self.last = now
         if new:
             self.write()
-        assert self.site.on_demand is not None
-        if idle_for(now, self.last, established, self.held) >= self.site.on_demand.idle:
+        if idle_for(now, self.last, established, self.held) >= self.policy.idle:
             self.sleep()
 
     def _reload(self) -> None:
@@ -292,7 +298,6 @@ class DemandSite:
 
     def sleep(self, destroy: bool = False) -> None:
         """Stop the idle guest: the map element first, then the guest (paused, or destroyed)."""
-        assert self.site.on_demand is not None
         try:
             lock = self.ctx.lock(self.site, "idle stop", self.version).acquire()
         except Busy:
@@ -310,7 +315,7 @@ class DemandSite:
                     self.state = "serving"
                     self.cv.notify_all()
                 return                    # a visitor came just now
-            pause = self.site.on_demand.stop == "pause" and not destroy
+            pause = self.policy.stop == "pause" and not destroy
             if pause and was == "serving":
                 self.ctx.xl.pause(slot.domain)
             elif not pause:
@@ -341,8 +346,8 @@ class DemandSite:
             except Error as exc:
                 log(str(exc))
         self.write()
-        log(f"site {self.site.name}: on demand (idle {self.site.on_demand.idle:g} s, then "  # type: ignore
-            f"{self.site.on_demand.stop}); asleep until a visitor asks")  # type: ignore[union-attr]
+        log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); asleep "
+            f"until a visitor asks")
         while not self.stop.wait(POLL_S):
             try:
                 self.tick(time.monotonic())

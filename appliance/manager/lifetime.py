@@ -22,9 +22,9 @@ FIGURES = ("woken", "wake_ms", "trigger", "requests", "wakes_today")
 
 
 def site_figures(ctx: Context, site: Site) -> dict[str, Any]:
-    st = ctx.read_state(site)
+    st, od = ctx.read_state(site), ctx.on_demand(site)
     return {"state": st.get("state"), "version": st.get("version"), **{k: st.get(k) for k in FIGURES},
-            "on_demand": {"idle": site.on_demand.idle, "stop": site.on_demand.stop} if site.on_demand else None}
+            "on_demand": {"idle": od.idle, "stop": od.stop} if od else None}
 
 
 def every_site(ctx: Context) -> dict[str, dict[str, Any]]:

@@ -132,6 +132,12 @@ class _Reader:
             raise self.fail(key, f"{value!r} must be {what}")
         return value
 
+    def on_demand(self, value: object, key: str) -> OnDemand:
+        o = self.mapping(value, key, ("idle", "stop"))
+        if o["stop"] not in STOPS:
+            raise self.fail(f"{key}.stop", f"{o['stop']!r} must be destroy or pause")
+        return OnDemand(self.seconds(o["idle"], f"{key}.idle", IDLE_MIN, IDLE_MAX), o["stop"])
+
     def net(self, value: object, key: str) -> Net:
         d = self.mapping(value, key, ("bridge", "address", "prefix", "netmask"))
         return Net(self.text(d["bridge"], f"{key}.bridge", BRIDGE, "an interface name"),
@@ -157,12 +163,7 @@ class _Reader:
             made.append(Slot(s, self.ipv4(sd["address"], f"{key}.slots.{s}.address"),
                              self.text(sd["mac"], f"{key}.slots.{s}.mac", MAC, "a lower-case MAC address"),
                              f"{name}.{s}"))
-        od = None
-        if d.get("on_demand") is not None:
-            o = self.mapping(d["on_demand"], f"{key}.on_demand", ("idle", "stop"))
-            if o["stop"] not in STOPS:
-                raise self.fail(f"{key}.on_demand.stop", f"{o['stop']!r} must be destroy or pause")
-            od = OnDemand(self.seconds(o["idle"], f"{key}.on_demand.idle", IDLE_MIN, IDLE_MAX), o["stop"])
+        od = self.on_demand(d["on_demand"], f"{key}.on_demand") if d.get("on_demand") is not None else None
         return Site(name, tuple(names), self.ipv4(d["address"], f"{key}.address"),
                     self.int(d["port"], f"{key}.port", 1, 65535), self.int(d["memory"], f"{key}.memory", 16, 1 << 20),
                     self.int(d["vcpus"], f"{key}.vcpus", 1, 64),
@@ -175,19 +176,30 @@ class _Reader:
                     self.int(d.get("keep", KEEP), f"{key}.keep", 1, KEEP_MAX), od)
 
 
-def load(path: Path) -> Settings:
-    r = _Reader(path)
+def _json(path: Path, what: str) -> object:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise Error(f"{path}: cannot read the board's site settings: {exc.strerror}") from None
+        raise Error(f"{path}: cannot read {what}: {exc.strerror}") from None
     try:
-        data = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise Error(f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
     except ValueError as exc:
         raise Error(f"{path}: not JSON: {getattr(exc, 'msg', exc)} (line {getattr(exc, 'lineno', 0)}, "
                     f"column {getattr(exc, 'colno', 0)})") from None
+
+
+def on_demand_override(path: Path) -> OnDemand | None:
+    """A site's on_demand as changed on the board (`appliance-guest on-demand`), if it was: idle and stop."""
+    if not path.exists():
+        return None
+    return _Reader(path).on_demand(_json(path, "the site's on-demand setting"), "(top level)")
+
+
+def load(path: Path) -> Settings:
+    r = _Reader(path)
+    data = _json(path, "the board's site settings")
     d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"))
     sites = d["sites"]
     if not isinstance(sites, dict):
