@@ -184,6 +184,7 @@ class SiteSpec:
     address: str = "10.42.0.2"         # the service address, on the visitors' bridge
     port: int = 80                     # the service port visitors use
     bundle: str | None = None          # a guest bundle directory or a bare Xen ARM zImage; None: the demo guest
+    static: str | None = None          # or a folder of static files, served by the demo guest's kernel and httpd
     memory_mib: int = 96
     vcpus: int = 1
     health_path: str = "/"             # the health check: HTTP GET backend:port/health_path, no redirect followed
@@ -489,6 +490,8 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
             raise _fail(path, f"{key}.drain", f"{s.drain} must be 0 to 3600 (seconds)")
         if not 1 <= s.keep <= KEEP_MAX:   # the board's own bounds
             raise _fail(path, f"{key}.keep", f"{s.keep} must be 1 to {KEEP_MAX} (versions)")
+        if s.bundle and s.static:
+            raise _fail(path, f"{key}.static", "a site is served by its bundle or by a folder of static files, not both")
         if s.on_demand and not IDLE_MIN <= s.on_demand.idle <= IDLE_MAX:
             raise _fail(path, f"{key}.on_demand.idle", f"{s.on_demand.idle} must be {IDLE_MIN} to {IDLE_MAX} "
                                                       f"(seconds)")

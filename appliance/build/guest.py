@@ -58,7 +58,7 @@ def _kernel(tree: Path) -> tuple[str, Path]:
 def static_files(site: Path) -> dict[str, Path]:
     """A folder of static files as the guest's site: its regular files (no symlinks) by their path in it."""
     if not site.is_dir():
-        raise GuestError(f"{site}: --static needs a directory of static files (index.html, …)")
+        raise GuestError(f"{site}: not a directory (a static site is a folder of files with an index.html)")
     files: dict[str, Path] = {}
     for top, _, names in os.walk(site):          # symlinks are left out: not followed, not packed
         for n in names:
@@ -164,7 +164,8 @@ def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> dict[str, str]
     install_manager(cfg, tree)
     out = {}
     for i, site in enumerate(cfg.recipe.sites):
-        src = user_bundle(cfg, i) or build(cfg, base).path
+        folder = static_dir(cfg, i)
+        src = user_bundle(cfg, i) or build(cfg, base, site=folder).path
         with step(f"Installing the guest of site {site.name} from {config.rel(src)} into /{STORE}/{site.name}"):
             out[site.name] = store(tree, src, site)
     return out
@@ -181,12 +182,28 @@ def build_task(recipe: str = "booth", cache: str | Path | None = None, static: P
     return bundle
 
 
+def static_dir(cfg: Config, i: int) -> Path | None:
+    """The folder of static files site i names (relative to the recipe), checked; None when it names none."""
+    spec = cfg.recipe.sites[i].static
+    if not spec:
+        return None
+    src = Path(spec).expanduser()
+    src = (src if src.is_absolute() else cfg.recipe_path.parent / src).resolve()
+    try:
+        static_files(src)
+    except GuestError as exc:
+        raise GuestError(f"{config.rel(cfg.recipe_path)}: sites[{i}].static: {exc}") from None
+    return src
+
+
 class Guest(Step):
     name = "guest"
     title = TITLE      # part of configuring the rootfs, as the user sees it
 
     def verify(self, ctx: Context) -> None:
         check_bundles(ctx.cfg)
+        for i in range(len(ctx.cfg.recipe.sites)):
+            static_dir(ctx.cfg, i)
 
     def run(self, ctx: Context) -> None:
         install(ctx.cfg, ctx.base, ctx.tree)

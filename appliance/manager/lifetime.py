@@ -23,7 +23,8 @@ FIGURES = ("woken", "wake_ms", "trigger", "requests", "wakes_today")
 
 def site_figures(ctx: Context, site: Site) -> dict[str, Any]:
     st, od = ctx.read_state(site), ctx.on_demand(site)
-    return {"state": st.get("state"), "version": st.get("version"), **{k: st.get(k) for k in FIGURES},
+    return {"names": list(site.names), "state": st.get("state"), "version": st.get("version"),
+            **{k: st.get(k) for k in FIGURES},
             "on_demand": {"idle": od.idle, "stop": od.stop} if od else None}
 
 

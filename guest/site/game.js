@@ -153,6 +153,21 @@ function lifetime(s) {
   $("lifetime").textContent = parts.length ? parts.join(", ") + "." : "";
   $("lifetime").hidden = !parts.length;
 }
+// The board's other sites, from the figures dom0 sent this guest (their names, nothing made up here).
+function others(s) {
+  const links = $("links");
+  const sites = s.sites && typeof s.sites === "object" ? s.sites : {};
+  links.textContent = "";
+  for (const [site, f] of Object.entries(sites)) {
+    if (site === s.site || !f || !Array.isArray(f.names) || !f.names.length) continue;
+    const a = document.createElement("a");
+    a.href = "//" + f.names[0] + "/";
+    a.textContent = f.names[0];
+    if (links.childNodes.length) links.append(", ");
+    links.append(a);
+  }
+  $("others").hidden = !links.childNodes.length;
+}
 function status() {
   fetch("/cgi-bin/status", { cache: "no-store" }).then((r) => r.json()).then((s) => {
     $("guest").textContent = `${s.name} ${s.version} (Linux ${s.kernel})`;
@@ -160,6 +175,7 @@ function status() {
     fetchedAt = Date.now();
     showUptime();
     lifetime(s);
+    others(s);
   }).catch(() => { $("guest").textContent = "(status unavailable)"; });
 }
 setInterval(showUptime, 1000);
