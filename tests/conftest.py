@@ -20,7 +20,7 @@ import pytest
 import testinfra
 from cards import Card, Loops, make_card
 
-from appliance import ROOT
+from appliance import ROOT, config
 
 TEST_DIR = ROOT / "build" / "test"
 
@@ -114,6 +114,9 @@ def image_rootfs(built_image) -> Path:
     return extract_root(built_image.img, TEST_DIR / "rootfs")
 
 
+AWAKE_S = 3600
+
+
 @pytest.fixture(scope="session")
 def booted_board(built_image, test_key):
     """The built image booted under QEMU (system tier): an appliance.emulate.Board with ssh/http ports. It runs
@@ -122,6 +125,12 @@ def booted_board(built_image, test_key):
     from appliance import emulate
 
     with emulate.boot(built_image.img, log_path=TEST_DIR / "console.log", key=test_key, persistent=True) as board:
+        # The on-demand sites stay awake an hour once woken (changed on the board, kept across its reboots), so
+        # that no test finds a site gone to sleep between two of its steps; test_system's on-demand tests make
+        # the idle short while they look at it, and put it back.
+        for site in config.load("booth").recipe.sites:
+            if site.on_demand:
+                board.run(f"appliance-guest on-demand {site.name} --idle {AWAKE_S}")
         yield board
 
 

@@ -51,7 +51,8 @@ def test_unit_masked(host, unit):
                                      f"bridge={REC.network.bridge}",
                                      f"ap_isolate={int(REC.wifi.client_isolation)}"]),
     ("/etc/dnsmasq.d/appliance.conf", [f"interface={REC.network.bridge}",
-                                       *(f"address=/{n}/{SITE.address}" for n in SITE.names)]),
+                                       *(f"server=/{n}/{sites.template_context(REC)['wake_dns']}" if s.on_demand
+                                         else f"address=/{n}/{s.address}" for s in REC.sites for n in s.names)]),
     ("/etc/systemd/network/20-appliance-bridge.network", [f"Name={REC.network.bridge}",
                                                           f"Address={REC.network.address}"]),
     ("/etc/systemd/network/10-appliance-bridge.netdev", [f"Name={REC.network.bridge}", "Kind=bridge"]),
@@ -98,17 +99,19 @@ def test_the_access_points_secret_is_root_only(host):
     assert (f.mode, f.user, f.group) == (0o600, "root", "root")
 
 
-def test_demo_guest_in_the_store(host):
-    current = host.file(f"{STORE}/current")
+@pytest.mark.parametrize("site", REC.sites, ids=[s.name for s in REC.sites])
+def test_each_sites_guest_in_the_store(host, site):
+    store = f"/var/lib/appliance/sites/{site.name}"
+    current = host.file(f"{store}/current")
     assert current.is_symlink
     version = current.linked_to.rstrip("/").split("/")[-1]
-    manifest = json.loads(host.file(f"{STORE}/{version}/manifest.json").content_string)
+    manifest = json.loads(host.file(f"{store}/{version}/manifest.json").content_string)
     assert manifest["version"] == version
-    if not SITE.bundle:
-        assert manifest["name"] == "demo"
+    if not site.bundle:
+        assert manifest["name"] == ("static" if site.static else "demo")
         assert set(manifest["sha256"]) == {"vmlinuz", "initrd.gz"}
     for name, digest in manifest["sha256"].items():
-        assert host.file(f"{STORE}/{version}/{name}").sha256sum == digest, name
+        assert host.file(f"{store}/{version}/{name}").sha256sum == digest, name
 
 
 def test_guest_manager_lists_and_checks_the_store(host):

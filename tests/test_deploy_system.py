@@ -79,7 +79,7 @@ def deploy_with_visitor(board: Board, site: config.SiteSpec, target: d.Target, b
     with steady_visitor(board, status_url(site)) as v:
         try:
             with d.source(bundle, **kw) as g:     # type: ignore[arg-type]
-                out: d.Row | Exception = d.deploy(target, g)
+                out: d.Row | Exception = d.deploy(target, g, site.name)
         except (DeployError, GuestError) as exc:
             out = exc
     return out, v.counts()
@@ -140,7 +140,8 @@ def test_a_guest_that_crashes_after_start_leaves_the_old_one_serving(board, site
     assert f"{first} keeps serving" in str(row), row
     assert seen["failed"] == 0, seen
     assert serving(board, site) == first
-    assert len([line for line in board.run("xl list").out.splitlines()[1:] if not line.startswith("Domain-0")]) == 1
+    assert len([line for line in board.run("xl list").out.splitlines()[1:]
+                if line.startswith(f"{site.name}.")]) == 1, "the crashed guest is gone, the old one serves"
 
 
 def test_a_board_with_too_little_space_refuses_before_sending(board, site, target, first, cfg):
@@ -168,7 +169,7 @@ def test_a_static_site_is_served(board, site, target, first, tmp_path):
     (www / "img/dot.gif").write_bytes(b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01"
                                       b"\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
     with d.source(Path("."), static=www) as g:
-        row = d.deploy(target, g)
+        row = d.deploy(target, g, site.name)
     assert row.ok and row.new and row.new.startswith("site-")
     code, body = board.fetch(f"http://{site.address}:{site.port}/")
     assert code == 200 and "deployed by a test" in body

@@ -361,8 +361,21 @@ def h_sniff(iface: str, stop: str, attacker: str) -> None:
     print(json.dumps(counts))
 
 
+def h_wake_dns(stop: str, names: str) -> None:
+    """The guest manager's wake-on-DNS server (the board's own code), answering the on-demand sites' names that
+    dnsmasq sends it: names is a JSON object of name to service address."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from appliance.manager import dns, settings
+
+    server = dns.Server(settings.WAKE_DNS, json.loads(names), lambda name: None).start()
+    print("listening", flush=True)
+    while not os.path.exists(stop):
+        time.sleep(0.1)
+    server.close()
+
+
 HELPERS: dict[str, Any] = {"serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
-           "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff}
+           "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff, "wake_dns": h_wake_dns}
 
 
 def main(argv: list[str]) -> None:
@@ -493,6 +506,10 @@ class Double:
                    f"--pid-file={self.tmp / 'dnsmasq.pid'}", "--user=root", "--group=root", "--log-dhcp",
                    f"--log-facility={log}")
         wait_for("dnsmasq's DHCP service", lambda: log.exists() and "DHCP, IP range" in log.read_text())
+        names = {n: s["address"] for s in self.ctx["sites"] if s["on_demand"] for n in s["names"]}
+        if names:                  # dnsmasq sends these to the guest manager, which answers them (and wakes sites)
+            p = self.helper("d", "wake_dns", self.stop, json.dumps(names))
+            assert p.stdout is not None and p.stdout.readline().strip() == "listening", "the wake DNS server"
         return leases
 
     def udhcpc(self, ns: str, name: str) -> subprocess.Popen[str]:

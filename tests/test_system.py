@@ -23,6 +23,7 @@ import testinfra
 from appliance import config
 from appliance.bench.switch import STORE, manager, steady_visitor, upload
 from appliance.emulate import Board, EmulateError, wait_for
+from conftest import AWAKE_S
 
 pytestmark = pytest.mark.system
 
@@ -66,14 +67,23 @@ def domains(board: Board) -> dict[str, int]:
     return {f[0]: int(f[1]) for f in (line.split() for line in out.splitlines()[1:]) if len(f) >= 2}
 
 
-def guest_serving(board: Board, recipe: config.Recipe) -> tuple[str, int] | None:
-    """(guest name, domain id) once a guest runs and answers HTTP at the site's service address; else None."""
-    guests = {n: d for n, d in domains(board).items() if n != "Domain-0"}
-    if not guests:
-        return None
-    site = recipe.sites[0]
-    status, _ = board.fetch(f"http://{site.address}:{site.port}{site.health_path}")
-    if status != 200:
+def site_domains(board: Board, site: str) -> dict[str, int]:
+    """The site's running domains (<site>.blue, <site>.green): name -> domain id."""
+    return {n: d for n, d in domains(board).items() if n.startswith(f"{site}.")}
+
+
+def always_on(recipe: config.Recipe) -> config.SiteSpec:
+    return next(s for s in recipe.sites if s.on_demand is None)
+
+
+def guest_serving(board: Board, recipe: config.Recipe, site: config.SiteSpec | None = None
+                  ) -> tuple[str, int] | None:
+    """(guest name, domain id) once the site (default: the first) answers HTTP at its service address and its
+    guest runs; else None. The fetch comes first: it wakes an on-demand site."""
+    site = site or recipe.sites[0]
+    status, _ = board.fetch(f"http://{site.address}:{site.port}{site.health_path}", timeout=60)
+    guests = site_domains(board, site.name)
+    if status != 200 or not guests:
         return None
     name = next(iter(guests))
     return name, guests[name]
@@ -264,6 +274,76 @@ def test_visitor_cannot_reach_dom0_ssh(board, visitor, guest, recipe):
         assert not reach(ip, 22), f"a visitor reaches dom0's SSH at {ip}"
 
 
+# ---------------------------------------------------------------- on demand: the game sleeps, a visitor wakes it
+
+IDLE_S = 10
+SLEEP_S = 180
+
+
+def site_status(board: Board, site: str) -> dict:
+    rc, out = manager(board, f"status {site}")
+    assert "sites" not in out and out.get("site") == site, out
+    return out
+
+
+@pytest.fixture
+def short_idle(board: Board, recipe: config.Recipe) -> Iterator[config.SiteSpec]:
+    """The on-demand site with a short idle while a test looks at it; then awake for the tests after it."""
+    game = recipe.sites[0]
+    assert game.on_demand, "the booth's first site (the game) is on demand"
+    yield game
+    rc, out = manager(board, f"on-demand {game.name} --idle {AWAKE_S} --stop {game.on_demand.stop}")
+    assert rc == 0, out
+    wait_for("the game awake again", lambda: guest_serving(board, recipe), GUEST_S, interval=2, board=board)
+
+
+@pytest.mark.parametrize("stop", ["destroy", "pause"])
+def test_an_idle_game_sleeps_and_the_next_visitor_wakes_it(board, visitor, guest, recipe, short_idle, stop):
+    game, about = short_idle, always_on(recipe)
+    rc, out = manager(board, f"on-demand {game.name} --idle {IDLE_S} --stop {stop}")
+    assert rc == 0 and out["on_demand"] == {"idle": IDLE_S, "stop": stop}, out
+    want = "asleep" if stop == "destroy" else "paused"
+    wait_for(f"{game.name} {want} after {IDLE_S} s without a visitor",
+             lambda: site_status(board, game.name)["state"] == want or None, SLEEP_S, interval=2, board=board)
+    listed = board.run("xl list").out
+    if stop == "destroy":
+        assert site_domains(board, game.name) == {}, listed
+    else:
+        rows = [line.split() for line in listed.splitlines() if line.startswith(f"{game.name}.")]
+        assert len(rows) == 1 and "p" in rows[0][4], listed
+    assert site_domains(board, about.name), "the always-on site keeps running"
+    code, body = board.fetch(f"http://{about.names[0]}/", netns=NETNS, timeout=60)
+    assert code == 200 and title(body) == "About this booth", (code, body[:300])
+    before = site_status(board, game.name)["wakes_today"] or 0
+    # destroy: by name, so the DNS query wakes it and the connection is held while it boots; pause: at the
+    # address a device had cached, so the connection alone wakes it
+    where = game.names[0] if stop == "destroy" else game.address
+    code, body = board.fetch(f"http://{where}:{game.port}/cgi-bin/status", netns=NETNS, timeout=GUEST_S)
+    assert code == 200, body
+    page, st = json.loads(body), site_status(board, game.name)
+    assert st["state"] == "serving" and st["wakes_today"] == before + 1, st
+    assert st["trigger"] == ("dns query" if stop == "destroy" else "connection"), st
+    assert isinstance(st["wake_ms"], int) and st["wake_ms"] > 0, st
+    told = {k: page.get(k) for k in ("woken", "wake_ms", "trigger", "wakes_today")}
+    assert told == {k: st[k] for k in told}, "the page's figures are dom0's: the guest was told before it answered"
+    assert set(page["sites"]) == {s.name for s in recipe.sites} and page["sites"][about.name]["on_demand"] is None
+    print(f"\n{game.name} woken ({stop}, by a {st['trigger']}) in {st['wake_ms']} ms")
+
+
+def test_the_about_site_shows_every_sites_figures(board, visitor, guest, recipe):
+    about, game = always_on(recipe), recipe.sites[0]
+
+    def told() -> dict | None:
+        code, body = board.fetch(f"http://{about.names[0]}/cgi-bin/status", netns=NETNS, timeout=60)
+        return (json.loads(body).get("sites") or None) if code == 200 else None
+
+    figures = wait_for("dom0's figures told to the about site", told, 60, interval=3, board=board)
+    assert set(figures) == {s.name for s in recipe.sites}, figures
+    assert figures[game.name]["names"] == list(game.names) and figures[game.name]["on_demand"]["stop"]
+    assert figures[about.name]["on_demand"] is None and figures[about.name]["trigger"] == "boot", figures
+    assert figures[about.name]["state"] == "serving" and figures[about.name]["wakes_today"] >= 1, figures
+
+
 # ---------------------------------------------------------------- the blue-green switch, seen by a visitor
 
 SWITCH_S = 600
@@ -316,7 +396,7 @@ def test_blue_green_switch_drops_no_request(board, visitor, versions, recipe):
     assert seen["versions"] == [versions["one"], versions["two"]], seen
     assert current(board, site) == versions["two"]
     assert board.run(f"readlink {STORE}/{site}/previous").out.strip() == versions["one"]
-    assert len([n for n in domains(board) if n != "Domain-0"]) == 1, "the old guest was stopped after draining"
+    assert len(site_domains(board, site)) == 1, "the old guest was stopped after draining"
 
 
 @pytest.mark.parametrize("kind", ["never", "crash"])
@@ -331,7 +411,7 @@ def test_a_failing_version_leaves_the_old_one_serving(board, visitor, versions, 
     assert seen["failed"] == 0, seen
     assert seen["versions"] == [before], seen
     assert current(board, site) == before
-    assert len([n for n in domains(board) if n != "Domain-0"]) == 1, "the failed guest was destroyed"
+    assert len(site_domains(board, site)) == 1, "the failed guest was destroyed"
 
 
 def test_a_second_switch_is_refused_while_one_runs(board, versions, recipe):
@@ -355,12 +435,13 @@ def test_a_second_switch_is_refused_while_one_runs(board, versions, recipe):
 
 
 def test_guest_manager_restarts_a_destroyed_guest(board, guest, recipe):
-    name, domid = wait_for("the site serving", lambda: guest_serving(board, recipe), GUEST_S, interval=2,
-                           board=board)   # after the switches, the serving domain may be the other slot's
+    site = always_on(recipe)               # an on-demand site's guest is woken by the next visitor instead
+    name, domid = wait_for("the site serving", lambda: guest_serving(board, recipe, site), GUEST_S, interval=2,
+                           board=board)
     board.run(f"xl destroy {name}")
 
     def back() -> int | None:
-        serving = guest_serving(board, recipe)
+        serving = guest_serving(board, recipe, site)
         return serving[1] if serving and serving[1] != domid else None
 
     new = wait_for(f"the guest manager restarting {name} and it serving again", back, GUEST_S, interval=2, board=board)
@@ -394,10 +475,6 @@ def test_reboot_comes_back_serving_without_redoing_first_boot(board, recipe):
 # ---------------------------------------------------------------- a power cut in the middle of a switch
 
 
-def _domains_besides_dom0(board: Board) -> int:
-    return len([n for n in domains(board) if n != "Domain-0"])
-
-
 @pytest.mark.parametrize("moment", ["the new guest booting", "the service address moved"])
 def test_a_power_cut_during_a_switch_boots_into_a_serving_version(board, versions, recipe, moment):
     site = recipe.sites[0]
@@ -407,7 +484,7 @@ def test_a_power_cut_during_a_switch_boots_into_a_serving_version(board, version
     board.run(f"nohup appliance-guest switch {site.name} {target} </dev/null >/dev/null 2>&1 &")
     if moment == "the new guest booting":
         wait_for("the new version's guest created beside the old one",
-                 lambda: _domains_besides_dom0(board) >= 2 or None, SWITCH_S, interval=1, board=board)
+                 lambda: len(site_domains(board, site.name)) >= 2 or None, SWITCH_S, interval=1, board=board)
     else:
         wait_for(f"{site.name}'s current version to become {target}",
                  lambda: current(board, site.name) == target or None, SWITCH_S, interval=1, board=board)
