@@ -16,6 +16,7 @@ from typing import Any
 from .. import ROOT, emulate, log
 from ..errors import EmulateError
 from . import switch as bench_switch
+from . import wake as bench_wake
 from .report import report
 
 GOAL_S = 45.0  # first HTTP 200 from the guest, from power-on
@@ -110,6 +111,7 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             if b.run(ready, check=False, timeout=timeout + 30).rc == 0:   # serving again after the xl benchmark
                 figures["switch"] = bench_switch.bench(b, cfg)
                 figures["deploy"] = bench_switch.deploys(b, cfg)
+                figures["on demand"] = bench_wake.wakes(b, cfg)
             else:
                 log.warn(f"the site did not serve again at {url}: no switch benchmark")
     return figures

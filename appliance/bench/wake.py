@@ -1,0 +1,86 @@
+"""Benchmark: an on-demand site's wake on a running board, for each stop mode: from a DNS query for its name
+(asked of the guest manager, as dnsmasq forwards it) or a connection to its service address, to the first byte
+of its page; the always-on site's first byte beside them; and Xen's free memory with the site asleep against
+serving. Anchors (Jitsu, NSDI 2015, on a real Cubieboard2): 350-400 ms for a MirageOS unikernel, 3-4 s for a
+Linux VM.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from .. import log
+from ..config import Config
+from ..emulate import Board, wait_for
+from ..manager.settings import WAKE_DNS
+from .switch import manager
+
+IDLE_S = 5
+SLEEP_S = 180
+
+# On dom0: optionally a DNS query for the name first (to the manager's wake DNS), then a GET of the address;
+# the seconds from the first packet to the first byte of the answer.
+_FIRST_BYTE = """import json, socket, struct, sys, time
+address, port, name, dns_host, dns_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+t0 = time.monotonic()
+if name:
+    q = struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(5)
+    u.sendto(q + b"\\0" + struct.pack("!2H", 1, 1), (dns_host, dns_port))
+    address = socket.inet_ntoa(u.recv(512)[-4:])
+s = socket.create_connection((address, port), timeout=300)
+s.sendall(b"GET / HTTP/1.0\\r\\nHost: bench\\r\\n\\r\\n")
+first = s.recv(1)
+t = time.monotonic() - t0
+print(json.dumps({"s": t, "ok": first == b"H"}))
+"""
+
+
+def first_byte(board: Board, address: str, port: int, name: str = "") -> float | None:
+    r = board.run(f"python3 -c {shlex.quote(_FIRST_BYTE)} {address} {port} {shlex.quote(name)} {WAKE_DNS[0]} "
+                  f"{WAKE_DNS[1]}", check=False, timeout=400)
+    try:
+        out = json.loads(r.out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        log.warn(f"first byte from {address}:{port} failed: {(r.err or r.out).strip()[-300:]}")
+        return None
+    return round(out["s"], 2) if out["ok"] else None
+
+
+def free_mib(board: Board) -> int | None:
+    out = board.run("xl info | sed -n 's/^free_memory *: *//p'", check=False).out.strip()
+    return int(out) if out.isdigit() else None
+
+
+def wakes(board: Board, cfg: Config) -> dict[str, Any]:
+    """Each stop mode's wake, by a DNS query and by a connection; put the recipe's on_demand back after."""
+    sites = cfg.recipe.sites
+    game = next((s for s in sites if s.on_demand), None)
+    if game is None or game.on_demand is None:
+        return {"on-demand site": "none in the recipe"}
+    figures: dict[str, Any] = {}
+    on = next((s for s in sites if s.on_demand is None), None)
+    if on is not None:
+        figures[f"always-on {on.name}: first byte, s"] = first_byte(board, on.address, on.port)
+    try:
+        for stop in ("destroy", "pause"):
+            state = "asleep" if stop == "destroy" else "paused"
+            manager(board, f"on-demand {game.name} --idle {IDLE_S} --stop {stop}")
+            for how in ("a connection", "a DNS query"):
+                with log.step(f"Waking {game.name} ({stop}) by {how}"):
+                    first_byte(board, game.address, game.port)        # awake, so that it can fall asleep
+                    wait_for(f"{game.name} {state}", lambda: manager(board, f"status {game.name}")[1].get("state")
+                             == state or None, SLEEP_S, interval=1, board=board)
+                    asleep = free_mib(board)
+                    t = first_byte(board, game.address, game.port, game.names[0] if how != "a connection" else "")
+                    st = manager(board, f"status {game.name}")[1]
+                figures[f"{stop}: wake by {how} -> first byte, s"] = t
+                figures[f"{stop}: the manager's wake (trigger -> health check passed), ms"] = st.get("wake_ms")
+            figures[f"Xen free memory, {game.name} {state} / serving, MiB"] = f"{asleep} / {free_mib(board)}"
+    finally:
+        manager(board, f"on-demand {game.name} --idle {game.on_demand.idle:g} --stop {game.on_demand.stop}")
+    figures["anchors (Jitsu on a Cubieboard2)"] = "MirageOS 0.35-0.4 s, a Linux VM 3-4 s"
+    return figures
