@@ -125,3 +125,22 @@ def test_a_dns_query_wakes_the_site_and_aaaa_gets_no_address(sleepy: Board):
     assert (first["status"], first["body"]) == (200, "page one")
     assert ask("other.example", 1)[0] == 5, "a name that is no site's is refused"
 
+
+
+def test_a_switch_while_the_site_sleeps_serves_the_new_version_then_idles(sleepy: Board):
+    stop = sleepy.state()["on_demand"]["stop"]
+    first = fetch(sleepy)                          # woken once, then left to idle
+    assert first["body"] == "page one"
+    want = "paused" if stop == "pause" else "asleep"
+    wait_for(lambda: sleepy.state().get("state") == want, IDLE + 15, f"the idle guest to be {want}")
+    sleepy.version("2.0", "serve:page two")
+    rc, out = sleepy.run("switch", "demo", "2.0")
+    assert rc == 0 and out["ok"], out
+    wait_for(lambda: (sleepy.state().get("state"), sleepy.state().get("version")) == ("serving", "2.0"), 10,
+             "the on-demand site to take the switch's guest as serving")
+    again = fetch(sleepy)
+    assert (again["status"], again["body"]) == (200, "page two") and again["s"] < 5, again
+    assert sleepy.state()["trigger"] == "switch"
+    wait_for(lambda: sleepy.state().get("state") == want, IDLE + 15, f"the switched guest to be {want} when idle")
+    rc, running = sleepy.run("status", "demo")
+    assert rc == 0 and running["current"] == "2.0" and running["ok"], running

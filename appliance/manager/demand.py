@@ -228,7 +228,7 @@ class DemandSite:
 
     def tick(self, now: float) -> None:
         """One look at a serving site: new connections, a crash, a switch, the idle deadline."""
-        if self.state == "asleep":
+        if self.state in ("asleep", "paused"):
             self._adopt()
             return
         if self.state != "serving" or self.slot is None:
@@ -287,7 +287,7 @@ class DemandSite:
         if active is None or active[0] != slot.address or self.ctx.xl.domid(slot.domain) is None:
             return
         with self.cv:
-            if self.state != "asleep":
+            if self.state not in ("asleep", "paused"):
                 return
             self.slot, self.version, self.state, self.last = slot, version, "serving", time.monotonic()
         self._reload()
