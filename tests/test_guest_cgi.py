@@ -35,7 +35,8 @@ def guest(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.Popen([busybox, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", str(www)],
+    # as the guest's init starts it: on every address, IPv6 and IPv4 (an IPv4 peer is then ::ffff:A.B.C.D)
+    p = subprocess.Popen([busybox, "httpd", "-f", "-p", str(port), "-h", str(www)],
                          env={"PATH": "/usr/bin:/bin", "APPLIANCE_GUEST_STATE": str(state)})
     end = time.monotonic() + 10
     while True:
