@@ -114,9 +114,9 @@ class DemandSite:
         return {"on_demand": {"idle": p.idle, "stop": p.stop}, "woken": self.woken, "wake_ms": self.wake_ms,
                 "trigger": self.trigger, "requests": self.requests, "wakes_today": self.wakes_today, "day": self.day}
 
-    def write(self) -> None:
+    def write(self, state: str | None = None) -> None:
         s = self.slot
-        self.ctx.write_state(self.site, state=self.state, slot=s.name if s else None, domain=s.domain if s else None,
+        self.ctx.write_state(self.site, state=state or self.state, slot=s.name if s else None, domain=s.domain if s else None,
                              version=self.version, backend=s.address if s else None, port=self.port or None,
                              error=self.error,
                              note=None, **self.figures())
@@ -157,11 +157,12 @@ class DemandSite:
                 self.cv.notify_all()
             self.write()
             raise
+        self.error = None
+        self.write("serving")
+        lifetime.tell(self.ctx, self.site)       # before any held connection goes on: its page has the figures
         with self.cv:
-            self.state, self.error = "serving", None
+            self.state = "serving"
             self.cv.notify_all()
-        self.write()
-        lifetime.tell(self.ctx, self.site)       # before the held connection goes on: its page has the figures
         assert self.slot is not None
         return self.slot.address, self.port
 
