@@ -199,15 +199,17 @@ def test_an_on_demand_site_in_the_rendered_files():
     assert "address=/demo.booth/10.42.0.2" in always["etc/dnsmasq.d/appliance.conf"].splitlines()
     assert "activator" not in always["etc/nftables.conf"]
     assert json.loads(always["etc/appliance/sites.json"])["sites"]["demo"]["on_demand"] is None
-    sleepy = rendered()                                     # the booth as shipped: the game on demand, about not
+    sleepy = rendered()                # the booth as shipped: the game and `make` on demand, about always on
     lines = sleepy["etc/dnsmasq.d/appliance.conf"].splitlines()
     assert "server=/demo.booth/127.0.0.1#5354" in lines and "address=/demo.booth/10.42.0.2" not in lines
+    assert "server=/make.booth/127.0.0.1#5354" in lines and "address=/make.booth/10.42.0.4" not in lines
     assert "address=/about.booth/10.42.0.3" in lines and "address=/#/10.42.0.2" in lines
     rule = [line.strip() for line in sleepy["etc/nftables.conf"].splitlines() if "activator" in line]
-    assert rule == ['ip daddr . tcp dport { 10.42.0.2 . 80 } accept comment "an on-demand site\'s activator, '
-                    'while it sleeps"']
+    assert rule == ['ip daddr . tcp dport { 10.42.0.2 . 80, 10.42.0.4 . 80 } accept comment "an on-demand '
+                    'site\'s activator, while it sleeps"']
     board = json.loads(sleepy["etc/appliance/sites.json"])["sites"]
     assert board["demo"]["on_demand"] == {"idle": 120, "stop": "destroy"} and board["about"]["on_demand"] is None
+    assert board["make"]["on_demand"] == {"idle": 120, "stop": "pause"}
 
 
 def test_on_demand_changed_on_the_board(tmp_path: Path):

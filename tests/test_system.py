@@ -330,6 +330,26 @@ def test_an_idle_game_sleeps_and_the_next_visitor_wakes_it(board, visitor, guest
     print(f"\n{game.name} woken ({stop}, by a {st['trigger']}) in {st['wake_ms']} ms")
 
 
+def test_only_the_sites_asked_for_run(board, visitor, guest, recipe):
+    """The booth lists three sites; one on-demand site that no visitor has asked for has no domain at all until a
+    visitor asks for it by name, while the game and the always-on site run."""
+    game, about = recipe.sites[0], always_on(recipe)
+    unasked = [s for s in recipe.sites if s.on_demand and s is not game]
+    assert len(recipe.sites) >= 3 and unasked, "the booth ships a second on-demand site besides the game"
+    site = unasked[0]
+    st = site_status(board, site.name)
+    assert st["state"] == "asleep" and not st.get("wakes_today"), st
+    running = domains(board)
+    assert site_domains(board, site.name) == {}, running
+    assert site_domains(board, game.name) and site_domains(board, about.name), running
+    code, body = board.fetch(f"http://{site.names[0]}/", netns=NETNS, timeout=GUEST_S)
+    assert code == 200 and title(body) == "Make a booth like this", (code, body[:300])
+    st = site_status(board, site.name)
+    assert st["state"] == "serving" and st["trigger"] == "dns query" and st["wakes_today"] == 1, st
+    assert len(site_domains(board, site.name)) == 1, board.run("xl list").out
+    print(f"\n{site.name} woken by the visitor's DNS query in {st['wake_ms']} ms")
+
+
 def test_the_about_site_shows_every_sites_figures(board, visitor, guest, recipe):
     about, game = always_on(recipe), recipe.sites[0]
 
