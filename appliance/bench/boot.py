@@ -16,6 +16,7 @@ from typing import Any
 from .. import ROOT, emulate, log
 from ..errors import EmulateError
 from . import switch as bench_switch
+from . import timeline
 from . import wake as bench_wake
 from .report import report
 
@@ -93,6 +94,14 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             log.warn(f"the guest did not answer {url} within {timeout:.0f} s")
         for name, t in sorted(b.milestones.items(), key=lambda kv: kv[1]):
             figures[f"power-on -> {name}, s"] = t
+        slow = []
+        if "dom0 kernel" in b.milestones:
+            show = b.run("systemctl show -p Id -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic "
+                         "'*'", check=False)
+            slow = timeline.units(show.out, b.milestones["dom0 kernel"])
+        figures["boot timeline, picture"] = str(timeline.boot_svg(
+            b.milestones, log_path.with_name("boot.svg"), slow_units=slow, goal=GOAL_S,
+            title=f"{img.name} on {board} under QEMU (TCG)"))
         # The first 200 is the launcher's health check on the bridge (its console line), when dom0 serves
         # before it lets anyone log in; else the poll that starts once SSH answers.
         served = min((t for name, t in b.milestones.items() if name in (emulate.GUEST_SERVED, POLLED)), default=None)

@@ -16,6 +16,7 @@ import yaml
 
 from .. import ROOT
 from .. import build as builder
+from . import timeline
 from .report import combine
 
 MiB = 1 << 20
@@ -67,4 +68,6 @@ def bench(work: Path, keys: str, *, runs: int = 3, cold: bool = True) -> tuple[d
             "warm rebuild steps, s": manifest["steps"],
         })
     figures.update(combine(warm))
+    figures["warm rebuild steps, picture"] = str(timeline.build_svg(
+        manifest["steps"], work / "build.svg", title="Warm rebuild after an overlay edit"))
     return figures, out
