@@ -216,6 +216,19 @@ def test_rebuild_is_bit_identical(built_image, test_key):
     assert hashlib.sha256(out.img.read_bytes()).hexdigest() == before
 
 
+def test_the_base_tree_does_not_depend_on_the_day_it_was_made(image_rootfs):
+    """What differed between two cold builds on different days: every account's last-change day in /etc/shadow
+    (the day mmdebstrap ran) and the header of every .pyc (timestamp-based, or checked by hash when
+    SOURCE_DATE_EPOCH reached mmdebstrap). Both follow the base tree's own epoch now."""
+    day = rootfs.BASE_EPOCH // 86400
+    changed = {f[0]: f[2] for f in (line.split(":") for line in (image_rootfs / "etc/shadow").read_text().splitlines())}
+    assert len(changed) > 10 and {n: d for n, d in changed.items() if d != str(day)} == {}
+    pycs = list((image_rootfs / "usr/lib").rglob("*.pyc"))
+    flags = {p.relative_to(image_rootfs): int.from_bytes(p.read_bytes()[4:8], "little") for p in pycs}
+    assert len(pycs) > 100
+    assert {p: f for p, f in flags.items() if f != 0b11} == {}      # checked-hash: the source's mtime is clamped later
+
+
 def test_a_failed_build_leaves_the_finished_image_alone_and_no_workspace(built_image, test_key, monkeypatch):
     from appliance import bmap, build
     from appliance.build.context import workspace

@@ -30,7 +30,11 @@ if TYPE_CHECKING:
     from .context import Context
 
 # Bump when the way the tree is made changes, so old caches are not reused.
-RECIPE_FORMAT = 3
+RECIPE_FORMAT = 4
+# The base tree's SOURCE_DATE_EPOCH (2025-01-01), part of its cache key and never the commit's, or every commit
+# would throw the cache away: with it the tree is a function of its key on any day (the accounts' last-change day
+# in /etc/shadow; Python's bytecode checked by hash, not by the source's mtime, which the image clamps later).
+BASE_EPOCH = 1735689600
 BASE_PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "openssh-server", "iproute2",
                  "ca-certificates", "e2fsprogs", "fdisk")
 # Fetched as .deb files beside the tree (not installed): the guest's busybox.
@@ -89,7 +93,7 @@ def wanted_sources(cfg: Config) -> list[Source]:
 
 def key(cfg: Config, srcs: list[Source]) -> str:
     shape = {
-        "format": RECIPE_FORMAT, "arch": cfg.board.arch, "suite": cfg.recipe.suite,
+        "format": RECIPE_FORMAT, "epoch": BASE_EPOCH, "arch": cfg.board.arch, "suite": cfg.recipe.suite,
         "sources": [s.line() for s in srcs], "packages": packages(cfg), "debs": extra_debs(cfg),
         "excludes": excludes(cfg),
     }
@@ -140,7 +144,7 @@ def _ensure(cfg: Config, srcs: list[Source]) -> Base:
     ]
     with step(f"Installing {len(packages(cfg))} packages into an {cfg.board.arch} {cfg.recipe.suite} tree "
               "(mmdebstrap, qemu-user)"):
-        run(argv, capture=False, what="mmdebstrap")
+        run(argv, env={"SOURCE_DATE_EPOCH": str(BASE_EPOCH)}, capture=False, what="mmdebstrap")
     meta = {
         "key": base.path.name, "suite": cfg.recipe.suite, "arch": cfg.board.arch,
         "sources": [s.line() for s in srcs], "built_from": [s.line() for s in usable],
