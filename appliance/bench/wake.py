@@ -55,6 +55,28 @@ def free_mib(board: Board) -> int | None:
     return int(out) if out.isdigit() else None
 
 
+def memory(board: Board, sites: list) -> dict[str, Any]:
+    """Xen's free memory with every on-demand site destroyed against every one serving: what N sleeping sites
+    cost against N running ones."""
+    for s in sites:
+        manager(board, f"on-demand {s.name} --idle {IDLE_S} --stop destroy")
+    with log.step(f"Putting {len(sites)} on-demand sites to sleep"):
+        for s in sites:
+            first_byte(board, s.address, s.port)
+            wait_for(f"{s.name} asleep", lambda s=s: manager(board, f"status {s.name}")[1].get("state")
+                     == "asleep" or None, SLEEP_S, interval=1, board=board)
+        asleep = free_mib(board)
+    for s in sites:
+        manager(board, f"on-demand {s.name} --idle {SLEEP_S * 2} --stop destroy")
+    with log.step(f"Waking {len(sites)} on-demand sites"):
+        served = [first_byte(board, s.address, s.port) for s in sites]
+        serving = free_mib(board)
+    names = ", ".join(s.name for s in sites)
+    return {f"Xen free memory, {len(sites)} sites ({names}) asleep / serving, MiB": f"{asleep} / {serving}",
+            f"memory the {len(sites)} sleeping sites free, MiB": (asleep - serving) if None not in
+            (asleep, serving) and None not in served else None}
+
+
 def wakes(board: Board, cfg: Config) -> dict[str, Any]:
     """Each stop mode's wake, by a DNS query and by a connection; put the recipe's on_demand back after."""
     sites = cfg.recipe.sites
@@ -79,8 +101,12 @@ def wakes(board: Board, cfg: Config) -> dict[str, Any]:
                     st = manager(board, f"status {game.name}")[1]
                 figures[f"{stop}: wake by {how} -> first byte, s"] = t
                 figures[f"{stop}: the manager's wake (trigger -> health check passed), ms"] = st.get("wake_ms")
-            figures[f"Xen free memory, {game.name} {state} / serving, MiB"] = f"{asleep} / {free_mib(board)}"
+            if stop == "pause":     # a paused guest keeps its memory; what destroyed ones free is memory()'s
+                figures[f"Xen free memory, {game.name} paused / serving, MiB"] = f"{asleep} / {free_mib(board)}"
+        figures.update(memory(board, [s for s in sites if s.on_demand]))
     finally:
-        manager(board, f"on-demand {game.name} --idle {game.on_demand.idle:g} --stop {game.on_demand.stop}")
+        for s in sites:
+            if s.on_demand:
+                manager(board, f"on-demand {s.name} --idle {s.on_demand.idle:g} --stop {s.on_demand.stop}")
     figures["anchors (Jitsu on a Cubieboard2)"] = "MirageOS 0.35-0.4 s, a Linux VM 3-4 s"
     return figures
