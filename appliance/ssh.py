@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import select
 import socket
 import threading
 from base64 import b64encode
@@ -285,6 +284,8 @@ class Tunnel:
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._sock.getsockname()[1])
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         self._thread = threading.Thread(target=self._accept, name="ssh-tunnel", daemon=True)
 
     def start(self) -> None:
@@ -299,28 +300,42 @@ class Tunnel:
             threading.Thread(target=self._carry, args=(conn, peer), daemon=True).start()
 
     def _carry(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        """One connection, a thread each way. The channel is never select()ed: its fileno() makes a pipe that
+        the transport's thread writes to as data arrives, and closing the channel under that write raced it
+        (EBADF in the transport's thread killed the whole SSH connection, and every tunnel with it)."""
         with conn:
             try:
                 chan = self._transport().open_channel("direct-tcpip", self.target, peer, timeout=30)
             except (*FAILURES, SshError):
                 return
-            with chan:
-                sources: list[socket.socket | paramiko.Channel] = [conn, chan]
-                while not self._stop.is_set():
-                    ready, _, _ = select.select(sources, [], [], 1.0)
-                    if conn in ready:
-                        data = conn.recv(65536)
-                        if data:
-                            chan.sendall(data)
-                        else:  # the client has sent its request; the answer may still come
-                            chan.shutdown_write()
-                            sources.remove(conn)
-                    if chan in ready:
-                        data = chan.recv(65536)
-                        if not data:
-                            return
-                        conn.sendall(data)
+            with self._lock:
+                self._open.add(conn)
+            up = threading.Thread(target=self._up, args=(conn, chan), name="ssh-tunnel-up", daemon=True)
+            up.start()
+            with chan, contextlib.suppress(*FAILURES):
+                while data := chan.recv(65536):
+                    conn.sendall(data)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)      # the client's side is over: so is the upstream thread's recv
+            up.join()
+            with self._lock:
+                self._open.discard(conn)
+
+    @staticmethod
+    def _up(conn: socket.socket, chan: paramiko.Channel) -> None:
+        """The client's bytes to the channel; its end of the request (or its reset) ends the channel's write."""
+        with contextlib.suppress(*FAILURES):
+            while data := conn.recv(65536):
+                chan.sendall(data)
+            chan.shutdown_write()                     # the client has sent its request; the answer may still come
+            return
+        with contextlib.suppress(*FAILURES):
+            chan.close()                             # the client went away: nobody reads the answer
 
     def close(self) -> None:
         self._stop.set()
         self._sock.close()
+        with self._lock:
+            for conn in self._open:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)

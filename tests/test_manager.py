@@ -470,8 +470,44 @@ class FakeNet(Net):
         self.map[(address, port)] = (backend, backend_port)
         self.points.append((backend, backend_port))
 
-    def established(self, backend: str) -> int:
+    def unfinished(self, backend: str) -> int:
         return 0
+
+
+# A conntrack table as `conntrack -L -p tcp --reply-src 10.42.1.10 -o id` prints it: a connect racing the switch
+# (its SYN reached the old guest, no answer yet), one whose SYN-ACK is on its way back, one established, one whose
+# guest has sent its answer and FIN, and two that are over.
+CONNTRACK = "".join(
+    f"tcp      6 {timeout} {state} src=10.42.0.{client} dst=10.42.0.2 sport={sport} dport=80 {unreplied}"
+    f"src=10.42.1.10 dst=10.42.0.{client} sport=80 dport={sport} {assured}mark=0 use=1 id={cid}\n"
+    for timeout, state, client, sport, unreplied, assured, cid in [
+        (118, "SYN_SENT", 50, 40001, "[UNREPLIED] ", "", 11),
+        (58, "SYN_RECV", 50, 40002, "", "", 12),
+        (431999, "ESTABLISHED", 51, 40003, "", "[ASSURED] ", 13),
+        (119, "FIN_WAIT", 51, 40004, "", "[ASSURED] ", 14),
+        (110, "TIME_WAIT", 52, 40005, "", "[ASSURED] ", 15),
+        (9, "CLOSE", 52, 40006, "", "[ASSURED] ", 16),
+    ]) + "conntrack v1.4.7 (conntrack-tools): 6 flow entries have been shown.\n"
+
+
+def test_a_connection_is_unfinished_until_both_sides_are_done(tmp_path: Path):
+    """The drain stops the old guest only when none of its connections is unfinished: a handshake under way counts
+    (counting ESTABLISHED alone stopped a guest under a visitor's SYN, whose request then timed out)."""
+    table = tmp_path / "table"
+    table.write_text(CONNTRACK)
+    fake = tmp_path / "conntrack"
+    fake.write_text(f"#!/bin/sh\ncat {table}\n")
+    fake.chmod(0o755)
+    net = Net(conntrack=str(fake))
+    assert net.unfinished("10.42.1.10") == 4
+    assert net.connections("10.42.0.2", "10.42.1.10") == ({11, 12, 13, 14, 15, 16}, 4)
+    table.write_text("\n".join(line for line in CONNTRACK.splitlines() if "_WAIT" in line or "CLOSE" in line))
+    assert net.unfinished("10.42.1.10") == 1
+    table.write_text("")
+    assert net.unfinished("10.42.1.10") == 0
+    fake.write_text("#!/bin/sh\necho 'conntrack v1.4.7 (conntrack-tools): Operation not permitted' >&2\nexit 1\n")
+    with pytest.raises(Error, match="conntrack -L -p tcp --reply-src 10.42.1.10 failed: .*Operation not permitted"):
+        net.unfinished("10.42.1.10")
 
 
 class Web(http.server.ThreadingHTTPServer):

@@ -6,7 +6,10 @@ ssh_config alias with HostName/Port/User/IdentityFile and ProxyJump, and the tun
 from __future__ import annotations
 
 import http.server
+import socket
+import struct
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +129,52 @@ def test_the_tunnel_carries_http(sshd: Sshd):
         with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/", timeout=10) as r:
             assert r.read() == b"through the tunnel"
     finally:
+        t.close()
+        server.shutdown()
+        c.close()
+
+
+def test_a_client_that_goes_away_mid_answer_ends_only_its_own_connection(sshd: Sshd):
+    """A browser that closes its tab while the answer is on its way: the tunnel drops that connection quietly
+    (it raised BrokenPipeError in its thread) and carries the next one."""
+    body = b"x" * (8 << 20)
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    errors: list[BaseException | None] = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    c = conn(sshd, known_hosts=sshd.known_hosts()).open()
+    t = ssh.Tunnel(("127.0.0.1", server.server_port), lambda: c.transport)
+    t.start()
+    try:
+        s = socket.create_connection(("127.0.0.1", t.port), timeout=10)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert s.recv(1024).startswith(b"HTTP/1.0 200")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()                                   # a reset, with megabytes of the answer still to come
+        with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/", timeout=30) as r:
+            assert len(r.read()) == len(body)
+        carriers = [th for th in threading.enumerate() if th.name.endswith("(_carry)") or th.name == "ssh-tunnel-up"]
+        deadline = time.monotonic() + 30
+        while any(th.is_alive() for th in carriers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(th.is_alive() for th in carriers), "the dropped connection's carrier never ended"
+        assert errors == []
+    finally:
+        threading.excepthook = hook
         t.close()
         server.shutdown()
         c.close()

@@ -1,6 +1,7 @@
 """dom0's side of a site's network: the nftables map from a service address and port to the active backend
-(one `nft -f -` batch moves a site), the conntrack count that tells when an old backend has drained, dom0's
-MAC in the bridge filter, and the health check of a backend on its own address.
+(one `nft -f -` batch moves a site), the conntrack count that tells when an old backend has drained (no
+connection to it left unfinished), dom0's MAC in the bridge filter, and the health check of a backend on its
+own address.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from .errors import Error
 TABLE = "inet appliance"
 MAP = "svc"
 Backend = tuple[str, int]
+
+
+# conntrack's TCP states in which a connection is over on both sides; in any other a guest still owes or awaits
+# packets (SYN_SENT and SYN_RECV included: `--state ESTABLISHED` alone missed a connect racing the switch).
+OVER = frozenset({"TIME_WAIT", "CLOSE"})
+
+
+def live(entry: list[str]) -> bool:
+    """Whether a split `conntrack -L` TCP entry (`tcp 6 TIMEOUT STATE src=...`) is a connection not yet over."""
+    return len(entry) > 3 and entry[3] not in OVER
 
 
 def _addr(address: str, port: int) -> str:
@@ -83,33 +94,31 @@ class Net:
         if self.active(address, port) is not None:
             self._nft(f"delete element {TABLE} {MAP} {{ {_addr(address, port)} }}\n", f"remove {address}:{port}")
 
-    def established(self, backend: str) -> int:
-        """TCP connections still established to a backend (their conntrack entries answer from it)."""
-        ipaddress.IPv4Address(backend)
-        argv = [*self.conntrack, "-L", "-p", "tcp", "--reply-src", backend, "--state", "ESTABLISHED"]
+    def _tcp(self, argv: list[str]) -> list[list[str]]:
+        """The TCP entries of a `conntrack -L`, each split in words (the state is the fourth)."""
         p = self._run(argv, "conntrack -L")
         if p.returncode != 0:
             raise Error(f"{shlex.join(argv)} failed: {p.stderr.strip().splitlines()[-1:] or p.returncode}")
-        return sum(1 for line in p.stdout.splitlines() if line.startswith("tcp"))
+        return [line.split() for line in p.stdout.splitlines() if line.startswith("tcp")]
+
+    def unfinished(self, backend: str) -> int:
+        """TCP connections to a backend that are not over: a handshake under way (a SYN that reached the old
+        guest just before the switch), established, or closing with its last data perhaps not yet acknowledged.
+        Stopping the guest under any of them would leave a visitor waiting for an answer that never comes."""
+        ipaddress.IPv4Address(backend)
+        return sum(1 for e in self._tcp([*self.conntrack, "-L", "-p", "tcp", "--reply-src", backend]) if live(e))
 
     def connections(self, service: str, backend: str) -> tuple[set[int], int]:
         """Visitors' TCP connections to a service address that went to a backend: their conntrack ids (a new id
-        is a new connection) and how many are established. dom0's own (health checks) go to the backend's own
+        is a new connection) and how many are not over yet. dom0's own (health checks) go to the backend's own
         address and are not among them."""
         ipaddress.IPv4Address(service), ipaddress.IPv4Address(backend)
         argv = [*self.conntrack, "-L", "-p", "tcp", "--orig-dst", service, "--reply-src", backend, "-o", "id"]
-        p = self._run(argv, "conntrack -L")
-        if p.returncode != 0:
-            raise Error(f"{shlex.join(argv)} failed: {p.stderr.strip().splitlines()[-1:] or p.returncode}")
-        ids, established = set(), 0
-        for line in p.stdout.splitlines():
-            if not line.startswith("tcp"):
-                continue
-            established += " ESTABLISHED " in line
-            for word in line.split():
-                if word.startswith("id=") and word[3:].isdigit():
-                    ids.add(int(word[3:]))
-        return ids, established
+        ids, going = set(), 0
+        for e in self._tcp(argv):
+            going += live(e)
+            ids.update(int(w[3:]) for w in e if w.startswith("id=") and w[3:].isdigit())
+        return ids, going
 
     def mac(self, bridge: str) -> str | None:
         try:

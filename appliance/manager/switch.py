@@ -73,12 +73,12 @@ def figures(ctx: Context, site: Site, trigger: str, wake_ms: int) -> dict[str, A
 
 
 def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
-    """Wait until no established connection is left to the old guest, or the site's drain deadline; stop it."""
+    """Wait until no unfinished connection is left to the old guest, or the site's drain deadline; stop it."""
     t0 = time.monotonic()
     left = -1
     while True:
         try:
-            left = ctx.net.established(old.address)
+            left = ctx.net.unfinished(old.address)
         except Error as exc:
             log(str(exc))
             left = -1
