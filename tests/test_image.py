@@ -7,14 +7,19 @@ with bmaptool, checksums, the manifest, and bit-identical rebuilds.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import hashlib
 import itertools
 import json
 import os
 import re
+import shutil
+import stat
 import struct
 import subprocess
+import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -223,10 +228,64 @@ def test_the_base_tree_does_not_depend_on_the_day_it_was_made(image_rootfs):
     day = rootfs.BASE_EPOCH // 86400
     changed = {f[0]: f[2] for f in (line.split(":") for line in (image_rootfs / "etc/shadow").read_text().splitlines())}
     assert len(changed) > 10 and {n: d for n, d in changed.items() if d != str(day)} == {}
-    pycs = list((image_rootfs / "usr/lib").rglob("*.pyc"))
+    pycs = [*(image_rootfs / "usr/lib").rglob("*.pyc"), *(image_rootfs / "usr/share").rglob("*.pyc")]
     flags = {p.relative_to(image_rootfs): int.from_bytes(p.read_bytes()[4:8], "little") for p in pycs}
     assert len(pycs) > 100
     assert {p: f for p, f in flags.items() if f != 0b11} == {}      # checked-hash: the source's mtime is clamped later
+
+
+# What two makings of the base tree may differ in, whichever way each is made, and why; the image's configure step
+# replaces both (the test below checks the image's side).
+BASE_TREE_VARIES = {
+    "etc/ssh/ssh_host_*": "openssh-server's postinst makes host keys at random; the image drops them (first boot)",
+    "etc/fake-hwclock.data": "fake-hwclock's postinst saves the clock of the hour; the image writes its own epoch",
+}
+
+
+def tree_manifest(root: Path) -> dict[str, tuple]:
+    """Every entry of a tree: its kind and content (a file's sha256, a link's target, a device's number), mode and
+    owner."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                what = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                what = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                what = (stat.S_IFMT(st.st_mode), st.st_rdev)
+            out[str(p.relative_to(root))] = (*what, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return out
+
+
+def test_the_base_tree_made_natively_is_the_one_made_under_qemu(built_image, image_rootfs):
+    """The certificate store made on the host (rootfs.NATIVE) against the slow path, every maintainer script's
+    work under qemu-user: the same entries, kinds, contents, modes and owners, but for BASE_TREE_VARIES; and none
+    of the build's stubs or apt setting is left in the tree."""
+    native = rootfs.cached(config.load("booth"))
+    assert native is not None
+    with tempfile.TemporaryDirectory(dir=ROOT / "build" / "test", prefix="slow-cache-") as slow_cache:
+        os.chmod(slow_cache, 0o755)   # as reachable by apt's _apt user as the suite's own cache
+        if not native.meta.get("native"):    # a cache made the slow way before: make the native one too
+            native = rootfs.ensure(config.load("booth", cache=Path(slow_cache) / "native"))
+        slow = rootfs.ensure(config.load("booth", cache=Path(slow_cache) / "slow"), native=False)
+        assert slow.meta["native"] is False and native.meta["native"] is True
+        assert slow.meta["packages"] == native.meta["packages"], "the archive changed between the two makings"
+        fast, emulated = tree_manifest(native.tree), tree_manifest(slow.tree)
+        shutil.rmtree(Path(slow_cache) / "slow")
+    assert len(fast) > 10000 and sorted(fast) == sorted(emulated)
+    differ = sorted(p for p in fast if fast[p] != emulated[p])
+    assert [p for p in differ if not any(fnmatch.fnmatch(p, pattern) for pattern in BASE_TREE_VARIES)] == []
+    assert len([p for p in fast if p.startswith("etc/ssl/certs/")]) > 250     # links, hash links and the bundle
+    assert rootfs.NATIVE_APT not in fast
+    assert [c for c in rootfs.NATIVE if f"usr/local/sbin/{c}" in fast] == []
+    # what varies does not reach the image: no host key, and the saved clock is the build's epoch
+    assert list((image_rootfs / "etc/ssh").glob("ssh_host_*")) == []
+    sde = json.loads(built_image.manifest.read_text())["source_date_epoch"]
+    assert (image_rootfs / "etc/fake-hwclock.data").read_text() == time.strftime("%Y-%m-%d %H:%M:%S\n",
+                                                                                 time.gmtime(sde))
 
 
 def test_a_failed_build_leaves_the_finished_image_alone_and_no_workspace(built_image, test_key, monkeypatch):

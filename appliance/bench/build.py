@@ -36,9 +36,10 @@ def recipe(work: Path) -> tuple[Path, Path]:
     return path, stamp
 
 
-def timed(recipe: Path, keys: str, out_dir: Path, cache: Path | None = None) -> tuple[float, builder.Outputs]:
+def timed(recipe: Path, keys: str, out_dir: Path, cache: Path | None = None,
+          native: bool = True) -> tuple[float, builder.Outputs]:
     start = time.monotonic()
-    out = builder.build(str(recipe), authorized_keys=keys, out_dir=out_dir, cache=cache)
+    out = builder.build(str(recipe), authorized_keys=keys, out_dir=out_dir, cache=cache, native=native)
     assert out is not None
     return time.monotonic() - start, out
 
@@ -49,10 +50,15 @@ def bench(work: Path, keys: str, *, runs: int = 3, cold: bool = True) -> tuple[d
     out_dir = work / "images"
     figures: dict[str, Any] = {}
     if cold:
+        # side by side in the same run: the base tree's CPU-independent work done on the host (what `invoke
+        # build` does), and the baseline with every maintainer script's work under qemu-user; the tree is the same
         times = []
         for _ in range(runs):
-            with tempfile.TemporaryDirectory(dir=ROOT / "build", prefix="bench-cache-") as cache:
-                times.append({"cold build (empty caches), s": timed(path, keys, out_dir, Path(cache))[0]})
+            row = {}
+            for native, name in ((True, "cold build (empty caches), s"), (False, "baseline: all under qemu-user, s")):
+                with tempfile.TemporaryDirectory(dir=ROOT / "build", prefix="bench-cache-") as cache:
+                    row[name] = timed(path, keys, out_dir, Path(cache), native)[0]
+            times.append(row)
         figures.update(combine(times))
     timed(path, keys, out_dir)  # primes the user's cache for this recipe
     warm: list[dict[str, Any]] = []

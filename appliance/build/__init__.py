@@ -60,7 +60,7 @@ def source_date_epoch(cfg: Config) -> int:
 
 
 def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | None = None,
-           cache: str | Path | None = None, steps: Sequence[Step] = STEPS) -> Context:
+           cache: str | Path | None = None, steps: Sequence[Step] = STEPS, native: bool = True) -> Context:
     """Check the recipe, board, overlays, templates, bundles and host tools, running every step's verify;
     build nothing. The context holds what the verifies computed."""
     cfg = load(recipe, cache=Path(cache) if cache else None)
@@ -68,7 +68,7 @@ def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | N
     if missing:
         raise ToolError(f"host tools missing: {', '.join(missing)}", hint="run ./setup.sh")
     ctx = Context(cfg, derive(cfg.digest), source_date_epoch(cfg), out_dir or cfg.root / "build", workspace(cfg),
-                  time.monotonic(), authorized_keys=authorized_keys)
+                  time.monotonic(), authorized_keys=authorized_keys, native=native)
     for s in steps:
         s.verify(ctx)
     return ctx
@@ -89,12 +89,13 @@ def exclusive(root: Path) -> Iterator[None]:
 
 def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str | None = None,
           out_dir: Path | None = None, cache: str | Path | None = None,
-          steps: Sequence[Step] = STEPS) -> Outputs | None:
-    """Build a recipe's image into out_dir (default: build/), using the cache (default: .cache)."""
+          steps: Sequence[Step] = STEPS, native: bool = True) -> Outputs | None:
+    """Build a recipe's image into out_dir (default: build/), using the cache (default: .cache). native=False
+    makes a missing base tree the slow way (see rootfs.ensure): the benchmark's baseline."""
     start = time.monotonic()
     with log.timings({}) as durations:
         with log.step(f"Checking recipe {recipe}, its boards, overlays, templates and host tools"):
-            ctx = verify(recipe, authorized_keys, out_dir=out_dir, cache=cache, steps=steps)
+            ctx = verify(recipe, authorized_keys, out_dir=out_dir, cache=cache, steps=steps, native=native)
             ctx.start, ctx.durations = start, durations
             cfg = ctx.cfg
             if ctx.keys is None:

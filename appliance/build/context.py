@@ -58,6 +58,7 @@ class Context:
     work: Path
     start: float
     authorized_keys: str | None = None                        # --authorized-keys: a file of the user's
+    native: bool = True                                       # rootfs.ensure: CPU-independent work on the host
     keys: str | None = None                                   # configure.verify: the keys root trusts
     durations: dict[str, float] = field(default_factory=dict)  # every log.step of this build, in seconds
     sources: list[Source] = field(init=False)                  # rootfs.verify: the image's apt sources
