@@ -45,6 +45,32 @@ def test_unit_masked(host, unit):
     assert out.stdout.strip() == "masked", out.stdout + out.stderr
 
 
+# Generators the board has nothing for (no encrypted, verity or GPT disk, no hibernation, no SysV-only script: each
+# of its init.d scripts has a native unit) are masked: each was a process in every boot before systemd's first job.
+@pytest.mark.parametrize("generator", ["cryptsetup", "gpt-auto", "hibernate-resume", "integritysetup", "veritysetup",
+                                       "rc-local", "system-update", "sysv", "run"])
+def test_unneeded_systemd_generators_are_masked(host, generator):
+    f = host.file(f"/etc/systemd/system-generators/systemd-{generator}-generator")
+    assert f.is_symlink and f.linked_to == "/dev/null"
+
+
+def test_every_sysv_script_has_a_native_unit(host):
+    """What masking systemd-sysv-generator relies on: no init.d script would go unstarted."""
+    scripts = host.run("ls /etc/init.d").stdout.split()
+    assert scripts
+    for name in scripts:
+        unit = {"hwclock.sh": "hwclock"}.get(name, name)
+        units = [f"{d}/{unit}.service" for d in ("/lib/systemd/system", "/etc/systemd/system")]
+        assert any(host.file(u).exists or host.file(u).is_symlink for u in units), f"/etc/init.d/{name}: no unit"
+
+
+def test_the_guests_vifs_join_their_bridge_with_the_short_script(host):
+    assert 'vif.default.script="vif-appliance"' in host.file("/etc/xen/xl.conf").content_string.splitlines()
+    script = host.file("/etc/xen/scripts/vif-appliance")
+    assert script.mode == 0o755 and "hotplug-status\" connected" in script.content_string
+    assert host.run("sh -n /etc/xen/scripts/vif-appliance").rc == 0
+
+
 @pytest.mark.parametrize("path, lines", [
     ("/etc/hostapd/appliance.conf", [f"ssid={REC.wifi.ssid}", f"channel={REC.wifi.channel}",
                                      f"country_code={REC.wifi.country}", f"hw_mode={REC.wifi.hw_mode}",

@@ -174,6 +174,16 @@ def test_initramfs_has_the_boards_modules(built_image):
         assert re.search(rf"/{re.escape(module)}$", names, re.M), f"{module} missing from the initramfs"
     # a short list, not MODULES=most
     assert len(re.findall(r"\.ko$", names, re.M)) < 80
+    # each board loads its own list (boot.scr names the board to the init), then the modules-load.d ones
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["cpio", "-id", "--quiet", "etc/modules*"], input=data, cwd=d, check=True)
+        lists = {p.name: p.read_text().split() for p in Path(d, "etc").iterdir()}
+    assert lists["modules.cubieboard2"][-4:] == ["sunxi-mmc", "ext4", "sun4i-emac", "dwmac-sunxi"]
+    assert "crc32c_generic" in lists["modules.cubieboard2"]           # ext4's soft dependency, loaded first
+    assert "virtio_blk" in lists["modules.qemu-virt"] and "dwmac-sunxi" not in lists["modules.qemu-virt"]
+    assert {"xen-netback", "bridge", "nf_tables"} <= set(lists["modules"])
+    script = fat_read(built_image.img, "boot.scr").decode(errors="replace")
+    assert "appliance.board=cubieboard2" in script and "appliance.board=qemu-virt" in script
 
 
 def test_bmaptool_accepts_our_bmap(built_image, tmp_path):

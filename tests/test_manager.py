@@ -758,3 +758,69 @@ def test_the_manager_imports_only_the_standard_library():
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
     assert NetSettings  # the settings' Net is a plain dataclass the host can build too
+
+
+# ---------------------------------------------------------------- the boot: systemd told when the guests are up
+
+
+def test_the_rest_of_the_boot_goes_on_once_the_always_on_sites_have_started(ctx: Context, tmp_path: Path, web: int):
+    from appliance.manager.supervisor import when_started
+
+    make_version(tmp_path / "store", "1.0", {"port": web})
+    Store(tmp_path / "store", "demo").make_current("1.0")
+    told: list[tuple[str, bool]] = []
+    with Running(ctx) as sup:
+        waiter = threading.Thread(target=when_started, args=([sup], 60, sup.stop,
+                                                             lambda why: told.append((why, sup.booted))))
+        waiter.start()
+        waiter.join(30)
+        assert told == [("every always-on site started", True)]
+        assert state(ctx)["state"] == "serving"
+
+
+def test_the_rest_of_the_boot_waits_no_longer_than_the_deadline(ctx: Context):
+    from appliance.manager.supervisor import when_started
+
+    never = SiteSupervisor(ctx, ctx.settings.site("demo"), threading.Event())    # not running: never starts
+    told: list[str] = []
+    t0 = time.monotonic()
+    when_started([never], 0.3, threading.Event(), told.append)
+    assert told == ["still starting after 0.3 s: demo"] and 0.3 <= time.monotonic() - t0 < 5
+    failed = SiteSupervisor(ctx, ctx.settings.site("demo"), threading.Event(), failures=1)
+    when_started([failed], 60, threading.Event(), told.append)       # a failed first start counts as started
+    when_started([], 60, threading.Event(), told.append)
+    assert told[1:] == ["every always-on site started", "no always-on site"]
+
+
+def test_systemd_is_told_on_its_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import socket
+
+    from appliance.manager.supervisor import notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False                       # not started by systemd: nothing to tell
+    for where, bind in ((str(tmp_path / "notify"), str(tmp_path / "notify")),
+                        (f"@appliance-test-{os.getpid()}", f"\0appliance-test-{os.getpid()}")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.bind(bind)
+            monkeypatch.setenv("NOTIFY_SOCKET", where)
+            assert notify("READY=1\nSTATUS=up") is True
+            assert s.recv(100) == b"READY=1\nSTATUS=up"
+    assert notify("READY=1", str(tmp_path / "nobody")) is False      # says why in its log line, never raises
+
+
+def test_xl_is_the_running_xens_own(tmp_path: Path):
+    version, lib = tmp_path / "version", tmp_path / "lib"
+    version.mkdir()
+    (version / "major").write_text("4\n")
+    (version / "minor").write_text("17\n")
+    assert xl.direct("xl", version, lib) == "xl"                     # that Xen's tools are not installed
+    own = lib / "xen-4.17/bin/xl"
+    own.parent.mkdir(parents=True)
+    own.write_text("#!/bin/sh\n")
+    own.chmod(0o755)
+    assert xl.direct("xl", version, lib) == str(own)
+    assert xl.direct("/opt/xl-standin", version, lib) == "/opt/xl-standin"   # a command of the user's is kept
+    (version / "minor").write_text("17/../../x\n")
+    assert xl.direct("xl", version, lib) == "xl"
+    assert xl.direct("xl", tmp_path / "no-hypervisor", lib) == "xl"

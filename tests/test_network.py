@@ -779,3 +779,27 @@ def test_fail_closed_and_quiet_on_the_bridges():
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def test_the_manager_makes_the_guests_bridge_as_networkd_would(tmp_path: Path):
+    """The guests' bridge made ahead of networkd (appliance.manager.net.make_bridge, twice: a restarted manager finds
+    it made) is already as its .netdev and .network say, so networkd takes it over without bouncing it under the
+    guests: no STP, no forward delay, no IPv6 link-local address, dom0's address, up."""
+    from appliance import ROOT
+
+    ns = f"appbrg{os.getpid()}"
+    run("ip", "netns", "add", ns)
+    try:
+        code = ("from appliance.manager.net import Net\n"
+                "for _ in range(2): Net().make_bridge('brg0', '10.42.100.1/24')\n")
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr
+        link = json.loads(run("ip", "netns", "exec", ns, "ip", "-d", "-j", "link", "show", "brg0"))[0]
+        bridge = link["linkinfo"]["info_data"]
+        assert (bridge["stp_state"], bridge["forward_delay"], link["inet6_addr_gen_mode"]) == (0, 0, "none")
+        assert "UP" in link["flags"]
+        addrs = json.loads(run("ip", "netns", "exec", ns, "ip", "-j", "addr", "show", "brg0"))[0]["addr_info"]
+        assert [(a["family"], a["local"], a["prefixlen"]) for a in addrs] == [("inet", "10.42.100.1", 24)]
+    finally:
+        run("ip", "netns", "del", ns, check=False)

@@ -48,7 +48,9 @@ def xen_args(cfg: Config, b: Board) -> str:
 
 
 def dom0_args(cfg: Config, ident: Identity, b: Board) -> str:
-    args = f"console={b.console.dom0} root=PARTUUID={ident.root_partuuid} rootwait ro clk_ignore_unused"
+    # appliance.board: which of the initramfs's module lists (etc/modules.BOARD) this board loads
+    args = (f"console={b.console.dom0} root=PARTUUID={ident.root_partuuid} rootwait ro clk_ignore_unused "
+            f"appliance.board={b.name}")
     return f"{args} {b.dom0_args}".strip()
 
 

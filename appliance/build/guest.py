@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 DEMO_NAME = "demo"
 STATIC_NAME = "static"     # `--static DIR`: the demo's kernel and httpd serving a folder of static files
 DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
-DEMO_CMDLINE = board_manifest.DEFAULT_CMDLINE   # the board's default: ip=… for a Linux guest, appliance.port for the demo
+# the board's default (ip=… for a Linux guest, appliance.port for the demo), and quiet: each line the kernel prints
+# goes through Xen to xenconsoled in dom0, on the way to the first page; its errors and our init's lines still do
+DEMO_CMDLINE = board_manifest.DEFAULT_CMDLINE + " quiet"
 NETFRONT = "kernel/drivers/net/xen-netfront.ko"
 _PLACES = {"init": "init", "httpd.conf": "etc/httpd.conf", "udhcpc.script": "etc/udhcpc.script"}  # guest/ -> initramfs
 

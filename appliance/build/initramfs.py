@@ -41,15 +41,21 @@ def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Pat
     modules of the tree's modules-load.d: loaded there, before anything else runs, they cost a fraction of
     the time systemd-modules-load took in a busy boot, and xenstored and the firewall no longer wait for it."""
     moddir = tree / "usr/lib/modules" / kernel.version
-    wanted = list(dict.fromkeys([*(m for b in (cfg.board, *cfg.also) for m in b.modules), *early_modules(tree)]))
-    paths = kmod.module_paths(moddir, wanted)
-    wanted = [*kmod.softdeps(moddir, paths), *wanted]
+
+    def with_softdeps(names: list[str]) -> list[str]:
+        return list(dict.fromkeys([*kmod.softdeps(moddir, kmod.module_paths(moddir, names)), *names]))
+
+    # each board's own list (the init loads the one boot.scr names), and the modules-load.d ones for every board
+    lists = {f"etc/modules.{b.name}": with_softdeps(list(b.modules)) for b in (cfg.board, *cfg.also)}
+    lists["etc/modules"] = with_softdeps(early_modules(tree))
+    wanted = list(dict.fromkeys(m for names in lists.values() for m in names))
     paths = kmod.module_paths(moddir, wanted)
     init, busybox = cfg.root / INIT, base.deb("busybox-static")
     h = hashlib.sha256(kernel.version.encode())
     for name, data in [("init", init.read_bytes()), ("busybox", busybox.read_bytes()),
                        ("packer", Path(cpio.__file__).read_bytes()),
-                       ("kmod", Path(kmod.__file__).read_bytes()), ("modules", "\n".join(wanted).encode()),
+                       ("kmod", Path(kmod.__file__).read_bytes()),
+                       *((f, "\n".join(names).encode()) for f, names in sorted(lists.items())),
                        *((rel, (moddir / rel).read_bytes()) for rel in paths)]:
         h.update(f"{name}\0".encode() + hashlib.sha256(data).digest())
     cached = cfg.cache / "initrd" / f"initrd-{h.hexdigest()[:16]}.img"
@@ -65,7 +71,8 @@ def initramfs(cfg: Config, tree: Path, kernel: Kernel, base: rootfs.Base) -> Pat
                 entries += [cpio.CONSOLE, cpio.file("init", init.read_bytes(), 0o755),
                             cpio.file("bin/busybox", cpio.busybox(busybox, work), 0o755),
                             cpio.symlink("bin/sh", "busybox"), cpio.symlink("sbin/modprobe", "/bin/busybox"),
-                            cpio.file("etc/modules", "".join(f"{m}\n" for m in wanted).encode())]
+                            *(cpio.file(f, "".join(f"{m}\n" for m in names).encode())
+                              for f, names in sorted(lists.items()))]
                 entries += kmod.modules(kernel.version, {rel: moddir / rel for rel in paths}, work)
                 (work / "initrd.img").write_bytes(gzip.compress(cpio.pack(entries), compresslevel=9, mtime=0))
                 (work / "initrd.img").rename(cached)

@@ -77,6 +77,9 @@ class DemandSite:
     site: Site
     stop: threading.Event
     registry: list[DemandSite] = field(default_factory=list)
+    # set once the always-on sites have started (supervisor.when_started): at boot this site's first look (xl and
+    # nft processes, seconds of dom0's one CPU) waits for it, as nobody can ask for it before the wifi is up
+    after: threading.Event | None = None
     state: str = "asleep"            # asleep, waking, serving, stopping, paused
     slot: Slot | None = None
     version: str | None = None
@@ -338,6 +341,9 @@ class DemandSite:
             lock.release()
 
     def run(self) -> None:
+        while self.after is not None and not self.after.wait(0.5):
+            if self.stop.is_set():
+                return
         if self._removable():
             self.ctx.net.remove(self.site.address, self.site.port)
         for s in self.site.slots:        # what a previous run left: nobody asked for it yet

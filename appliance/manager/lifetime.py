@@ -8,7 +8,6 @@ MirageOS .xen) answers 404 and is left alone.
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 from typing import Any
@@ -35,6 +34,8 @@ def every_site(ctx: Context) -> dict[str, dict[str, Any]]:
 def post(address: str, port: int, body: dict[str, Any], timeout: float = 2.0) -> int | None:
     """POST the figures; the HTTP status, or None when the guest did not answer."""
     data = json.dumps(body, separators=(", ", ": ")).encode()
+    import http.client   # as net.healthy does: not on the way to the first guest's start
+
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         conn.request("POST", PATH, body=data, headers={"Content-Type": "application/json", "Connection": "close",

@@ -6,9 +6,9 @@ own address.
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -127,14 +127,20 @@ class Net:
             return None
 
     def make_bridge(self, bridge: str, cidr: str) -> None:
-        """Make the guests' bridge with dom0's address on it, ahead of systemd-networkd (which starts late in an
-        emulated boot, and takes the bridge over as it finds it: the same name, the same address)."""
+        """Make the guests' bridge with dom0's address on it, ahead of systemd-networkd (which starts late in a
+        boot, and takes the bridge over as it finds it: the same name, the same address), in one `ip` process.
+        Made as networkd's .netdev and .network say (no STP, no forward delay, no IPv6 link-local address), so
+        that networkd, taking it over, need not bounce it under the guests already on it."""
         ipaddress.IPv4Interface(cidr)
-        for argv in (["ip", "link", "add", "name", bridge, "type", "bridge"], ["ip", "addr", "add", cidr, "dev", bridge],
-                     ["ip", "link", "set", bridge, "up"]):
-            p = self._run(argv, shlex.join(argv))
-            if p.returncode != 0 and "exists" not in p.stderr:
-                raise Error(f"{shlex.join(argv)} failed: {p.stderr.strip() or p.returncode}")
+        batch = (f"link add name {bridge} type bridge stp_state 0 forward_delay 0\n"
+                 f"link set dev {bridge} addrgenmode none\n"
+                 f"addr add {cidr} dev {bridge}\n"
+                 f"link set dev {bridge} up\n")
+        p = self._run(["ip", "-force", "-batch", "-"], f"making bridge {bridge}", stdin=batch)
+        errors = [line for line in p.stderr.splitlines() if line.strip() and not re.search(r"exists|already", line)
+                  and not line.startswith("Command failed")]
+        if p.returncode != 0 and errors:
+            raise Error(f"ip -batch (making bridge {bridge}) failed: {' / '.join(errors[:3])}")
 
     def add_dom0_mac(self, bridge: str) -> str:
         """Put the visitors' bridge's own MAC in the bridge filter's set: no visitor may send from it."""
@@ -148,6 +154,8 @@ class Net:
 def healthy(address: str, port: int, path: str, timeout: float = 2.0) -> tuple[bool, str]:
     """GET http://address:port/path from the guest itself: 2xx or 3xx is healthy; a redirect is not followed
     (http.client follows none), and no proxy is asked. Returns (healthy, what happened)."""
+    import http.client   # here, not at the top: its import (email's parser) is a second of an emulated boot, and
+    #                      the first check comes while the guest boots on the other CPU
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"User-Agent": "appliance-guest health check", "Connection": "close"})

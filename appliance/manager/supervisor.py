@@ -6,9 +6,11 @@ start) and says so. Its starts hold the site's lock, and after a switch it follo
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ BACKOFF_S = (0, 5, 10, 20, 40, 80, 160, 300)
 STABLE_S = 60.0        # a guest healthy this long has recovered: its next failure restarts it at once
 LOOK_S = 3.0           # how often the serving guest's domain is looked for (a switch is followed within 0.5 s)
 BRIDGE_WAIT_S = 120.0
+READY_S = 60.0         # the rest of the boot waits for the always-on sites' first start at most this long
 BOARD_SYSFS = Path("/sys/class/net")  # the manager starts early in the boot; networkd makes the bridges a little later
 
 
@@ -262,6 +265,44 @@ class SiteSupervisor:
         self.ctx.write_state(self.site, state="stopped", slot=slot.name if slot else None, version=self.version)
 
 
+def notify(state: str, socket_path: str | None = None) -> bool:
+    """sd_notify(3): tell systemd (Type=notify) a state such as READY=1; False when not run by systemd."""
+    where = socket_path or os.environ.get("NOTIFY_SOCKET", "")
+    if not where:
+        return False
+    addr = "\0" + where[1:] if where.startswith("@") else where
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log(f"cannot tell systemd {state}: {exc}")
+        return False
+    return True
+
+
+def when_started(sups: Sequence[SiteSupervisor], deadline: float, stop: threading.Event,
+                 then: Callable[[str], None]) -> None:
+    """Call then(why) once every always-on site has served or failed its first start, or at the deadline: the
+    boot's visitor side (udev's coldplug, networkd, SSH, wifi) waits for that, so the guests get dom0's one CPU
+    first, and never waits longer than the deadline."""
+    end = time.monotonic() + deadline
+    while not stop.is_set():
+        waiting = [s.site.name for s in sups if not s.booted and not s.failures]
+        if not waiting:
+            then("every always-on site started" if sups else "no always-on site")
+            return
+        if time.monotonic() >= end:
+            then(f"still starting after {deadline:g} s: {', '.join(waiting)}")
+            return
+        stop.wait(0.1)
+
+
+def _ready(why: str) -> None:
+    log(f"{why}; the rest of the boot goes on")
+    notify("READY=1\nSTATUS=" + why)
+
+
 def _protect_dom0(ctx: Context, bridge_wait: float, stop: threading.Event) -> None:
     """Once the visitors' bridge is there, put its MAC in the bridge filter (the guests need not wait for it)."""
     bridge = ctx.settings.visitors.bridge
@@ -272,7 +313,8 @@ def _protect_dom0(ctx: Context, bridge_wait: float, stop: threading.Event) -> No
         log(str(exc))
 
 
-def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S, **options: object) -> None:
+def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S, ready_s: float = READY_S,
+        ready: Callable[[str], None] = _ready, **options: object) -> None:
     """The systemd unit's `appliance-guest run`: every site in its own thread, until stop is set."""
     s = ctx.settings
     if ctx.net.sysfs == BOARD_SYSFS and not (ctx.net.sysfs / s.guests.bridge).exists():
@@ -285,8 +327,10 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
     threading.Thread(target=_protect_dom0, args=(ctx, bridge_wait, stop), name="dom0-mac", daemon=True).start()
     sups = [SiteSupervisor(ctx, site, stop, **options)  # type: ignore[arg-type]
             for site in s.sites.values() if site.on_demand is None]
+    started = threading.Event()
     registry: list[demand.DemandSite] = []
-    registry += [demand.DemandSite(ctx, site, stop, registry) for site in s.sites.values() if site.on_demand]
+    registry += [demand.DemandSite(ctx, site, stop, registry, after=started) for site in s.sites.values()
+                 if site.on_demand]
     listeners: list[demand.Activator | dns.Server] = []
     for d in registry:
         try:
@@ -302,6 +346,13 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
             log(f"{exc}: on-demand sites wake by connection only")
     threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in [*sups, *registry]]
     threads.append(threading.Thread(target=lifetime.run, args=(ctx, stop), name="lifetime", daemon=True))
+
+    def then(why: str) -> None:
+        started.set()
+        ready(why)
+
+    threads.append(threading.Thread(target=when_started, args=(sups, ready_s, stop, then), name="ready",
+                                    daemon=True))
     for t in threads:
         t.start()
     while not stop.wait(1):
