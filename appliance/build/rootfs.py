@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .context import Context
 
 # Bump when the way the tree is made changes, so old caches are not reused.
-RECIPE_FORMAT = 5
+RECIPE_FORMAT = 6
 # The base tree's SOURCE_DATE_EPOCH (2025-01-01), part of its cache key and never the commit's, or every commit
 # would throw the cache away: with it the tree is a function of its key on any day (the accounts' last-change day
 # in /etc/shadow; Python's bytecode checked by hash, not by the source's mtime, which the image clamps later).
@@ -51,11 +51,16 @@ _DIVERT = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/upd
 # before the tree is cached, so the package database is the slow path's (no diversion). update-ca-certificates:
 # ~450 emulated sed/ln/readlink processes, twice (the postinst and its trigger), 34 of a cold tree's 222 s.
 NATIVE = ("update-ca-certificates",)
+# Work the image throws away, stubbed the same way and never done: ssh-keygen, whose only caller while the tree is
+# made is openssh-server's postinst making the host keys (RSA, ECDSA, Ed25519: 10 s under qemu-user), which the
+# configure step deletes, as each board makes its own at first boot. The fast tree has no host keys.
+SKIPPED = ("ssh-keygen",)
+STUBS = NATIVE + SKIPPED
 NATIVE_APT = "etc/apt/apt.conf.d/00appliance-native"
 _STUBS = " && ".join([
     f"echo 'DPkg::Path \"/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin\";' > \"$1/{NATIVE_APT}\"",
-    *(f'printf "#!/bin/sh\\n# the build runs this natively once the packages are in\\nexit 0\\n" > '
-      f'"$1/usr/local/sbin/{c}" && chmod 755 "$1/usr/local/sbin/{c}"' for c in NATIVE)])
+    *(f'printf "#!/bin/sh\\n# the build runs this natively once the packages are in, or not at all\\nexit 0\\n" > '
+      f'"$1/usr/local/sbin/{c}" && chmod 755 "$1/usr/local/sbin/{c}"' for c in STUBS)])
 # The certificate store's paths, bound over the host's in a mount namespace of the host's own, so the tree's
 # update-ca-certificates runs with the host's sed and openssl and makes the links and bundle the slow path makes.
 CERT_PATHS = ("/usr/share/ca-certificates", "/usr/local/share/ca-certificates", "/etc/ssl/certs",
@@ -184,7 +189,7 @@ def _ensure(cfg: Config, srcs: list[Source], native: bool) -> Base:
 def natively(tree: Path) -> None:
     """What the stubs left out, done on the host: the certificate store (the tree's own script, hooks aside)."""
     (tree / NATIVE_APT).unlink()
-    for c in NATIVE:
+    for c in STUBS:
         (tree / "usr/local/sbin" / c).unlink()
     with step("Making the certificate store natively (update-ca-certificates, the host's sed and openssl)"):
         missing = [p for p in CERT_PATHS if not (tree / p.lstrip("/")).exists() or not Path(p).exists()]
