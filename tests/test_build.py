@@ -142,3 +142,26 @@ def test_a_terminated_build_removes_its_workspace(tmp_path: Path, where: str) ->
     proc.stdin.close()
     assert not work.exists() and not work.parent.exists()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_xz_is_the_same_bytes_however_it_is_made(tmp_path, monkeypatch):
+    """The .xz of an image: the same bytes from an empty chunk cache with one worker or many, and from a warm cache,
+    and it decompresses to the image (a series of independent streams, one per chunk)."""
+    import lzma
+    import random
+
+    from appliance.build import compress
+
+    rng = random.Random(14)
+    data = b"".join(bytes(rng.randrange(4) for _ in range(1 << 16)) * 40 + bytes(1 << 20) for _ in range(3))
+    image = tmp_path / "a.img"
+    image.write_bytes(data)
+    made = []
+    for workers, cache in ((1, "one"), (8, "many"), (8, "many")):
+        monkeypatch.setattr(compress.os, "cpu_count", lambda n=workers: n)
+        out = tmp_path / f"{cache}-{len(made)}.xz"
+        compress.xz(image, out, tmp_path / cache)
+        made.append(out.read_bytes())
+    assert made[0] == made[1] == made[2]
+    assert lzma.decompress(made[0]) == data
+    assert compress.xz(image, tmp_path / "again.xz", tmp_path / "many") == (2, 0)   # all from the cache

@@ -14,11 +14,13 @@ import os
 from pathlib import Path
 
 CHUNK = 8 << 20
-PRESET = 1
+# The fastest preset: on this image's 61 distinct chunks it takes half preset 1's CPU time (a cold build's 8 MiB
+# chunk 0.41 s against 0.86 s) for a 4 % larger .xz. The chunks are still cached by content and preset.
+PRESET = 0
 
 
 def _stream(data: bytes, cache: Path) -> tuple[str, bytes]:
-    key = hashlib.sha256(data).hexdigest()
+    key = f"{PRESET}-{hashlib.sha256(data).hexdigest()}"
     hit = cache / key
     try:
         return key, hit.read_bytes()

@@ -169,10 +169,12 @@ def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: s
     # Host keys are made on each board at its first boot (appliance-ssh-hostkeys.service).
     for key in (tree / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    # A board without an RTC battery starts from the last saved clock; the image's is its build date.
+    # A board without an RTC battery starts from the last saved clock; the image's is its build date (the base tree
+    # made natively has none: fake-hwclock's own save is skipped, rootfs.SKIPPED).
     clock = tree / "etc/fake-hwclock.data"
-    if clock.exists():
+    if clock.exists() or (tree / "usr/sbin/fake-hwclock").exists():
         clock.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n", time.gmtime(sde)))
+        clock.chmod(0o644)
     # An empty machine id: systemd makes one at the board's first boot and systemd-machine-id-commit keeps it.
     # Not "uninitialized": that also means ConditionFirstBoot, and systemd then applies every unit's preset on
     # a root that is still read-only, which fails after half a minute of work on an emulated board. No unit

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .context import Context
 
 # Bump when the way the tree is made changes, so old caches are not reused.
-RECIPE_FORMAT = 5
+RECIPE_FORMAT = 7
 # The base tree's SOURCE_DATE_EPOCH (2025-01-01), part of its cache key and never the commit's, or every commit
 # would throw the cache away: with it the tree is a function of its key on any day (the accounts' last-change day
 # in /etc/shadow; Python's bytecode checked by hash, not by the source's mtime, which the image clamps later).
@@ -50,12 +50,20 @@ _DIVERT = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/upd
 # first on the scripts' PATH by an apt setting of the build's own (apt gives dpkg its DPkg::Path), and both go
 # before the tree is cached, so the package database is the slow path's (no diversion). update-ca-certificates:
 # ~450 emulated sed/ln/readlink processes, twice (the postinst and its trigger), 34 of a cold tree's 222 s.
-NATIVE = ("update-ca-certificates",)
+# depmod: the kernel's postinst indexes its modules (3-4 s under qemu-user, 0.6 s natively); the host's kmod is
+# bookworm's too, and the tree test finds its indexes byte for byte the slow path's.
+NATIVE = ("update-ca-certificates", "depmod")
+# Work the image throws away or redoes, stubbed the same way and never done: ssh-keygen, whose only caller while the
+# tree is made is openssh-server's postinst making the host keys (RSA, ECDSA, Ed25519: 10 s under qemu-user), which
+# the configure step deletes, as each board makes its own at first boot; fake-hwclock, whose postinst saves the
+# clock of the hour, which the configure step replaces with the build's epoch. The fast tree has neither file.
+SKIPPED = ("ssh-keygen", "fake-hwclock")
+STUBS = NATIVE + SKIPPED
 NATIVE_APT = "etc/apt/apt.conf.d/00appliance-native"
 _STUBS = " && ".join([
     f"echo 'DPkg::Path \"/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin\";' > \"$1/{NATIVE_APT}\"",
-    *(f'printf "#!/bin/sh\\n# the build runs this natively once the packages are in\\nexit 0\\n" > '
-      f'"$1/usr/local/sbin/{c}" && chmod 755 "$1/usr/local/sbin/{c}"' for c in NATIVE)])
+    *(f'printf "#!/bin/sh\\n# the build runs this natively once the packages are in, or not at all\\nexit 0\\n" > '
+      f'"$1/usr/local/sbin/{c}" && chmod 755 "$1/usr/local/sbin/{c}"' for c in STUBS)])
 # The certificate store's paths, bound over the host's in a mount namespace of the host's own, so the tree's
 # update-ca-certificates runs with the host's sed and openssl and makes the links and bundle the slow path makes.
 CERT_PATHS = ("/usr/share/ca-certificates", "/usr/local/share/ca-certificates", "/etc/ssl/certs",
@@ -182,10 +190,14 @@ def _ensure(cfg: Config, srcs: list[Source], native: bool) -> Base:
 
 
 def natively(tree: Path) -> None:
-    """What the stubs left out, done on the host: the certificate store (the tree's own script, hooks aside)."""
+    """What the stubs left out, done on the host: the kernels' module indexes, and the certificate store (the tree's
+    own script, hooks aside)."""
     (tree / NATIVE_APT).unlink()
-    for c in NATIVE:
+    for c in STUBS:
         (tree / "usr/local/sbin" / c).unlink()
+    for modules in sorted((tree / "usr/lib/modules").glob("*/modules.order")):
+        with step(f"Indexing the modules of kernel {modules.parent.name} natively (depmod)"):
+            run(["depmod", "-b", str(tree), modules.parent.name], what="depmod")
     with step("Making the certificate store natively (update-ca-certificates, the host's sed and openssl)"):
         missing = [p for p in CERT_PATHS if not (tree / p.lstrip("/")).exists() or not Path(p).exists()]
         if missing:
@@ -260,8 +272,8 @@ class Rootfs(Step):
 
     name = "rootfs"
     # mmdebstrap runs its hooks (ours diverts update-initramfs) with the host's chroot; the certificate store is
-    # made with the host's unshare, sed and openssl
-    tools = ("mmdebstrap", "chroot", "apt-get", "dpkg-query", "cp", "unshare", "openssl")
+    # made with the host's unshare, sed and openssl, the modules' indexes with its depmod
+    tools = ("mmdebstrap", "chroot", "apt-get", "dpkg-query", "cp", "unshare", "openssl", "depmod")
 
     def verify(self, ctx: Context) -> None:
         ctx.sources = wanted_sources(ctx.cfg)
