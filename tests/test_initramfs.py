@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,28 @@ def test_the_initramfs_loads_what_modules_load_d_names(tmp_path: Path):
     (conf / "README").write_text("not a .conf\n")
     assert initramfs.early_modules(tmp_path) == ["xenfs", "xen-evtchn", "nf_tables", "nft_ct"]
     assert initramfs.early_modules(tmp_path / "nothing") == []
+
+
+def test_an_elf_files_interpreter_and_libraries_are_read_from_it(tmp_path: Path):
+    from appliance.build import initramfs
+
+    interp, needs = initramfs.elf_needs(Path(sys.executable).resolve().read_bytes(), "python")
+    assert interp and interp.startswith("/lib") and "ld-linux" in interp
+    assert "libc.so.6" in needs or any(n.startswith("libpython") for n in needs)
+    assert initramfs.elf_needs(Path("/bin/ls").read_bytes(), "ls")[1][-1] == "libc.so.6"
+    with pytest.raises(BuildError, match="x: not an ELF file"):
+        initramfs.elf_needs(b"#!/bin/sh\n", "x")
+    # a program and what it loads, from a tree: here the host's own ls, as the tree
+    tree = tmp_path / "tree"
+    for rel in ("usr/bin/ls", *(f"usr/lib/x86_64-linux-gnu/{n}" for n in ("libselinux.so.1", "libc.so.6",
+                                                                          "libpcre2-8.so.0"))):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path("/") / rel, tree / rel)
+    (tree / "lib64").mkdir()
+    shutil.copyfile("/lib64/ld-linux-x86-64.so.2", tree / "lib64/ld-linux-x86-64.so.2")
+    files = initramfs.with_libraries(tree, "usr/bin/ls", "bin/ls")
+    assert set(files) == {"bin/ls", "lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libselinux.so.1",
+                          "lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/libpcre2-8.so.0"}
+    (tree / "usr/lib/x86_64-linux-gnu/libpcre2-8.so.0").unlink()
+    with pytest.raises(BuildError, match="needs libpcre2-8.so.0, which the tree does not have"):
+        initramfs.with_libraries(tree, "usr/bin/ls", "bin/ls")

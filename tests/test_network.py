@@ -783,8 +783,8 @@ if __name__ == "__main__":
 
 def test_the_manager_makes_the_guests_bridge_as_networkd_would(tmp_path: Path):
     """The guests' bridge made ahead of networkd (appliance.manager.net.make_bridge, twice: a restarted manager finds
-    it made) is already as its .netdev and .network say, so networkd takes it over without bouncing it under the
-    guests: no STP, no forward delay, no IPv6 link-local address, dom0's address, up."""
+    it made) is already as its .netdev and .network say: no STP, no forward delay, no IPv6 link-local address,
+    dom0's address, up."""
     from appliance import ROOT
 
     ns = f"appbrg{os.getpid()}"

@@ -123,6 +123,29 @@ def test_root_filesystem_found_by_partuuid(board):
     assert board.run("findmnt -no SOURCE /").out.strip() == "/dev/vda2"
 
 
+def test_the_root_is_checked_in_the_initramfs_and_not_again(board):
+    """dom0's initramfs runs the tree's e2fsck on the root before it mounts it (the console shows its preen
+    line), and systemd-fsck-root, seeing /run/initramfs/fsck-root, skips a second check."""
+    assert "root: clean" in board.console.read_text(errors="replace").split("Run /init as init process", 1)[-1]
+    assert board.run("test -e /run/initramfs/fsck-root", check=False).rc == 0
+    show = board.run("systemctl show -p ConditionResult -p ActiveState systemd-fsck-root.service").out.split()
+    assert "ConditionResult=no" in show, show
+
+
+def test_the_guest_path_comes_first_and_the_rest_of_the_boot_after_it(board):
+    """appliance-guest tells systemd it is ready once the always-on sites served; udev's coldplug, networkd and
+    SSH's host keys started after that, and the manager did not wait for them."""
+    def t(unit: str, prop: str) -> int:
+        return int(board.run(f"systemctl show -P {prop} {unit}").out.strip())
+
+    ready = t("appliance-guest.service", "ActiveEnterTimestampMonotonic")
+    assert ready > t("appliance-guest.service", "ExecMainStartTimestampMonotonic") > 0
+    for unit in ("systemd-udev-trigger.service", "systemd-networkd.service", "appliance-ssh-hostkeys.service"):
+        assert t(unit, "InactiveExitTimestampMonotonic") >= ready, f"{unit} started before the guests were up"
+    journal = board.run("journalctl -b -u appliance-guest --no-pager -o cat").out
+    assert "every always-on site started; the rest of the boot goes on" in journal
+
+
 def test_guest_is_listed_by_xl(board, guest):
     name, domid = guest
     assert domains(board).get(name) == domid and domid > 0

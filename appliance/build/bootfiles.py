@@ -48,9 +48,11 @@ def xen_args(cfg: Config, b: Board) -> str:
 
 
 def dom0_args(cfg: Config, ident: Identity, b: Board) -> str:
-    # appliance.board: which of the initramfs's module lists (etc/modules.BOARD) this board loads
+    # appliance.board: which of the initramfs's module lists (etc/modules.BOARD) this board loads.
+    # cryptomgr.notests: no self-tests of the kernel's crypto algorithms against test vectors as each registers
+    # (they catch a miscompiled implementation, not an attack): about a second of an emulated boot.
     args = (f"console={b.console.dom0} root=PARTUUID={ident.root_partuuid} rootwait ro clk_ignore_unused "
-            f"appliance.board={b.name}")
+            f"cryptomgr.notests appliance.board={b.name}")
     return f"{args} {b.dom0_args}".strip()
 
 

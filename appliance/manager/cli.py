@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from . import staging, supervisor
+from . import supervisor
 from .context import Context, GuestFailed
 from .errors import Error
 from .net import healthy
@@ -64,6 +64,7 @@ LIFETIME = ("woken", "wake_ms", "trigger", "requests", "wakes_today")   # the fi
 
 
 def site_status(ctx: Context, site: Site) -> dict[str, Any]:
+    from . import staging   # deploy's uploads: not imported by `run`, at boot
     store = ctx.store(site)
     st = ctx.read_state(site)
     out: dict[str, Any] = {"current": store.pointer("current"), "previous": store.pointer("previous"),
@@ -143,6 +144,26 @@ def _stdin_json() -> object:
         raise Error(f"stdin: not JSON: {exc}") from None
 
 
+def uploads(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    """A deploy's commands (staging.py), imported only for them: not by `run`, on the way to the first guest."""
+    from . import staging
+
+    if args.cmd == "session":
+        try:
+            staging.session(ctx, args.site)
+            return {"ok": True, "quiet": True}
+        except Error as exc:     # before the first answer: one line, as every answer of a session
+            staging.reply({"ok": False, "error": str(exc)})
+            return {"ok": False, "quiet": True}
+    site = ctx.settings.site(args.site)
+    with staging.deploy_lock(ctx, site, getattr(args, "version", None)):
+        if args.cmd == "stage":
+            return staging.stage(ctx, site, _stdin_json())
+        if args.cmd == "commit":
+            return staging.commit(ctx, site, args.version)
+        return staging.prune(ctx, site, args.keep)
+
+
 def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any]
     try:
@@ -150,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context.from_env()
         if args.cmd == "run":
             out = run(ctx)
+        elif args.cmd in ("stage", "commit", "prune", "session"):
+            out = uploads(ctx, args)
         elif args.cmd == "status":
             out = status(ctx, args.site)
         elif args.cmd == "list":
@@ -158,25 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             out = switch(ctx, args.site, args.version, cold=args.cold)
         elif args.cmd == "rollback":
             out = rollback(ctx, args.site, args.version)
-        elif args.cmd in ("stage", "commit", "prune"):
-            site = ctx.settings.site(args.site)
-            with staging.deploy_lock(ctx, site, getattr(args, "version", None)):
-                if args.cmd == "stage":
-                    out = staging.stage(ctx, site, _stdin_json())
-                elif args.cmd == "commit":
-                    out = staging.commit(ctx, site, args.version)
-                else:
-                    out = staging.prune(ctx, site, args.keep)
         elif args.cmd == "on-demand":
             site = ctx.settings.site(args.site)
             out = {"ok": True, "site": site.name, "on_demand": ctx.set_on_demand(site, args.idle, args.stop)}
-        elif args.cmd == "session":
-            try:
-                staging.session(ctx, args.site)
-                return 0
-            except Error as exc:     # before the first answer: one line, as every answer of a session
-                staging.reply({"ok": False, "error": str(exc)})
-                return 1
         else:
             out = show_config(ctx, args.site, args.version)
     except GuestFailed as exc:
@@ -187,5 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"ok": False, "error": "interrupted"}
     except Exception as exc:   # never a traceback on the board's console  # noqa: BLE001
         out = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+    if out.pop("quiet", False):      # a session has given its answers itself
+        return 0 if out.get("ok") else 1
     print(json.dumps(out, indent=1), flush=True)
     return 0 if out.get("ok") else 1

@@ -129,8 +129,7 @@ class Net:
     def make_bridge(self, bridge: str, cidr: str) -> None:
         """Make the guests' bridge with dom0's address on it, ahead of systemd-networkd (which starts late in a
         boot, and takes the bridge over as it finds it: the same name, the same address), in one `ip` process.
-        Made as networkd's .netdev and .network say (no STP, no forward delay, no IPv6 link-local address), so
-        that networkd, taking it over, need not bounce it under the guests already on it."""
+        Made as networkd's .netdev and .network say: no STP, no forward delay, no IPv6 link-local address."""
         ipaddress.IPv4Interface(cidr)
         batch = (f"link add name {bridge} type bridge stp_state 0 forward_delay 0\n"
                  f"link set dev {bridge} addrgenmode none\n"
