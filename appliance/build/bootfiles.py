@@ -51,7 +51,8 @@ def dom0_args(cfg: Config, ident: Identity, b: Board) -> str:
     # appliance.board: which of the initramfs's module lists (etc/modules.BOARD) this board loads.
     # cryptomgr.notests: no self-tests of the kernel's crypto algorithms against test vectors as each registers
     # (they catch a miscompiled implementation, not an attack): about a second of an emulated boot.
-    args = (f"console={b.console.dom0} root=PARTUUID={ident.root_partuuid} rootwait ro clk_ignore_unused "
+    # rw: the initramfs checks the root before it mounts it (read-only if the check fails: board/initramfs-init).
+    args = (f"console={b.console.dom0} root=PARTUUID={ident.root_partuuid} rootwait rw clk_ignore_unused "
             f"cryptomgr.notests appliance.board={b.name}")
     return f"{args} {b.dom0_args}".strip()
 
