@@ -179,7 +179,7 @@ def test_initramfs_has_the_boards_modules(built_image):
         subprocess.run(["cpio", "-id", "--quiet", "etc/modules*"], input=data, cwd=d, check=True)
         lists = {p.name: p.read_text().split() for p in Path(d, "etc").iterdir()}
     assert lists["modules.cubieboard2"] == ["sunxi-mmc", "ext4", "sun4i-emac", "dwmac-sunxi"]
-    assert lists["modules.qemu-virt"] == ["virtio_blk", "virtio_mmio", "ext4"]   # its NIC: udev, after the guests
+    assert lists["modules.qemu-virt"] == ["virtio_blk", "virtio_mmio", "ext4", "virtio_net"]
     assert "crc32c_generic" in lists["modules.soft"]           # ext4's soft dependency, loaded first
     assert {"xen-netback", "bridge", "nf_tables"} <= set(lists["modules"])
     # the root's check: the tree's e2fsck and every library it loads, where the loader looks for them
