@@ -64,7 +64,8 @@ LIFETIME = ("woken", "wake_ms", "trigger", "requests", "wakes_today")   # the fi
 
 
 def site_status(ctx: Context, site: Site) -> dict[str, Any]:
-    from . import staging   # deploy's uploads: not imported by `run`, at boot
+    from . import staging  # deploy's uploads: not imported by `run`, at boot
+
     store = ctx.store(site)
     st = ctx.read_state(site)
     out: dict[str, Any] = {"current": store.pointer("current"), "previous": store.pointer("previous"),

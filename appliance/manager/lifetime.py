@@ -34,7 +34,7 @@ def every_site(ctx: Context) -> dict[str, dict[str, Any]]:
 def post(address: str, port: int, body: dict[str, Any], timeout: float = 2.0) -> int | None:
     """POST the figures; the HTTP status, or None when the guest did not answer."""
     data = json.dumps(body, separators=(", ", ": ")).encode()
-    import http.client   # as net.healthy does: not on the way to the first guest's start
+    import http.client  # as net.healthy does: not on the way to the first guest's start
 
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:

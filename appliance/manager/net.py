@@ -153,8 +153,10 @@ class Net:
 def healthy(address: str, port: int, path: str, timeout: float = 2.0) -> tuple[bool, str]:
     """GET http://address:port/path from the guest itself: 2xx or 3xx is healthy; a redirect is not followed
     (http.client follows none), and no proxy is asked. Returns (healthy, what happened)."""
-    import http.client   # here, not at the top: its import (email's parser) is a second of an emulated boot, and
-    #                      the first check comes while the guest boots on the other CPU
+    # here, not at the top: its import (email's parser) is a second of an emulated boot, and the first check comes
+    # while the guest boots on the other CPU
+    import http.client
+
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"User-Agent": "appliance-guest health check", "Connection": "close"})
