@@ -145,6 +145,7 @@ def test_make_room_stops_the_longest_idle_and_never_a_busy_one(tmp_path: Path):
     for name, d in others.items():
         d.site = type(site)(**{**site.__dict__, "name": name})
         d.state, d.memory, d.slot = "serving", 300, dataclasses.replace(site.slots[0], domain=f"{name}.blue")
+        d.write()                                      # as a serving site's state says
     busy.held, busy.last, idle.last = 1, 0.0, 5.0      # the busy one has idled longer, but holds a visitor
     registry += [me, busy, idle]
     ctx.xl = RoomXl(700, registry)                     # type: ignore[assignment]
@@ -154,6 +155,96 @@ def test_make_room_stops_the_longest_idle_and_never_a_busy_one(tmp_path: Path):
                                             r"idle on-demand site stopped; nothing was stopped$"):
         me.make_room(500)
     assert ctx.xl.destroyed == ["idle.blue"] and busy.state == "serving"
+
+
+class SwitchingNet(FakeNet):
+    """The map and conntrack of a serving on-demand site; `during_look` runs inside the manager's conntrack look,
+    as a switch in another process may (each look is a process of its own on the board: hundreds of ms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during_look: list[Any] = []
+        self.removed: list[tuple[str, int]] = []
+        self.next_id = 0
+
+    def remove(self, address: str, port: int) -> None:
+        self.removed.append((address, port))
+        self.map.pop((address, port), None)
+
+    def connections(self, service: str, backend: str) -> tuple[set[int], int]:
+        while self.during_look:
+            self.during_look.pop(0)()
+        self.next_id += 1                   # a steady visitor: a new connection every look
+        return {self.next_id}, 0
+
+
+class Domains:
+    """xl's domains by name."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = set(names)
+
+    def domid(self, name: str) -> int | None:
+        return 1 if name in self.names else None
+
+
+@pytest.fixture
+def serving_demo(tmp_path: Path) -> tuple[Context, demand.DemandSite]:
+    """The on-demand site demo serving 1.0 from its blue slot, as the manager's thread for it sees it."""
+    (tmp_path / "sites.json").write_text(json.dumps(sites_json(on_demand={"idle": 3600, "stop": "destroy"})))
+    ctx = Context.from_env({"APPLIANCE_SITES": str(tmp_path / "sites.json"), "APPLIANCE_RUN": str(tmp_path / "run"),
+                            "APPLIANCE_STORE": str(tmp_path / "store")})
+    ctx.net, ctx.xl = SwitchingNet(), Domains("demo.blue")          # type: ignore[assignment]
+    site = ctx.settings.site("demo")
+    blue = site.slot("blue")
+    ctx.net.point(site.address, site.port, blue.address, 80)
+    d = demand.DemandSite(ctx, site, threading.Event())
+    d.state, d.slot, d.version, d.port = "serving", blue, "1.0", 80
+    d.write()
+    return ctx, d
+
+
+def switch_to_green(ctx: Context, d: demand.DemandSite) -> None:
+    """What `appliance-guest switch demo 2.0` does in its own process, under the site's lock: green starts, the
+    map moves to it, the state says so, blue drains and stops."""
+    site, green = d.site, d.site.slot("green")
+    with ctx.lock(site, "switch", "2.0"):
+        ctx.xl.names.add(green.domain)                                # type: ignore[attr-defined]
+        ctx.net.point(site.address, site.port, green.address, 80)
+        ctx.write_state(site, state="serving", slot="green", domain=green.domain, version="2.0",
+                        backend=green.address, port=80)
+        ctx.xl.names.discard(site.slot("blue").domain)               # type: ignore[attr-defined]
+
+
+def test_a_switch_during_a_look_is_followed_not_undone(serving_demo):
+    """A switch that lands while the manager counts the old guest's connections: the manager's figures must not
+    put the old slot back in the state, and the old guest, stopped by the switch, is not a crash (the new guest's
+    map element stayed; before, it went, and the next visitor waited for a wake of a site that was serving)."""
+    ctx, d = serving_demo
+    ctx.net.during_look.append(lambda: switch_to_green(ctx, d))
+    for _ in range(3):
+        d._next_look = 0.0                # look for the domain on every tick
+        d.tick(1000.0)
+    site = d.site
+    st = ctx.read_state(site)
+    assert ctx.net.active(site.address, site.port) == ("127.0.0.2", 80) and ctx.net.removed == []
+    assert (st["slot"], st["version"], st["state"]) == ("green", "2.0", "serving")
+    assert (d.state, d.slot.name, d.version) == ("serving", "green", "2.0")
+
+
+def test_a_gone_guest_waits_for_a_switch_at_work(serving_demo):
+    """The serving domain gone while a switch holds the lock: nothing is removed until the switch is done (then it
+    is followed); gone with nobody at work: its map element goes, and the site sleeps until a visitor comes."""
+    ctx, d = serving_demo
+    site = d.site
+    ctx.xl.names.clear()
+    with ctx.lock(site, "switch", "2.0"):
+        d.tick(1000.0)
+    assert ctx.net.removed == [] and d.state == "serving"
+    d._next_look = 0.0
+    d.tick(1001.0)
+    assert ctx.net.removed == [(site.address, site.port)] and d.state == "asleep"
+    assert ctx.read_state(site)["error"] == "demo.blue was gone"
 
 
 def test_status_page_says_why():

@@ -329,7 +329,7 @@ def test_out_of_memory_is_refused_before_a_start(board: Board):
 
 def test_a_second_switch_is_refused_naming_the_first(board: Board):
     board.version("1.0", "serve:page one")
-    board.version("2.0", "slow-start:2:page two")
+    board.version("2.0", "slow-start:5:page two", deadline=15)
     board.version("3.0", "serve:page three")
     board.supervise("1.0")
     first = board.manager("switch", "demo", "2.0")

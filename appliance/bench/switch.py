@@ -42,7 +42,7 @@ while not os.path.exists(stop):
             n["versions"].append(v)
     except Exception as exc:
         n["failed"] += 1
-        n["errors"] = (n["errors"] + [repr(exc)[:160]])[-5:]
+        n["errors"] = (n["errors"] + [f"{time.time():.3f} {repr(exc)[:160]}"])[-5:]
     with open(out + ".tmp", "w") as f:
         json.dump(n, f)
     os.replace(out + ".tmp", out)

@@ -246,12 +246,7 @@ class DemandSite:
         if now >= self._next_look:
             self._next_look = now + LOOK_S
             if self.ctx.xl.domid(self.slot.domain) is None:
-                log(f"site {self.site.name}: {self.slot.domain} is gone (crashed, shut down or destroyed); the next "
-                    f"visitor wakes it again")
-                self.ctx.net.remove(self.site.address, self.site.port)
-                with self.cv:
-                    self.state, self.error = "asleep", f"{self.slot.domain} was gone"
-                self.write()
+                self._gone()
                 return
         ids, established = self._connections()
         new = ids - self.ids
@@ -262,9 +257,55 @@ class DemandSite:
         if new or established or self.held:
             self.last = now
         if new:
-            self.write()
+            self._write_if_ours()
         if idle_for(now, self.last, established, self.held) >= self.policy.idle:
             self.sleep()
+
+    # A switch (or a deploy's) runs in another process: it holds the site's lock from its guest's start until the
+    # old guest is stopped, and writes the site's state under it. What this thread saw before the switch (the slot,
+    # the version) is stale once that lock is free again, so whatever it writes or removes on the strength of it is
+    # done under the lock, after reading the state again: a figures write once overwrote a switch's new slot with
+    # the old one, and the old slot's domain, stopped by the drain, was then taken for a crash and the map element
+    # of the new guest removed (a visitor's request held for a wake timed out; test_deploy_system's rollback).
+
+    def _ours(self) -> bool:
+        """Whether the site's state still names the slot and version this thread watches (under the lock)."""
+        st = self.ctx.read_state(self.site)
+        return self.slot is not None and (st.get("slot"), st.get("version")) == (self.slot.name, self.version)
+
+    def _write_if_ours(self) -> None:
+        """Write the figures, unless a switch is at work or has moved the site (the next tick follows it)."""
+        try:
+            lock = self.ctx.lock(self.site, "figures", self.version).acquire()
+        except Busy:
+            return
+        try:
+            if self._ours():
+                self.write()
+        finally:
+            lock.release()
+
+    def _gone(self) -> None:
+        """The serving guest's domain is gone (crashed, shut down, destroyed): its map element goes and the next
+        visitor wakes the site again, unless a switch stopped it, having moved the site to its new guest."""
+        try:
+            lock = self.ctx.lock(self.site, "a gone guest", self.version).acquire()
+        except Busy:
+            return                        # a switch is at work: look again once it is done
+        try:
+            assert self.slot is not None
+            if not self._ours() or self.ctx.xl.domid(self.slot.domain) is not None:
+                return                    # a switch moved the site: the next tick follows it
+            log(f"site {self.site.name}: {self.slot.domain} is gone (crashed, shut down or destroyed); the next "
+                f"visitor wakes it again")
+            active = self.ctx.net.active(self.site.address, self.site.port)
+            if active is not None and active[0] == self.slot.address:
+                self.ctx.net.remove(self.site.address, self.site.port)
+            with self.cv:
+                self.state, self.error = "asleep", f"{self.slot.domain} was gone"
+            self.write()
+        finally:
+            lock.release()
 
     def _reload(self) -> None:
         try:
@@ -298,7 +339,7 @@ class DemandSite:
         self._figures(self.ctx.read_state(self.site))
         self.ids = self._connections()[0]
         log(f"site {self.site.name}: {version} serves from {slot.domain} (started by a switch)")
-        self.write()
+        self._write_if_ours()
 
     def sleep(self, destroy: bool = False) -> None:
         """Stop the idle guest: the map element first, then the guest (paused, or destroyed)."""
@@ -307,6 +348,8 @@ class DemandSite:
         except Busy:
             return                        # a switch or a wake is at work: look again later
         try:
+            if self.state == "serving" and not self._ours():
+                return                    # a switch moved the site since this tick looked: the next one follows
             with self.cv:
                 if self.state not in ("serving", "paused") or self.slot is None:
                     return

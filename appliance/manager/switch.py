@@ -26,7 +26,8 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
     site = ctx.settings.site(site_name)
     check_version(version, f"site {site.name}: version")
     store = ctx.store(site)
-    with ctx.lock(site, "cold switch" if cold else "switch", version, wait=0.3):
+    # wait a little: the manager's own looks at an on-demand site take the lock for a moment (demand.py)
+    with ctx.lock(site, "cold switch" if cold else "switch", version, wait=1):
         store.load(version, site.defaults())              # a bad version is refused before anything starts
         slot, old = ctx.served(site)
         if slot is not None and ctx.xl.domid(slot.domain) is None:
@@ -78,7 +79,7 @@ def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
     left = -1
     while True:
         try:
-            left = ctx.net.unfinished(old.address)
+            left = ctx.net.unfinished(old.address, ctx.settings.guests.address)
         except Error as exc:
             log(str(exc))
             left = -1
