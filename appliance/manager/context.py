@@ -149,6 +149,12 @@ class Context:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def names(self, site: Site, slot: Slot | None, version: str | None) -> bool:
+        """Whether the site's state names this slot and version: read again under the site's lock by whoever acts
+        on what it saw before (a switch in another process may have moved the site since)."""
+        st = self.read_state(site)
+        return slot is not None and (st.get("slot"), st.get("version")) == (slot.name, version)
+
     def write_state(self, site: Site, **state: Any) -> dict[str, Any]:
         """Replace the site's state (one rename: a reader sees the old state or the new)."""
         data = {"site": site.name, "since": round(time.time(), 3), "pid": os.getpid(), **state}

@@ -270,8 +270,7 @@ class DemandSite:
 
     def _ours(self) -> bool:
         """Whether the site's state still names the slot and version this thread watches (under the lock)."""
-        st = self.ctx.read_state(self.site)
-        return self.slot is not None and (st.get("slot"), st.get("version")) == (self.slot.name, self.version)
+        return self.ctx.names(self.site, self.slot, self.version)
 
     def _write_if_ours(self) -> None:
         """Write the figures, unless a switch is at work or has moved the site (the next tick follows it)."""

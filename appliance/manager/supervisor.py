@@ -239,8 +239,7 @@ class SiteSupervisor:
         except Busy:
             return                        # a switch is at work; look again once it is done
         try:
-            st = self.ctx.read_state(self.site)
-            if (st.get("slot"), st.get("version")) != (self.slot.name, self.version):
+            if not self.ctx.names(self.site, self.slot, self.version):
                 return                    # a switch moved the site meanwhile
             self.ctx.xl.destroy(self.slot.domain)
             self.restarts += 1
