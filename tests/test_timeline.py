@@ -87,3 +87,22 @@ def test_names_are_escaped_in_the_picture(tmp_path):
     assert "rootfs <mmdebstrap> & co" in texts and "Build steps: 288 s" in texts
     bars = root.findall(f"{SVG}rect")[1:]
     assert [float(b.get("x")) for b in bars][1] > float(bars[0].get("x"))   # one after the other
+
+
+def test_marks_close_together_keep_their_labels_apart(tmp_path):
+    # The README's picture had "goal 35 s" and "first page 36.2 s" drawn on top of each other.
+    marks = {**MILESTONES, "guest HTTP 200 on the bridge": 36.2}
+    root = ET.parse(timeline.boot_svg(marks, tmp_path / "boot.svg", goal=35)).getroot()
+    labels = {t.text: (float(t.get("x")), float(t.get("y"))) for t in root.iter(f"{SVG}text")
+              if t.text and t.text.startswith(("goal", "first page"))}
+    (goal_x, goal_y), (page_x, page_y) = labels["goal 35 s"], labels["first page 36.2 s"]
+    width = timeline.CHAR_W * len("goal 35 s")
+    assert goal_y != page_y or page_x > goal_x + width           # on another line, or clear of each other
+    title_y = float(next(t for t in root.iter(f"{SVG}text") if t.get("font-size") == "15").get("y"))
+    assert min(goal_y, page_y) - title_y >= timeline.MARK_LINE - 2   # and both below the title
+
+
+def test_a_mark_near_the_right_edge_ends_inside_the_picture(tmp_path):
+    root = ET.parse(timeline.boot_svg(MILESTONES, tmp_path / "boot.svg", goal=171)).getroot()
+    goal = next(t for t in root.iter(f"{SVG}text") if t.text == "goal 171 s")
+    assert float(goal.get("x")) + timeline.CHAR_W * len(goal.text) <= timeline.W

@@ -7,7 +7,7 @@ the build's steps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -25,7 +25,8 @@ PHASES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
 COLOURS = {"boot loader": "#8f7a66", "Xen": "#d9534f", "dom0": "#3e7cb1", "guest": "#5cb85c", "unit": "#9bbbd9",
            "step": "#edc22e"}
 UNITS = 8               # dom0's slowest units shown
-W, LEFT, RIGHT, ROW, TOP = 980, 250, 70, 24, 40
+W, LEFT, RIGHT, ROW, TOP = 980, 250, 70, 24, 56
+MARK_LINE, CHAR_W = 14, 7.0    # a mark's label line height, and a generous character width (12 px sans-serif)
 
 
 def units(show: str, dom0_kernel: float, top: int = UNITS) -> list[tuple[str, float, float]]:
@@ -52,6 +53,7 @@ class _Svg:
     def __init__(self, title: str, end: float, rows: int) -> None:
         self.end, self.rows = max(end, 1.0), rows
         self.height = TOP + rows * ROW + 40
+        self.labels: list[tuple[float, float, int]] = []   # marks' labels drawn so far: (x from, x to, line)
         self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{self.height}" '
                       f'font-family="sans-serif" font-size="12">', f"<title>{escape(title)}</title>",
                       '<rect width="100%" height="100%" fill="#fff"/>',
@@ -83,9 +85,17 @@ class _Svg:
                               f'fill="{"#fff" if inside else "#333"}">{escape(text)}</text>')
 
     def mark(self, t: float, text: str, colour: str = "#333") -> None:
+        """A dashed line at t, labelled above the rows; a label that would overlap one already drawn goes a line
+        higher (two lines fit under the title), and one near the right edge ends at its line instead."""
         x = self.x(t)
-        self.parts.append(f'<line x1="{x}" y1="{TOP - 4}" x2="{x}" y2="{TOP + self.rows * ROW}" stroke="{colour}" '
-                          f'stroke-dasharray="4 3"/><text x="{x + 3}" y="{TOP - 6}" fill="{colour}">'
+        width = CHAR_W * len(text)
+        x0 = x + 3 if x + 3 + width <= W else x - 3 - width
+        line = next(n for n in range(len(self.labels) + 1)
+                    if all(n != m or b < x0 or x0 + width < a for a, b, m in self.labels))
+        self.labels.append((x0, x0 + width, line))
+        y = TOP - 6 - line * MARK_LINE
+        self.parts.append(f'<line x1="{x}" y1="{y + 2}" x2="{x}" y2="{TOP + self.rows * ROW}" stroke="{colour}" '
+                          f'stroke-dasharray="4 3"/><text x="{round(x0, 1)}" y="{y}" fill="{colour}">'
                           f'{escape(text)}</text>')
 
     def write(self, path: Path) -> Path:
@@ -94,7 +104,7 @@ class _Svg:
         return path
 
 
-def boot_svg(milestones: Mapping[str, float], path: Path, *, slow_units: list[tuple[str, float, float]] = (),
+def boot_svg(milestones: Mapping[str, float], path: Path, *, slow_units: Sequence[tuple[str, float, float]] = (),
              goal: float | None = None, title: str = "Boot under QEMU") -> Path:
     """The boot's phases in their lanes, the first HTTP 200 (and the goal) marked, dom0's slowest units below."""
     served = _first(milestones, ("guest HTTP 200 on the bridge", "guest HTTP 200, polled over SSH"))
