@@ -63,8 +63,11 @@ def memory(board: Board, sites: list) -> dict[str, Any]:
     with log.step(f"Putting {len(sites)} on-demand sites to sleep"):
         for s in sites:
             first_byte(board, s.address, s.port)
-            wait_for(f"{s.name} asleep", lambda s=s: manager(board, f"status {s.name}")[1].get("state")
-                     == "asleep" or None, SLEEP_S, interval=1, board=board)
+
+            def asleep_now(name: str = s.name) -> bool | None:
+                return manager(board, f"status {name}")[1].get("state") == "asleep" or None
+
+            wait_for(f"{s.name} asleep", asleep_now, SLEEP_S, interval=1, board=board)
         asleep = free_mib(board)
     for s in sites:
         manager(board, f"on-demand {s.name} --idle {SLEEP_S * 2} --stop destroy")
@@ -73,8 +76,8 @@ def memory(board: Board, sites: list) -> dict[str, Any]:
         serving = free_mib(board)
     names = ", ".join(s.name for s in sites)
     return {f"Xen free memory, {len(sites)} sites ({names}) asleep / serving, MiB": f"{asleep} / {serving}",
-            f"memory the {len(sites)} sleeping sites free, MiB": (asleep - serving) if None not in
-            (asleep, serving) and None not in served else None}
+            f"memory the {len(sites)} sleeping sites free, MiB": (asleep - serving) if asleep is not None
+            and serving is not None and None not in served else None}
 
 
 def wakes(board: Board, cfg: Config) -> dict[str, Any]:
@@ -94,8 +97,11 @@ def wakes(board: Board, cfg: Config) -> dict[str, Any]:
             for how in ("a connection", "a DNS query"):
                 with log.step(f"Waking {game.name} ({stop}) by {how}"):
                     first_byte(board, game.address, game.port)        # awake, so that it can fall asleep
-                    wait_for(f"{game.name} {state}", lambda: manager(board, f"status {game.name}")[1].get("state")
-                             == state or None, SLEEP_S, interval=1, board=board)
+
+                    def reached(want: str = state) -> bool | None:
+                        return manager(board, f"status {game.name}")[1].get("state") == want or None
+
+                    wait_for(f"{game.name} {state}", reached, SLEEP_S, interval=1, board=board)
                     asleep = free_mib(board)
                     t = first_byte(board, game.address, game.port, game.names[0] if how != "a connection" else "")
                     st = manager(board, f"status {game.name}")[1]
