@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from invoke import Collection, Exit, Task, task
@@ -142,7 +143,24 @@ def build(c, recipe="booth", dry_run=False, authorized_keys=None, debug=False):
     """Build the SD-card image of a recipe (default: booth) into build/."""
     from appliance import build as b
 
-    b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c))
+    out = b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c))
+    if out is not None:
+        log.info(next_step(out.img, log.again()))
+
+
+def next_step(img: Path, warnings: list[str], program: str | None = None) -> str:
+    """A build's last line: what to do next, and any warning that matters for it (an image nobody can log in to)."""
+    from appliance.flash import source
+
+    program = program or _program()
+    image = "" if img.parent.resolve() == source.BUILD.resolve() else f" --image {img}"
+    return f"next: {program} flash{image} /dev/sdX (the card's whole disk)" + "".join(
+        f"; WARNING: {w}" for w in warnings)
+
+
+def _program() -> str:
+    """The command the user typed: `invoke` in a checkout, else the installed `appliance`."""
+    return "invoke" if Path(sys.argv[0]).name in ("invoke", "inv") else "appliance"
 
 
 @command(help={"all": "also drop the outputs (build/)", "debug": _DEBUG})

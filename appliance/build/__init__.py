@@ -100,7 +100,7 @@ def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str 
             cfg = ctx.cfg
             if ctx.keys is None:
                 log.warn("the image will have no SSH authorized key, so nobody can log in to it: give one with "
-                         "--authorized-keys FILE or ssh.authorized_keys in the recipe")
+                         "--authorized-keys FILE or ssh.authorized_keys in the recipe", again=True)
             log.info(f"{cfg.image_name}: board {cfg.board.name} (+ {', '.join(b.name for b in cfg.also) or 'none'}),"
                      f" {cfg.recipe.suite}/{cfg.board.arch}, SOURCE_DATE_EPOCH={ctx.sde}")
         if dry_run:
