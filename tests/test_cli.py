@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cards import Card
 
-from appliance import ROOT, commands
+from appliance import ROOT, build, commands, default_cache
 from appliance.errors import FlashInterrupted
 
 BIN = Path(sys.executable).parent
@@ -148,3 +148,36 @@ def test_invoke_lists_the_same_tasks_in_the_checkout() -> None:
     assert p.returncode == 0 and p.stdout.startswith("Available tasks:\n")
     assert [line.split()[0] for line in p.stdout.splitlines()[2:] if line.startswith("  ") and
             not line.startswith("    ")] == sorted(commands.ns.task_names)
+
+
+@pytest.mark.unit
+def test_clean_removes_only_what_appliance_made(tmp_path: Path) -> None:
+    """The cache may be a folder shared with other programs (~/.cache): clean leaves what it did not make."""
+    root, cache = tmp_path / "checkout", tmp_path / "cache"
+    (root / "build" / ".work" / "x").mkdir(parents=True)
+    for made in ("rootfs/abc/tree/etc", "initrd", "xz/cubieboard2-booth"):
+        (cache / made).mkdir(parents=True)
+        (cache / made / "data").write_bytes(b"ours")
+    (cache / "fontconfig").mkdir()
+    (cache / "fontconfig" / "cache-7").write_bytes(b"theirs")
+    (cache / "notes.txt").write_text("theirs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("theirs")
+    (cache / "xz").rename(tmp_path / "xz-was")
+    (cache / "xz").symlink_to(elsewhere)          # a link named like ours is removed, never followed
+    build.clean(root=root, cache=cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["fontconfig", "notes.txt"]
+    assert (cache / "fontconfig" / "cache-7").read_bytes() == b"theirs"
+    assert (elsewhere / "keep").read_text() == "theirs"
+    assert not (root / "build" / ".work").exists()
+
+
+@pytest.mark.unit
+def test_the_cache_is_dot_cache_in_a_checkout_else_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_cache() == ROOT / ".cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache(tmp_path) == tmp_path / "xdg" / "appliance"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache(tmp_path) == tmp_path / "home" / ".cache" / "appliance"
