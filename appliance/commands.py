@@ -98,6 +98,7 @@ def _cli(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(c: Any, *args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug")) or bool(os.environ.get("APPLIANCE_DEBUG"))
         log.set_debug(debug)
+        log.again()      # a task's last line repeats its own warnings only
         try:
             return fn(c, *args, **kwargs)
         except ApplianceError as exc:
@@ -327,8 +328,13 @@ def guests(c, host=None, site=None, accept_new=False, ssh_config=None, known_hos
                "pytest_args": "extra pytest arguments", "debug": _DEBUG})
 def test(c, tier="all", pytest_args="", debug=False):
     """Run the test suite (from the checkout): every tier by default."""
+    from appliance import ROOT, checkout
+
     marker = "" if choice("tier", tier, TIERS) == "all" else f"-m {tier}"
-    c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=False)
+    if not checkout():
+        raise OptionError(f"the test suite runs from a checkout; {ROOT} is not one")
+    with c.cd(str(ROOT)):
+        c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=False)
 
 
 @command(help={"skip_cold": "skip the cold build (it takes minutes)", "skip_flash": "skip the flash benchmark",

@@ -109,6 +109,7 @@ def test_a_quiet_command_has_a_heartbeat_and_its_own_lines_only_with_debug(tmp_p
 def test_a_build_ends_with_what_to_do_next() -> None:
     img = source.BUILD / "cubieboard2-booth.img"
     assert commands.next_step(img, [], "invoke") == "next: invoke flash /dev/sdX (the card's whole disk)"
+    log.again()          # what earlier builds in this process left
     log.warn("the image will have no SSH authorized key, so nobody can log in to it", again=True)
     assert commands.next_step(Path("/srv/out/x.img"), log.again(), "appliance") == (
         "next: appliance flash --image /srv/out/x.img /dev/sdX (the card's whole disk); "
