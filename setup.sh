@@ -33,5 +33,5 @@ grep -q '^flags: .*F' /proc/sys/fs/binfmt_misc/qemu-arm || {
 echo "== Python virtualenv (.venv)"
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e .
-echo "setup.sh: done. Build with: .venv/bin/invoke build"
+.venv/bin/pip install -q -e '.[test]'    # the tool, and the test suite's packages
+echo "setup.sh: done. Build with: .venv/bin/appliance build (or .venv/bin/invoke build)"

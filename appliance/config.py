@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import ROOT
+from . import ROOT, default_cache
 from .errors import RecipeError
 from .manager import manifest, names
 from .manager.settings import IDLE_MAX, IDLE_MIN, KEEP_MAX
@@ -226,7 +226,7 @@ class Config:
     recipe_path: Path
     root: Path = ROOT
     digest: str = field(default="")
-    cache: Path = ROOT / ".cache"      # base trees, initramfs images and xz chunks (a setting: `cache` in invoke)
+    cache: Path = field(default_factory=default_cache)   # base trees, initramfs images, xz chunks (a setting)
 
     @property
     def image_name(self) -> str:
@@ -353,7 +353,7 @@ def recipe_path(name_or_path: str, root: Path = ROOT) -> Path:
 
 def load(recipe: str = "booth", root: Path = ROOT, *, cache: Path | None = None, **overrides: Any) -> Config:
     """Load and check a recipe and its boards. `overrides` replace top-level recipe keys (CLI options);
-    `cache` is where the build keeps what it can reuse (default: .cache in the checkout)."""
+    `cache` is where the build keeps what it can reuse (default: default_cache())."""
     path = recipe_path(recipe, root)
     data = read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -364,7 +364,7 @@ def load(recipe: str = "booth", root: Path = ROOT, *, cache: Path | None = None,
     also = tuple(load_board(b, root) for b in rec.also_boots if b != rec.board)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(rec), sort_keys=True, default=str).encode()).hexdigest()
     return Config(recipe=rec, board=board, also=also, recipe_path=path, root=root, digest=digest,
-                  cache=Path(cache) if cache is not None else root / ".cache")
+                  cache=Path(cache) if cache is not None else default_cache(root))
 
 
 def _moved(data: dict[str, Any], path: Path) -> None:

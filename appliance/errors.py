@@ -1,11 +1,13 @@
 """Typed errors. Each carries one whole sentence naming the file, key, device or step.
 
-Only tasks.py prints them (as one line); the library never prints a traceback.
+Only the tasks (appliance/commands.py) print them, as one line; the library never prints a traceback.
 """
 
 
 class ApplianceError(Exception):
     """Base of every error the user should see as one clear line."""
+
+    exit_code = 1
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -14,6 +16,16 @@ class ApplianceError(Exception):
     def __str__(self) -> str:
         text = super().__str__()
         return f"{text} ({self.hint})" if self.hint else text
+
+
+class OptionError(ApplianceError):
+    """A command-line option's value is wrong (named as the user typed it, e.g. --memory)."""
+
+
+class Interrupted(ApplianceError):
+    """Ctrl-C stopped the work; the message says what it left behind. Exits 130, as a shell expects."""
+
+    exit_code = 130
 
 
 class RecipeError(ApplianceError):
@@ -30,6 +42,10 @@ class ToolError(BuildError):
 
 class FlashError(ApplianceError):
     """Writing an image to a card was refused or failed."""
+
+
+class FlashInterrupted(FlashError, Interrupted):
+    """Ctrl-C during a write: the card is incomplete."""
 
 
 class EmulateError(ApplianceError):

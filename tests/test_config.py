@@ -102,6 +102,8 @@ def test_recipe_mirror_wins_and_missing_mirror_is_an_error(tmp_path: Path):
 
 
 def test_clean_drops_caches_and_keeps_outputs_unless_all(tmp_path: Path):
+    for marker in ("pyproject.toml", "tasks.py"):    # a checkout: its cache is .cache/
+        (tmp_path / marker).write_text("")
     (tmp_path / ".cache" / "rootfs" / "k").mkdir(parents=True)
     (tmp_path / "build").mkdir()
     (tmp_path / "build" / "x.img").write_bytes(b"img")

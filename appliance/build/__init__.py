@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from .. import ROOT, log
+from .. import ROOT, default_cache, log
 from ..config import Config, load
 from ..errors import ToolError
 from ..identity import derive
@@ -90,7 +90,7 @@ def exclusive(root: Path) -> Iterator[None]:
 def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str | None = None,
           out_dir: Path | None = None, cache: str | Path | None = None,
           steps: Sequence[Step] = STEPS, native: bool = True) -> Outputs | None:
-    """Build a recipe's image into out_dir (default: build/), using the cache (default: .cache). native=False
+    """Build a recipe's image into out_dir (default: build/), using the cache (default: default_cache()). native=False
     makes a missing base tree the slow way (see rootfs.ensure): the benchmark's baseline."""
     start = time.monotonic()
     with log.timings({}) as durations:
@@ -100,7 +100,7 @@ def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str 
             cfg = ctx.cfg
             if ctx.keys is None:
                 log.warn("the image will have no SSH authorized key, so nobody can log in to it: give one with "
-                         "--authorized-keys FILE or ssh.authorized_keys in the recipe")
+                         "--authorized-keys FILE or ssh.authorized_keys in the recipe", again=True)
             log.info(f"{cfg.image_name}: board {cfg.board.name} (+ {', '.join(b.name for b in cfg.also) or 'none'}),"
                      f" {cfg.recipe.suite}/{cfg.board.arch}, SOURCE_DATE_EPOCH={ctx.sde}")
         if dry_run:
@@ -158,8 +158,10 @@ def _drop_partial(out_dir: Path) -> None:
 
 
 def clean(everything: bool = False, root: Path = ROOT, cache: str | Path | None = None) -> None:
-    with log.step("Dropping caches" + (" and outputs" if everything else "")):
-        clean_cache(Path(cache) if cache else root / ".cache")
+    """Drop the cache's entries the build made (never the rest of its folder), the workspaces, and with
+    `everything` the outputs; after any build running in this checkout has finished."""
+    with log.step("Dropping caches" + (" and outputs" if everything else "")), exclusive(root):
+        clean_cache(Path(cache) if cache else default_cache(root))
         shutil.rmtree(root / "build" / ".work", ignore_errors=True)
         shutil.rmtree(shm_dir(root), ignore_errors=True)
         if everything:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -262,9 +261,18 @@ def copy_tree(src: Path, dst: Path) -> None:
     run(["cp", "-a", "--reflink=auto", str(src), str(dst)], what="copying the cached rootfs")
 
 
+# Every entry the build makes in the cache (rootfs.py, initramfs.py, outputs.py): the cache may be a folder the
+# user shares with other programs (~/.cache), so clean removes these names and nothing else.
+CACHE_ENTRIES = ("rootfs", "initrd", "xz")
+
+
 def clean(cache: Path) -> None:
-    shutil.rmtree(cache, ignore_errors=True)
-    os.makedirs(cache, exist_ok=True)
+    for name in CACHE_ENTRIES:
+        entry = cache / name
+        if entry.is_symlink():
+            entry.unlink()        # not ours to follow
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class Rootfs(Step):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import log
-from ..errors import FlashError
+from ..errors import FlashError, FlashInterrupted
 from .copy import open_target, verify, write
 from .disks import Ask, Disk, MiB, candidates, check, choose, confirm, inspect
 from .source import Image, default_image, find_bmap, open_image
@@ -57,7 +57,7 @@ def flash(
         disk = inspect(target) if target is not None else choose(ask)
         check(disk, blocks.image_size, force=force)
         target = disk.node
-    fd = open_target(target, to_file, image, blocks.image_size)
+    fd = open_target(target, to_file, image, blocks.image_size, force=force)
     source = None
     try:
         if disk is not None and not yes:
@@ -74,7 +74,7 @@ def flash(
                 os.fsync(fd)
             verify(target, blocks, sums)
         except KeyboardInterrupt:
-            raise FlashError(f"interrupted: {target} is incomplete and will not boot",
+            raise FlashInterrupted(f"interrupted: {target} is incomplete and will not boot",
                              hint="flash it again before use") from None
         except OSError as exc:
             raise FlashError(f"writing {target} failed: {exc.strerror}; it is incomplete") from None

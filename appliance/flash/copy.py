@@ -23,7 +23,7 @@ ALIGN = 4096                 # O_DIRECT reads: offset, length and buffer aligned
 BLKFLSBUF = 0x1261
 
 
-def open_target(target: Path, to_file: bool, image: Path, size: int) -> int:
+def open_target(target: Path, to_file: bool, image: Path, size: int, *, force: bool = False) -> int:
     if to_file:
         if target.is_block_device():
             raise FlashError(f"{target} is a block device, not a file", hint="drop --to-file")
@@ -31,6 +31,8 @@ def open_target(target: Path, to_file: bool, image: Path, size: int) -> int:
             raise FlashError(f"{target} is not a regular file")
         if target.exists() and target.samefile(image):
             raise FlashError(f"{target} is the image itself")
+        if target.exists() and not force:
+            raise FlashError(f"{target} already exists", hint="--force overwrites it")
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             os.ftruncate(fd, size)    # unmapped blocks become holes, which read as zeros

@@ -1,0 +1,359 @@
+"""The tasks of `invoke` in a checkout and of the installed `appliance` command: thin wrappers that check
+their options, call into the library and print its ApplianceError as one line (`appliance: ERROR: …`);
+`--debug` (or APPLIANCE_DEBUG=1) shows the traceback instead. How a task is declared: see `command`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, Exit, Task, task
+
+from . import log
+from .errors import ApplianceError, OptionError
+
+# The only short flags, the same meaning on every task (README, "Tasks"); --debug has none.
+SHORT_FLAGS = {"dry_run": "n", "yes": "y"}
+TIERS = ("unit", "root", "ssh", "browser", "image", "system", "all")
+
+
+class _Task(Task):
+    """An invoke Task whose short flags come from SHORT_FLAGS alone."""
+
+    def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
+        opts = super().arg_opts(name, default, taken_names)
+        if name in SHORT_FLAGS:
+            opts["names"].append(SHORT_FLAGS[name])
+        return opts
+
+
+def command(*, help: dict[str, str], positional: Iterable[str] = (), optional_positional: str | None = None,
+            iterable: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Task]:
+    """Declare a task: `help` for every option, `positional` names, at most one `optional_positional` (given or not
+    on the command line, see _positional_given), `iterable` options that may be repeated.
+
+    Options default to None, False or a string: numbers are parsed in the body with `number()` (invoke's own
+    conversion would end in a traceback). Every task has `debug` and prints ApplianceError as one line.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Task:
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        for p in params:
+            if not (p.default is None or isinstance(p.default, bool | str)):
+                raise TypeError(f"task {fn.__name__}: --{p.name} defaults to {p.default!r}; parse it with number()")
+        pos = list(positional)
+        if optional_positional and _positional_given(fn.__name__, _valued(params)):
+            pos.append(optional_positional)
+        return task(klass=_Task, auto_shortflags=False, positional=pos, iterable=list(iterable),
+                    help=dict(help))(_cli(fn))
+
+    return wrap
+
+
+def _valued(params: list[inspect.Parameter]) -> set[str]:
+    """The flags of these parameters that take a value (every one that is not a bool)."""
+    flags: set[str] = set()
+    for p in params:
+        if not isinstance(p.default, bool):
+            flags.add("--" + p.name.replace("_", "-"))
+            if p.name in SHORT_FLAGS:
+                flags.add("-" + SHORT_FLAGS[p.name])
+    return flags
+
+
+def _positional_given(name: str, valued: set[str], argv: list[str] | None = None) -> bool:
+    """Whether a positional value follows task `name` on this command line (`invoke …` or `appliance …`).
+
+    invoke cannot make a positional argument optional, yet `flash` alone must offer the removable disks while
+    `flash /dev/sdX` names one; so the task's positional list is chosen from argv. (A pending positional would
+    take `--help` as its value, so help leaves it out; the task's docstring shows it.)
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if name not in argv:
+        return True
+    rest, skip = argv[argv.index(name) + 1:], False
+    for tok in rest:
+        if skip:
+            skip = False
+            continue
+        if tok in valued:
+            skip = True
+            continue
+        if not tok.startswith("-"):
+            return True
+    return False
+
+
+def _cli(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a task body, printing ApplianceError as one line unless --debug; Ctrl-C exits 130."""
+
+    @functools.wraps(fn)
+    def wrapper(c: Any, *args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug")) or bool(os.environ.get("APPLIANCE_DEBUG"))
+        log.set_debug(debug)
+        log.again()      # a task's last line repeats its own warnings only
+        try:
+            return fn(c, *args, **kwargs)
+        except ApplianceError as exc:
+            if debug:
+                raise
+            raise Exit(f"appliance: ERROR: {exc}", code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise Exit("appliance: interrupted", code=130) from None
+
+    return wrapper
+
+
+def number(option: str, value: str | None, *, kind: type[int] | type[float] = int, minimum: float = 1,
+           maximum: float | None = None, default: float | None = None) -> Any:
+    """An option's value as an int (or float) within [minimum, maximum]; None gives `default`."""
+    if value is None:
+        return default
+    flag = "--" + option.replace("_", "-")
+    try:
+        n = kind(value)
+    except ValueError:
+        raise OptionError(f"{flag}: '{value}' is not a {'whole number' if kind is int else 'number'}") from None
+    if not math.isfinite(n) or n < minimum or (maximum is not None and n > maximum):
+        bounds = f"from {minimum:g} to {maximum:g}" if maximum is not None else f"at least {minimum:g}"
+        raise OptionError(f"{flag}: {value} is out of range (give a number {bounds})")
+    return n
+
+
+def choice(option: str, value: str, choices: Iterable[str]) -> str:
+    options = tuple(choices)
+    if value not in options:
+        raise OptionError(f"--{option.replace('_', '-')}: '{value}' is not one of {', '.join(options)}")
+    return value
+
+
+_DEBUG = "show commands and tracebacks"
+
+
+@command(help={"recipe": "recipe name under recipes/ or a path (default: booth)",
+               "dry_run": "check recipe, board, overlays, templates and host tools; build nothing",
+               "authorized_keys": "an SSH public key file to install for root", "debug": _DEBUG})
+def build(c, recipe="booth", dry_run=False, authorized_keys=None, debug=False):
+    """Build the SD-card image of a recipe (default: booth) into build/."""
+    from appliance import build as b
+
+    out = b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c))
+    if out is not None:
+        log.info(next_step(out.img, log.again()))
+
+
+def next_step(img: Path, warnings: list[str], program: str | None = None) -> str:
+    """A build's last line: what to do next, and any warning that matters for it (an image nobody can log in to)."""
+    from appliance.flash import source
+
+    program = program or _program()
+    image = "" if img.parent.resolve() == source.BUILD.resolve() else f" --image {img}"
+    return f"next: {program} flash{image} /dev/sdX (the card's whole disk)" + "".join(
+        f"; WARNING: {w}" for w in warnings)
+
+
+def _program() -> str:
+    """The command the user typed: `invoke` in a checkout, else the installed `appliance`."""
+    return "invoke" if Path(sys.argv[0]).name in ("invoke", "inv") else "appliance"
+
+
+@command(help={"all": "also drop the outputs (build/)", "debug": _DEBUG})
+def clean(c, all=False, debug=False):
+    """Drop what the builds cached (and with --all, the outputs too)."""
+    from appliance import build as b
+
+    b.clean(everything=all, cache=_cache(c))
+
+
+@command(optional_positional="device",
+         help={"device": "DEVICE, the card's whole disk, e.g. /dev/sdb (default: choose among the removable disks)",
+               "image": ".img, .img.xz, .img.gz or .img.zst to write (default: build/latest, the last built)",
+               "bmap": "block map to write by (default: the image's .bmap; without one, a full write)",
+               "yes": "do not ask for confirmation",
+               "force": "also write a disk that is not removable, or (--to-file) over an existing file",
+               "to_file": "DEVICE is an image file to write, not a card", "debug": _DEBUG})
+def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file=False, debug=False):
+    """Write an image to an SD card: checked, sparse and verified.
+
+    flash [DEVICE] [--image FILE] [--bmap FILE] [--yes] [--force] [--to-file]
+    """
+    from pathlib import Path
+
+    from appliance import flash as f
+
+    f.flash(Path(image) if image else f.default_image(), Path(device) if device else None,
+            bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file)
+
+
+@command(help={"image": "the .img to boot (default: build/latest, the last built)",
+               "board": "qemu-virt or orangepi-pc (default: what the image's manifest says QEMU can boot)",
+               "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
+               "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key)",
+               "timeout": "power off after this many seconds (with --log/--check: also the deadline for SSH)",
+               "check": "boot to a log, wait for dom0's SSH, print the milestones and power off", "debug": _DEBUG})
+def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=False, debug=False):
+    """Boot the image under QEMU through its own U-Boot script, Xen and dom0; never modifies the image."""
+    from pathlib import Path
+
+    from appliance import emulate as e
+    from appliance import flash as f
+
+    secs = number("timeout", timeout, kind=float)
+    img = Path(image) if image else f.default_image()
+    if not log and not check:
+        raise Exit(code=e.interactive(img, board=board, timeout=secs))
+    k = Path(key) if key else e.default_key()
+    if k is None:
+        raise OptionError("--log and --check need --key, the SSH private key the image trusts")
+    marks = e.headless(img, key=k, log_path=Path(log or "build/emulate-console.log"), board=board,
+                       timeout=secs or 600, stay=0 if check else secs)
+    print("milestones (s from power-on): " + ", ".join(f"{n} {t:.1f}" for n, t in marks.items()))
+
+
+@command(help={"recipe": "recipe name under recipes/ or a path (default: booth)",
+               "static": "a folder of static files (index.html, …) for the guest to serve instead of the game",
+               "debug": _DEBUG})
+def guest(c, recipe="booth", static=None, debug=False):
+    """Build the demo guest bundle (zImage + busybox httpd initramfs + the game, or --static DIR) into build/guests/."""
+    from pathlib import Path
+
+    from appliance.build import guest as g
+
+    print(g.build_task(recipe, cache=_cache(c), static=Path(static) if static else None).path)
+
+
+_SSH_HELP = {"host": "the board: user@name, name:port or an ~/.ssh/config alias (deploy: may be repeated)",
+             "hosts": "a file of hosts, one a line, or an Ansible INI inventory",
+             "accept_new": "trust an unknown host key and remember it (a changed key is always refused)",
+             "ssh_config": "read this ssh_config instead of ~/.ssh/config and /etc/ssh/ssh_config",
+             "known_hosts": "the known_hosts file (default: the ssh_config's, else ~/.ssh/known_hosts)",
+             "site": "the board's site (default: its only one)", "debug": _DEBUG}
+
+
+def _ssh_help(*leave_out: str, **more: str) -> dict[str, str]:
+    return {**{k: v for k, v in _SSH_HELP.items() if k not in leave_out}, **more}
+
+
+def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None):
+    from pathlib import Path
+
+    from appliance import deploy as d
+
+    names = list(host if isinstance(host, list) else [host] if host else [])
+    names += d.hosts_file(Path(hosts)) if hosts else []
+    if not names:
+        raise OptionError("name the board with --host HOST (or --hosts FILE)")
+    return [d.Target(n, Path(ssh_config) if ssh_config else None, Path(known_hosts) if known_hosts else None,
+                     accept_new) for n in names]
+
+
+@command(optional_positional="guest", iterable=["host"],
+         help={**_ssh_help(), "guest": "a bundle directory, a .tar/.tar.gz of one, or a bare zImage / .xen kernel",
+               "memory": "MiB for a bare kernel (default: the site's)", "name": "a bare kernel's name",
+               "version": "the version (default: name and content hash)",
+               "static": "deploy a folder of static files, served by the demo guest's kernel and httpd",
+               "parallel": "boards deployed at once (default 4, at most 64)",
+               "recipe": "the recipe --static builds for"})
+def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=None, version=None, static=None,
+           accept_new=False, ssh_config=None, known_hosts=None, parallel=None, recipe="booth", debug=False):
+    """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune.
+
+    deploy --host HOST [--host HOST2 …] [--site SITE] [--memory MIB] [--name NAME] [--parallel N] GUEST | --static DIR
+    """
+    from pathlib import Path
+
+    from appliance import deploy as d
+
+    mib = number("memory", memory)
+    at_once = number("parallel", parallel, maximum=64, default=4)
+    if not guest and not static:
+        raise OptionError("deploy what? Give GUEST (a bundle, tarball or kernel) or --static DIR")
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
+    with d.source(Path(guest or "."), name=name, version=version, memory=mib,
+                  static=Path(static) if static else None, recipe=recipe) as g:
+        rows = d.fleet(targets, g, site, at_once)
+    print(d.table(rows))
+    failed = [r for r in rows if not r.ok]
+    if len(rows) == 1 and failed:
+        raise Exit(f"appliance: ERROR: {failed[0].detail['error']}", code=1)
+    if failed:
+        raise Exit(f"appliance: ERROR: {len(failed)} of {len(rows)} boards failed: "
+                   f"{', '.join(r.host for r in failed)}", code=1)
+
+
+@command(optional_positional="version",
+         help=_ssh_help("hosts", host="the board", version="the version to go back to (default: the previous)"))
+def rollback(c, version=None, host=None, site=None, accept_new=False, ssh_config=None, known_hosts=None,
+             debug=False):
+    """Switch a board's site back to its previous version (or VERSION), blue-green.
+
+    rollback --host HOST [--site SITE] [VERSION]
+    """
+    from appliance import deploy as d
+
+    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
+    out = d.rollback(t, site, version)
+    print(f"{t.host}: {out['site']} {out.get('from') or '-'} -> {out['version']}")
+
+
+@command(help=_ssh_help("hosts", "site", host="the board", json="print the board's JSON"))
+def status(c, host=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, debug=False):
+    """Each site of a board: active version, domain, uptime, health, versions kept, free space."""
+    import json as j
+
+    from appliance import deploy as d
+
+    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
+    out = d.status(t)
+    print(j.dumps(out, indent=1) if json else d.status_text(t.host, out))
+
+
+@command(help=_ssh_help("hosts", host="the board"))
+def guests(c, host=None, site=None, accept_new=False, ssh_config=None, known_hosts=None, debug=False):
+    """The versions a board keeps for its sites (a bad one listed as bad, with why)."""
+    from appliance import deploy as d
+
+    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
+    print(d.guests_text(d.guests(t, site)))
+
+
+@command(help={"tier": "unit, root, ssh, browser, image, system or all (default)",
+               "pytest_args": "extra pytest arguments", "debug": _DEBUG})
+def test(c, tier="all", pytest_args="", debug=False):
+    """Run the test suite (from the checkout): every tier by default."""
+    from appliance import ROOT, checkout
+
+    marker = "" if choice("tier", tier, TIERS) == "all" else f"-m {tier}"
+    if not checkout():
+        raise OptionError(f"the test suite runs from a checkout; {ROOT} is not one")
+    with c.cd(str(ROOT)):
+        c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=False)
+
+
+@command(help={"skip_cold": "skip the cold build (it takes minutes)", "skip_flash": "skip the flash benchmark",
+               "skip_boot": "skip the QEMU boot benchmark",
+               "authorized_keys": "an SSH public key file for the images (default: a throwaway key made for the run)",
+               "runs": "runs of each benchmark (default 3): a figure is their median, printed with the spread",
+               "debug": _DEBUG})
+def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, runs=None, debug=False):
+    """Print the benchmark figures: build times, image sizes, flash and boot speed (into build/bench/)."""
+    from appliance import bench as b
+
+    n = number("runs", runs, maximum=100, default=3)
+    b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys, runs=n))
+
+
+def _cache(c: Any) -> str | None:
+    """The cache directory setting (`appliance.cache` in invoke.yaml, or INVOKE_APPLIANCE_CACHE); None: default."""
+    return c.config.appliance.cache
+
+
+ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, rollback, status, guests)
+ns.configure({"appliance": {"cache": None}})
