@@ -434,8 +434,8 @@ class Double:
         for dev, peer in (("wlan0", "v0"), ("wlan1", "v1"), ("wlan2", "att"), ("vif1.0", "be"), ("eth0", "up")):
             run("ip", "link", "add", dev, "netns", d, "type", "veth", "peer", "name", "eth0", "netns", ns[peer])
             run("ip", "-n", ns[peer], "link", "set", "eth0", "up")
-            if dev != "eth0":
-                run("ip", "-n", d, "link", "set", dev, "master", brg if dev.startswith("vif") else br)
+            if dev.startswith("wlan"):
+                run("ip", "-n", d, "link", "set", dev, "master", br)
             run("ip", "-n", d, "link", "set", dev, "up")
         for b in (br, brg):
             run("ip", "-n", d, "link", "set", b, "up")
@@ -456,9 +456,20 @@ class Double:
         run("ip", "netns", "exec", d, "nft", "-f", str(self.tmp / "nftables.conf"))
         if "table bridge appliance" in ruleset:
             self.nft(f"add element bridge appliance dom0_macs {{ {self.mac('d', br)} }}")
+        self.plug("vif1.0", blue["mac"], brg, 1)
         site = self.ctx["sites"][0]
         self.nft(f"add element inet appliance svc {{ {site['address']} . {site['port']} : "
                  f"{blue['address']} . {site['port']} }}")
+
+    def plug(self, vif: str, mac: str, bridge: str, domid: int) -> None:
+        """A guest's vif joins the guests' bridge as on the board: the board's vif script, run by xl's stand-in."""
+        slots = self.tmp / "slots"
+        slots.write_bytes(self.files["etc/appliance/slots"])
+        env = {**os.environ, "XL_STANDIN_DIR": str(self.tmp / "xl"), "APPLIANCE_SLOTS": str(slots)}
+        p = subprocess.run(["ip", "netns", "exec", self.ns["d"], sys.executable, str(Path(__file__).parent /
+                            "xl_standin.py"), "plug", vif, mac, bridge, str(domid)], env=env, capture_output=True,
+                           text=True, check=False)
+        assert p.returncode == 0, p.stderr
 
     def nft(self, command: str) -> str:
         return run("ip", "netns", "exec", self.ns["d"], "nft", command)

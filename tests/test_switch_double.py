@@ -210,7 +210,8 @@ def make_board(tmp_path: Path, on_demand: dict[str, Any] | None = None) -> Itera
            "APPLIANCE_STORE": str(tmp_path / "store"), "APPLIANCE_RUN": str(tmp_path / "run"),
            "APPLIANCE_CONSOLE": str(tmp_path / "console"), "APPLIANCE_XL": f"{sys.executable} {STANDIN}",
            "XL_STANDIN_DIR": str(tmp_path / "xl"), "XL_STANDIN_PREFIX": prefix,
-           "XL_STANDIN_CONSOLE": str(tmp_path / "console"), "XL_STANDIN_MEMORY": "256"}
+           "XL_STANDIN_CONSOLE": str(tmp_path / "console"), "XL_STANDIN_MEMORY": "256",
+           "APPLIANCE_SLOTS": str(tmp_path / "slots")}
     b = Board(tmp_path, dom0, visitor, prefix, env)
     try:
         d = ["ip", "-n", dom0]
@@ -240,6 +241,10 @@ def make_board(tmp_path: Path, on_demand: dict[str, Any] | None = None) -> Itera
                                          "green": {"address": "10.42.100.11", "mac": "00:16:3e:2a:64:0b"}},
                                "probe_interval": 0.3, "probe_failures": 3, "stop_grace": 1,
                                **({"on_demand": on_demand} if on_demand else {})}}}))
+        (tmp_path / "slots").write_text("".join(   # /etc/appliance/slots, as the booth's template writes it
+            f"{sl['mac']} {sl['address']} {name}.{slot}\n"
+            for name, site in json.loads((tmp_path / "sites.json").read_text())["sites"].items()
+            for slot, sl in site["slots"].items()))
         (tmp_path / "store/demo").mkdir(parents=True)
         yield b
     finally:

@@ -7,6 +7,7 @@ and runs a tiny guest there whose behaviour is the tail of its "kernel" file (af
   slow-start:<s>:<page>     answers only after s seconds
   never-answer              accepts connections and never answers
   crash-after:<s>           boots, never serves, and dies after s seconds (on_crash=destroy: the domain goes)
+The vif joins its bridge through the board's own vif-appliance (APPLIANCE_SLOTS: the slots file it reads).
 `pause` and `unpause` stop and continue the guest's processes (SIGSTOP, SIGCONT).
 Its stdout is the domain's console log, <XL_STANDIN_CONSOLE>/guest-<name>.log, like xenconsoled's.
 The environment: XL_STANDIN_DIR (its state), XL_STANDIN_PREFIX (namespace names), XL_STANDIN_CONSOLE,
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 HEADER = 0x30
+VIF = Path(__file__).resolve().parent.parent / "overlays/booth/etc/xen/scripts/vif-appliance"
 
 
 def sh(*argv: str) -> None:
@@ -71,6 +73,8 @@ class Domains:
         except (ProcessLookupError, PermissionError):
             pass
         subprocess.run(["ip", "netns", "del", d["netns"]], capture_output=True, check=False)
+        if "domid" in d:
+            hotplug(self, "offline", d["domid"], f"vif{d['domid']}.0")
         (self.dir / f"{d['name']}.json").unlink(missing_ok=True)
 
     def next_id(self) -> int:
@@ -78,6 +82,27 @@ class Domains:
         n = int(p.read_text()) if p.exists() else 1
         p.write_text(str(n + 1))
         return n
+
+
+def hotplug(doms: Domains, action: str, domid: int, vif: str, **backend: str) -> None:
+    """Run the board's own vif script (VIF, as xl would: XENBUS_PATH and vif in its environment) with xenstore-read
+    and xenstore-write stand-ins on a folder of files; online must end with hotplug-status "connected"."""
+    store, bin_ = doms.dir / "xenstore", doms.dir / "bin"
+    if not bin_.exists():
+        bin_.mkdir()
+        (bin_ / "xenstore-read").write_text('#!/bin/sh\nfor p; do cat "$XENSTORE/$p" || exit 1; echo; done\n')
+        (bin_ / "xenstore-write").write_text('#!/bin/sh\nprintf %s "$2" > "$XENSTORE/$1"\n')
+        for f in bin_.iterdir():
+            f.chmod(0o755)
+    path = f"backend/vif/{domid}/0"
+    (store / path).mkdir(parents=True, exist_ok=True)
+    for key, value in backend.items():
+        (store / path / key).write_text(value)
+    env = {**os.environ, "XENSTORE": str(store), "XENBUS_PATH": path, "vif": vif,
+           "PATH": f"{bin_}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    p = subprocess.run(["/bin/sh", str(VIF), action], env=env, capture_output=True, text=True, check=False)
+    if action == "online" and (p.returncode or not (store / path / "hotplug-status").exists()):
+        raise SystemExit(f"xl stand-in: vif-appliance online {vif}: {p.stderr.strip() or p.returncode}")
 
 
 def create(cfg: Path) -> None:
@@ -108,7 +133,7 @@ def create(cfg: Path) -> None:
     prefix = sum(bin(int(b)).count("1") for b in ip.group(3).split("."))
     sh("ip", "netns", "add", ns)
     sh("ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
-    sh("ip", "link", "set", host, "master", vif.group(2), "up")
+    hotplug(doms, "online", domid, host, mac=vif.group(1), bridge=vif.group(2))
     sh("ip", "-n", ns, "link", "set", "eth0", "address", vif.group(1))
     sh("ip", "-n", ns, "addr", "add", f"{ip.group(1)}/{prefix}", "dev", "eth0")
     sh("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -191,6 +216,9 @@ def main(argv: list[str]) -> None:
         return
     if cmd == "create":
         create(Path(args[0]))
+        return
+    if cmd == "plug":          # the tests' own guests (a hostile one): VIF MAC BRIDGE DOMID, plugged as xl would
+        hotplug(Domains(), "online", int(args[3]), args[0], mac=args[1], bridge=args[2])
         return
     doms = Domains()
     have = doms.all()
