@@ -143,7 +143,7 @@ def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELE
 
 def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> list[Entry]:
     mods = {n.removeprefix("modules/"): p for n, p in files.items() if n.startswith("modules/")}
-    entries = [cpio.directory(d) for d in ("dev", "proc", "run", "sys", "tmp", "www", "www/cgi-bin")]
+    entries = [cpio.directory(d) for d in ("dev", "proc", "run", "sys", "tmp", "www", "www/cgi-bin", "dom0")]
     entries += [cpio.CONSOLE, cpio.symlink("bin/sh", "busybox"),
                 cpio.file("bin/busybox", cpio.busybox(files["busybox.deb"], tmp), 0o755),
                 cpio.file("etc/guest-version", f"{version}\n".encode())]
@@ -153,7 +153,8 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
             continue
         rel = name.removeprefix("guest/")
         mode = 0o755 if p.stat().st_mode & 0o111 else 0o644
-        dest = _PLACES.get(rel) or (f"www/{rel.removeprefix('site/')}" if rel.startswith("site/") else None)
+        dest = _PLACES.get(rel) or (f"www/{rel.removeprefix('site/')}" if rel.startswith("site/") else
+                                    rel if rel.startswith("dom0/") else None)
         if dest:
             parents = [str(q) for q in reversed(Path(dest).parents) if str(q) not in (".", "www")]
             entries += [cpio.directory(d) for d in parents]
