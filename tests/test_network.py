@@ -374,7 +374,67 @@ def h_wake_dns(stop: str, names: str) -> None:
     server.close()
 
 
-HELPERS: dict[str, Any] = {"serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
+def _dns_query(name: str, qtype: int = 1) -> bytes:
+    head = struct.pack("!HHHHHH", random.getrandbits(16), 0x0100, 1, 0, 0, 0)
+    return head + b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH",
+                                                                                                     qtype, 1)
+
+
+def h_flows(stop: str, dns: str, site: str, udp: str, tcp: str, dns_tcp: str) -> None:
+    """One visitor's flows with ordinary sockets: DNS queries each from a new socket (a new source port), TCP
+    connects to the site that are never finished (non-blocking: a SYN each), and DNS connections over TCP held
+    idle; held until stopped."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    t = time.monotonic()
+    for _ in range(int(udp)):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(_dns_query(f"x{random.getrandbits(32):x}.example"), (dns, 53))
+    host, port = site.rsplit(":", 1)
+    held = []
+    for _ in range(int(tcp)):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex((host, int(port)))
+        held.append(c)
+    idle = 0
+    for _ in range(int(dns_tcp)):
+        c = socket.socket()
+        c.settimeout(0.5)
+        try:
+            c.connect((dns, 53))
+            idle += 1
+        except OSError:
+            pass
+        held.append(c)
+    print(json.dumps({"udp": int(udp), "tcp": int(tcp), "dns_tcp_idle": idle, "s": round(time.monotonic() - t, 1)}),
+          flush=True)
+    while not _stopped(stop):
+        time.sleep(0.1)
+
+
+def h_dns_tcp(server: str, name: str) -> None:
+    """An A query over TCP: the answer's addresses, or the error."""
+    q = _dns_query(name)
+    try:
+        with socket.create_connection((server, 53), timeout=3) as c:
+            c.sendall(struct.pack("!H", len(q)) + q)
+            n = struct.unpack("!H", c.recv(2))[0]
+            r = b""
+            while len(r) < n:
+                chunk = c.recv(n - len(r))
+                if not chunk:
+                    break
+                r += chunk
+        ancount = struct.unpack("!H", r[6:8])[0]
+        print(json.dumps({"answers": ancount}))
+    except (OSError, struct.error) as e:
+        print(json.dumps({"error": repr(e)}))
+
+
+HELPERS: dict[str, Any] = {"flows": h_flows, "dns_tcp": h_dns_tcp, "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
            "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff, "wake_dns": h_wake_dns}
 
 
@@ -714,6 +774,45 @@ def test_isolation(tmp_path: Path):
     assert uplink == {f"{UPLINK}:22": True}, uplink
 
 
+def conntrack_entries(d: Double, src: str | None = None) -> int:
+    out = run("ip", "netns", "exec", d.ns["d"], "conntrack", "-L", *(["-s", src] if src else []), check=False)
+    return sum(1 for line in out.splitlines() if "src=" in line)
+
+
+@pytest.mark.skipif(needs is not None or not shutil.which("conntrack"), reason=needs or "needs conntrack")
+def test_one_visitor_cannot_fill_connection_tracking(tmp_path: Path):
+    """20,000 flows from one visitor's address (10,000 DNS queries from new ports, 10,000 unfinished connections
+    to the site, 30 idle DNS connections over TCP): its entries in dom0's table stay within its bounds, and a new
+    visitor still gets a lease, DNS (over UDP and TCP) and the page. (This kernel refuses a lower
+    nf_conntrack_max in a network namespace, so the table is not made small here: what one visitor holds is.)"""
+    with double(tmp_path) as d:
+        ctx = d.ctx
+        site, blue = ctx["sites"][0], ctx["sites"][0]["slots"]["blue"]
+        svc = f"{site['address']}:{site['port']}"
+        d.helper("be", "serve", blue["address"], str(site["port"]), PAGE)
+        wait_for("the backend", lambda: all(d.call("d", "probe", f"{blue['address']}:{site['port']}").values()))
+        d.dnsmasq()
+        dns = ctx["net"]["address"]
+        flood = d.helper("att", "flows", d.stop, dns, svc, "10000", "10000", "30")
+        assert flood.stdout is not None and flood.stderr is not None
+        line = flood.stdout.readline()
+        assert line, f"the flood helper: {flood.stderr.read()}"
+        sent = json.loads(line)
+        attacker, total = conntrack_entries(d, ATTACKER_IP), conntrack_entries(d)
+        v1 = d.lease("v1.lease", d.udhcpc("v1", "v1.lease"))
+        names = d.call("v1", "dns", dns, *site["names"])
+        over_tcp = d.call("v1", "dns_tcp", dns, site["names"][0])
+        page = d.call("v1", "probe", svc)
+        after = conntrack_entries(d, ATTACKER_IP)
+    print(f"\none visitor's flows {sent}: its conntrack entries {attacker} (then {after}), the table's {total}; "
+          f"newcomer: lease {v1.get('ip')}, DNS {names}, DNS over TCP {over_tcp}, page {page}")
+    assert attacker <= 64 + 400 + 2, attacker
+    assert v1["serverid"] == ctx["net"]["address"], v1
+    assert names == {n: [site["address"]] for n in site["names"]}, names
+    assert over_tcp == {"answers": 1}, over_tcp
+    assert page == {svc: True}, page
+
+
 KINDS = {
     "open": ("  ssid: Xen Booth\n  open: true", "  uplink: dhcp"),
     "wpa2": (("  ssid: Booth WPA\n  country: FR\n  hw_mode: a\n  channel: 36\n  open: false\n"
@@ -748,7 +847,7 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
     assert p.returncode == 0, p.stderr
     text = rules.read_text()
     per = cfg.recipe.network.leases_per_station
-    assert text.count("flags dynamic, timeout") == 2 * per
+    assert text.count("flags dynamic, timeout") == 2 * per + 2    # + each visitor's rates (new, DNS)
     for site in ctx["sites"]:
         assert site["address"] in text.split("set dom0_addresses", 1)[1].split("}", 1)[0]
     assert ("meta mark $VISITOR jump visitors" in text) == (cfg.recipe.network.uplink == "bridge")
@@ -782,6 +881,12 @@ def test_fail_closed_and_quiet_on_the_bridges():
     assert [f"Address={a}" for a in [ctx["net"]["cidr"]] + [f"{s['address']}/32" for s in ctx["sites"]]] == \
         [line for line in visitors if line.startswith("Address=")]
     assert "net.ipv4.ip_forward=1" in text["etc/sysctl.d/60-appliance-forward.conf"].splitlines()
+    conntrack = text["etc/sysctl.d/60-appliance-conntrack.conf"].splitlines()
+    assert "net.netfilter.nf_conntrack_max=32768" in conntrack
+    assert "net.netfilter.nf_conntrack_tcp_timeout_time_wait=10" in conntrack
+    # loaded with the rest by the initramfs (nf_conntrack among them), so systemd-sysctl finds the keys
+    modules = text["etc/modules-load.d/appliance-net.conf"].splitlines()
+    assert {"nf_conntrack", "nft_limit", "nft_connlimit", "nft_reject_inet"} <= set(modules)
     dns = text["etc/dnsmasq.d/appliance.conf"].splitlines()
     assert f"interface={br}" in dns and "except-interface=lo" in dns and "dhcp-host" not in "".join(dns)
     assert "dhcp-lease-max=919" in dns and "dhcp-range=10.42.0.100,10.42.3.250,255.255.252.0,30m" in dns
