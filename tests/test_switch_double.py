@@ -31,6 +31,7 @@ ENTRY = ROOT / "overlays/booth/usr/local/sbin/appliance-guest"
 STANDIN = ROOT / "tests/xl_standin.py"
 SERVICE = "10.42.0.2"
 TEMPLATE = ROOT / "overlays/booth/etc/nftables.conf.j2"
+LEASE = ROOT / "overlays/booth/usr/local/sbin/appliance-lease"
 
 # The contract's names (table inet appliance, map svc, nat prerouting and output chains, table bridge appliance
 # with dom0_macs), until the booth's own ruleset has them.
@@ -232,6 +233,9 @@ def make_board(tmp_path: Path, on_demand: dict[str, Any] | None = None) -> Itera
         sh(*v, "addr", "add", "10.42.0.100/22", "dev", "eth0")
         sh(*v, "link", "set", "eth0", "up")
         sh(*v, "route", "add", "default", "via", "10.42.0.1")
+        # the visitor's address as dnsmasq would have leased it: the board's lease script puts it in the firewall
+        mac = json.loads(sh(*v, "-j", "link", "show", "eth0").stdout)[0]["address"]
+        sh("ip", "netns", "exec", dom0, "env", "DNSMASQ_TIME_REMAINING=3600", str(LEASE), "add", mac, "10.42.0.100")
         (tmp_path / "sites.json").write_text(json.dumps({
             "visitors": {"bridge": "br0", "address": "10.42.0.1", "prefix": 22, "netmask": "255.255.252.0"},
             "guests": {"bridge": "brg0", "address": "10.42.100.1", "prefix": 24, "netmask": "255.255.255.0"},
