@@ -1000,6 +1000,42 @@ def test_non_captive_dns_answers_aaaa_for_the_sites_itself(tmp_path: Path):
     assert asked == ["example.org"], asked
 
 
+STATION = Path(__file__).resolve().parent.parent / "overlays/booth/usr/local/sbin/appliance-station"
+
+
+@pytest.mark.skipif(needs is not None or not shutil.which("dhcp_release"),
+                    reason=needs or "needs dhcp_release (dnsmasq-utils; ./setup.sh installs it)")
+def test_stations_that_leave_give_their_leases_back(tmp_path: Path):
+    """A pool of 20 addresses and 40 stations in turn, each with a new MAC (one radio making up MACs, an
+    association each): hostapd's event of each one leaving runs the board's action script, which releases its
+    lease, so every station gets an address and the pool ends with all 20 free."""
+    with double(tmp_path, dhcp_start="10.42.0.100", dhcp_end="10.42.0.119") as d:
+        leases = d.dnsmasq()
+        env = {**os.environ, "APPLIANCE_ENV": str(d.tmp / "booth.env"), "APPLIANCE_LEASES": str(leases)}
+        (d.tmp / "booth.env").write_text(f"BRIDGE={d.ctx['recipe'].network.bridge}\n")
+        got, sta = [], d.ns["v1"]
+        for i in range(40):
+            mac = "02:" + ":".join(f"{b:02x}" for b in random.randbytes(5))
+            for step in (["down"], ["address", mac], ["up"]):
+                run("ip", "-n", sta, "link", "set", "eth0", *step)
+            run("ip", "-n", sta, "addr", "flush", "dev", "eth0")
+            p = d.udhcpc("v1", f"s{i}.lease")
+            p.communicate(timeout=30)
+            if not (d.tmp / f"s{i}.lease").exists():
+                break
+            got.append(mac)
+            # hostapd_cli -a runs it as "IFACE EVENT MAC" when the station leaves
+            subprocess.run(["ip", "netns", "exec", d.ns["d"], str(STATION), "wlan1", "AP-STA-DISCONNECTED", mac],
+                           env=env, check=True, capture_output=True)
+            wait_for(f"{mac}'s lease released", lambda mac=mac: mac not in leases_of(leases))
+        held = leases_of(leases)
+        print(f"\n{len(got)} of 40 stations got a lease from a pool of 20; leases held at the end: {len(held)}")
+        in_firewall = lambda: d.nft("list set bridge appliance leases").split("elements", 1)[1:]  # noqa: E731
+        wait_for("the released leases out of the firewall", lambda: not in_firewall())
+    assert len(got) == 40, f"station {len(got) + 1} got no address"
+    assert held == {}, held
+
+
 KINDS = {
     "open": ("  ssid: Xen Booth\n  open: true", "  uplink: dhcp"),
     "wpa2": (("  ssid: Booth WPA\n  country: FR\n  hw_mode: a\n  channel: 36\n  open: false\n"
@@ -1068,6 +1104,12 @@ def test_fail_closed_and_quiet_on_the_bridges():
     assert [f"Address={a}" for a in [ctx["net"]["cidr"]] + [f"{s['address']}/32" for s in ctx["sites"]]] == \
         [line for line in visitors if line.startswith("Address=")]
     assert "net.ipv4.ip_forward=1" in text["etc/sysctl.d/60-appliance-forward.conf"].splitlines()
+    # a crowd-sized DHCP: 100 stations at once, each leaving gives its lease back, 919 addresses
+    assert "max_num_sta=100" in text["etc/hostapd/appliance.conf"].splitlines()
+    assert ("ExecStartPost=-/usr/sbin/hostapd_cli -B -p /run/hostapd -a /usr/local/sbin/appliance-station" in
+            text["etc/systemd/system/hostapd.service.d/appliance.conf"].splitlines())
+    assert ctx["max_stations"] * ctx["recipe"].network.leases_per_station * 2 <= ctx["dhcp_pool"] == 919
+    assert "dnsmasq-utils" in ctx["recipe"].packages, "dhcp_release, for appliance-station"
     conntrack = text["etc/sysctl.d/60-appliance-conntrack.conf"].splitlines()
     assert "net.netfilter.nf_conntrack_max=32768" in conntrack
     assert "net.netfilter.nf_conntrack_tcp_timeout_time_wait=10" in conntrack
