@@ -503,7 +503,24 @@ def h_ask(server: str, qtype: str, *names: str) -> None:
     print(json.dumps(out))
 
 
-HELPERS: dict[str, Any] = {"upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
+def h_connect(*targets: str) -> None:
+    """TCP connects (2 s each): {target: "connected" | "refused" | "timeout", and how long it took}."""
+    out: dict[str, list[Any]] = {}
+    for t in targets:
+        host, port = t.rsplit(":", 1)
+        start = time.monotonic()
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            what = "connected"
+        except ConnectionRefusedError:
+            what = "refused"
+        except OSError:
+            what = "timeout"
+        out[t] = [what, round(time.monotonic() - start, 2)]
+    print(json.dumps(out))
+
+
+HELPERS: dict[str, Any] = {"connect": h_connect, "upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
            "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff, "wake_dns": h_wake_dns}
 
 
@@ -1034,6 +1051,21 @@ def test_stations_that_leave_give_their_leases_back(tmp_path: Path):
         wait_for("the released leases out of the firewall", lambda: not in_firewall())
     assert len(got) == 40, f"station {len(got) + 1} got no address"
     assert held == {}, held
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_https_is_refused_at_once(tmp_path: Path):
+    """Port 443 of dom0 and of every service address (where captive DNS sends every name) answers a reset: a
+    phone's browser gives up at once instead of waiting for a timeout."""
+    with double(tmp_path) as d:
+        ctx = d.ctx
+        d.dnsmasq()
+        d.lease_for("v0", "v0.lease")
+        targets = [f"{a}:443" for a in ctx["dom0_addresses"]]
+        got = d.call("v0", "connect", *targets)
+    print(f"\n{got}")
+    assert {t: got[t][0] for t in targets} == {t: "refused" for t in targets}, got
+    assert max(v[1] for v in got.values()) < 1, got
 
 
 KINDS = {
