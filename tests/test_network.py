@@ -1114,6 +1114,35 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
         assert p.returncode == 0, p.stderr
 
 
+RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipes_ruleset_and_dnsmasq_load(tmp_path: Path, recipe: str):
+    """nftables.service loads the ruleset at boot: a syntax error there would leave every board without its
+    access point, DHCP and DNS (fail closed). Each shipped recipe's rendering passes `nft -c`, and dnsmasq's
+    `--test`."""
+    from appliance import config
+    from appliance.build import configure
+    from appliance.identity import derive
+
+    cfg = config.load(recipe)
+    files = {f.rel: f.data for f in configure.render_overlays(cfg, configure.context(cfg, derive(cfg.digest)))
+             if f.data}
+    if "etc/nftables.conf" not in files:
+        pytest.skip(f"{recipe} has no booth firewall")
+    (tmp_path / "nftables.conf").write_bytes(files["etc/nftables.conf"])
+    p = subprocess.run(["nft", "-c", "-f", str(tmp_path / "nftables.conf")], check=False, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    if shutil.which("dnsmasq"):
+        (tmp_path / "dnsmasq.conf").write_bytes(files["etc/dnsmasq.d/appliance.conf"])
+        p = subprocess.run(["dnsmasq", "--test", f"--conf-file={tmp_path / 'dnsmasq.conf'}"], check=False,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+
+
 def test_fail_closed_and_quiet_on_the_bridges():
     """Static facts of the rendered units and configs: no access point, DHCP or DNS without the firewall, one
     line on the console when it fails; avahi and the uplink stay off both bridges."""
