@@ -89,3 +89,14 @@ def test_every_probe_finds_a_portal_that_leads_to_the_site(site: int, host: str,
 def test_the_site_is_what_the_portal_leads_to(site: int):
     code, _, text = get(site, "captive.apple.com", "/")
     assert code == 200 and "<title>Xen booth: 2048</title>" in text
+
+
+def test_the_initramfs_places_probes_beside_the_site_and_the_figures_apart():
+    assert place("site/index.html") == "www/index.html" and place("site/cgi-bin/status") == "www/cgi-bin/status"
+    assert place("probes/generate_204/index.html") == "www/generate_204/index.html"
+    assert place("dom0/cgi-bin/lifetime") == "dom0/cgi-bin/lifetime"
+    assert place("init") == "init" and place("about/index.html") is None
+    # packed in name order, later entries winning: a site's own file of a probe's name is the one served
+    names = sorted(f"guest/{p}" for p in ("site/success.txt", "probes/success.txt"))
+    assert [place(n.removeprefix("guest/")) for n in names] == ["www/success.txt"] * 2
+    assert names[-1] == "guest/site/success.txt"
