@@ -1017,6 +1017,28 @@ def test_non_captive_dns_answers_aaaa_for_the_sites_itself(tmp_path: Path):
     assert asked == ["example.org"], asked
 
 
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_one_station_cannot_flood_dhcp(tmp_path: Path):
+    """DHCP is not tracked: 2,000 DISCOVERs from one station (its own MAC as the client's) reach dnsmasq at most
+    at the station's rate (10 a second after a burst of 30), and another station still gets its lease."""
+    with double(tmp_path) as d:
+        d.dnsmasq()
+        log = d.tmp / "dnsmasq.log"
+        att = mac_bytes(d.mac("att", "eth0"))
+        frames = d.tmp / "discover.frames"
+        frames.write_text("\n".join(udp_frame(att, BROADCAST, "0.0.0.0", "255.255.255.255", 68, 67, bootp(
+            1, random.getrandbits(32), att, {53: b"\x01"})).hex() for _ in range(20)))
+        t = time.monotonic()
+        sent = d.call("att", "send", "eth0", str(frames), "100")["sent"]
+        took = time.monotonic() - t
+        v1 = d.lease("v1.lease", d.udhcpc("v1", "v1.lease"))
+        seen = sum(1 for line in log.read_text().splitlines() if f"DHCPDISCOVER(br0) {mac_text(att)}" in line)
+    print(f"\n{sent} DISCOVERs in {took:.1f} s from one station: dnsmasq saw {seen}; another station's lease "
+          f"{v1.get('ip')}")
+    assert seen <= 30 + 10 * (took + 1), seen
+    assert v1["serverid"] == d.ctx["net"]["address"], v1
+
+
 STATION = Path(__file__).resolve().parent.parent / "overlays/booth/usr/local/sbin/appliance-station"
 
 
@@ -1102,7 +1124,7 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
     assert p.returncode == 0, p.stderr
     text = rules.read_text()
     per = cfg.recipe.network.leases_per_station
-    assert text.count("flags dynamic, timeout") == 2 * per + 3    # + each visitor's rates (new, DNS), self
+    assert text.count("flags dynamic, timeout") == 2 * per + 4    # + each visitor's rates (new, DNS, DHCP), self
     for site in ctx["sites"]:
         assert site["address"] in text.split("set dom0_addresses", 1)[1].split("}", 1)[0]
     assert ("meta mark $VISITOR jump visitors" in text) == (cfg.recipe.network.uplink == "bridge")
