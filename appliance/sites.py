@@ -56,10 +56,25 @@ def board_json(rec: Recipe) -> str:
     return json.dumps(board_settings(rec), indent=1) + "\n"
 
 
+MAX_STATIONS = 100   # wifi stations at once: more than a USB dongle's access point serves well on this board
+
+
+def dhcp_pool(rec: Recipe) -> int:
+    """How many addresses dnsmasq leases (network.dhcp_start to dhcp_end)."""
+    return int(ipaddress.IPv4Address(rec.network.dhcp_end)) - int(ipaddress.IPv4Address(rec.network.dhcp_start)) + 1
+
+
+def max_stations(rec: Recipe) -> int:
+    """hostapd's station limit: at most MAX_STATIONS, and at most half the pool's worth of stations holding
+    leases_per_station each, so the pool keeps room to spare whoever holds it."""
+    return max(1, min(MAX_STATIONS, dhcp_pool(rec) // (2 * rec.network.leases_per_station)))
+
+
 def template_context(rec: Recipe) -> dict[str, Any]:
     """What the overlays' templates see of the sites and networks (see configure.context)."""
     all_sites, net = resolved(rec), visitors(rec)
-    return {"net": net, "gnet": guests(rec), "sites": all_sites,
+    return {"net": net, "gnet": guests(rec), "sites": all_sites, "dhcp_pool": dhcp_pool(rec),
+            "max_stations": max_stations(rec),
             "dom0_addresses": [net["address"], *(s["address"] for s in all_sites)],
             "guest_macs": [sl["mac"] for s in all_sites for sl in s["slots"].values()],
             "sites_json": board_json(rec), "wake_dns": "%s#%d" % WAKE_DNS}

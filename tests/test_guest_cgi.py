@@ -21,34 +21,44 @@ from appliance.manager import lifetime
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def guest(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox is missing: setup.sh installs it"
-    www, state = tmp_path / "www", tmp_path / "state"
-    shutil.copytree(ROOT / "guest/site", www)
-    for script in (www / "cgi-bin").iterdir():     # the guest's /bin/sh is busybox's ash: so is theirs here
-        lines = script.read_text().split("\n", 1)
-        assert lines[0] == "#!/bin/sh", script
-        script.write_text(f"#!{busybox} sh\n{lines[1]}")
-    state.mkdir()
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # as the guest's init starts it: on every address, IPv6 and IPv4 (an IPv4 peer is then ::ffff:A.B.C.D)
-    p = subprocess.Popen([busybox, "httpd", "-f", "-p", str(port), "-h", str(www)],
-                         env={"PATH": "/usr/bin:/bin", "APPLIANCE_GUEST_STATE": str(state)})
-    end = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < end, "busybox httpd did not listen"
-            time.sleep(0.05)
-    yield port, state
-    p.terminate()
-    p.wait(10)
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def guests(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
+    """The guest's two httpds: the site's (guest/site) and the figures' (guest/dom0); their ports and state."""
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox is missing: setup.sh installs it"
+    state = tmp_path / "state"
+    state.mkdir()
+    ports, procs = [], []
+    for tree in ("site", "dom0"):
+        www = tmp_path / tree
+        shutil.copytree(ROOT / "guest" / tree, www)
+        for script in (www / "cgi-bin").iterdir():     # the guest's /bin/sh is busybox's ash: so is theirs here
+            lines = script.read_text().split("\n", 1)
+            assert lines[0] == "#!/bin/sh", script
+            script.write_text(f"#!{busybox} sh\n{lines[1]}")
+        port = free_port()
+        # as the guest's init starts them: on every address, IPv6 and IPv4 (an IPv4 peer is then ::ffff:A.B.C.D)
+        procs.append(subprocess.Popen([busybox, "httpd", "-f", "-p", str(port), "-h", str(www)],
+                                      env={"PATH": "/usr/bin:/bin", "APPLIANCE_GUEST_STATE": str(state)}))
+        ports.append(port)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < end, "busybox httpd did not listen"
+                time.sleep(0.05)
+    yield ports[0], ports[1], state
+    for p in procs:
+        p.terminate()
+        p.wait(10)
 
 
 def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
@@ -67,15 +77,32 @@ FIGURES = {"site": "demo", "woken": 1764800000.5, "wake_ms": 420, "trigger": "dn
                                                  "woken": None, "on_demand": None}}}
 
 
-def test_status_has_the_figures_dom0_posted(guest: tuple[int, Path]):
-    port, state = guest
-    status, body = call(port, "GET", "/cgi-bin/status")
+def test_status_has_the_figures_dom0_posted(guests: tuple[int, int, Path]):
+    site, figures, state = guests
+    status, body = call(site, "GET", "/cgi-bin/status")
     before = json.loads(body)
     assert status == 200 and set(before) == {"name", "version", "kernel", "uptime"}, "none until dom0 posts"
     (state / "dom0").write_text("127.0.0.1\n")
-    assert lifetime.post("127.0.0.1", port, FIGURES) == 200, "the manager's own post, as it sends it"
-    after = json.loads(call(port, "GET", "/cgi-bin/status")[1])
+    assert lifetime.post("127.0.0.1", figures, FIGURES) == 200, "the manager's own post, as it sends it"
+    after = json.loads(call(site, "GET", "/cgi-bin/status")[1])
     assert {k: after[k] for k in FIGURES} == FIGURES and after["name"] == "demo"
+
+
+def test_the_sites_port_takes_no_figures_even_from_dom0(guests: tuple[int, int, Path]):
+    """What dom0 forwards to a guest (a visitor's connection through the DNAT or the activator, from dom0's own
+    address) reaches the site's port only: there, the path is not the figures' CGI."""
+    site, _, state = guests
+    (state / "dom0").write_text("127.0.0.1\n")
+    assert lifetime.post("127.0.0.1", site, FIGURES) == 404
+    assert not (state / "lifetime.json").exists()
+
+
+def test_the_guest_serves_figures_on_lifetime_port():
+    """One port for both sides: the demo guest's init starts the figures' httpd on lifetime.PORT, and the
+    xl stand-in of the doubles serves them there too."""
+    init = (ROOT / "guest/init").read_text()
+    assert f"serve -p {lifetime.PORT} -h /dom0 &" in init
+    assert f"FIGURES_PORT = {lifetime.PORT} " in (ROOT / "tests/xl_standin.py").read_text()
 
 
 @pytest.mark.parametrize("dom0, method, body, status", [
@@ -87,9 +114,9 @@ def test_status_has_the_figures_dom0_posted(guest: tuple[int, Path]):
     ("127.0.0.1", "POST", b"[1, 2]", 400),
     ("127.0.0.1", "POST", b'{"pad": "' + b"x" * 17000 + b'"}', 413),
 ])
-def test_lifetime_refuses(guest: tuple[int, Path], dom0: str, method: str, body: bytes | None, status: int):
-    port, state = guest
+def test_lifetime_refuses(guests: tuple[int, int, Path], dom0: str, method: str, body: bytes | None, status: int):
+    site, figures, state = guests
     (state / "dom0").write_text(dom0)
-    assert call(port, method, "/cgi-bin/lifetime", body)[0] == status
+    assert call(figures, method, "/cgi-bin/lifetime", body)[0] == status
     assert not (state / "lifetime.json").exists()
-    assert set(json.loads(call(port, "GET", "/cgi-bin/status")[1])) == {"name", "version", "kernel", "uptime"}
+    assert set(json.loads(call(site, "GET", "/cgi-bin/status")[1])) == {"name", "version", "kernel", "uptime"}

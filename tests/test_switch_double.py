@@ -31,6 +31,7 @@ ENTRY = ROOT / "overlays/booth/usr/local/sbin/appliance-guest"
 STANDIN = ROOT / "tests/xl_standin.py"
 SERVICE = "10.42.0.2"
 TEMPLATE = ROOT / "overlays/booth/etc/nftables.conf.j2"
+LEASE = ROOT / "overlays/booth/usr/local/sbin/appliance-lease"
 
 # The contract's names (table inet appliance, map svc, nat prerouting and output chains, table bridge appliance
 # with dom0_macs), until the booth's own ruleset has them.
@@ -210,7 +211,8 @@ def make_board(tmp_path: Path, on_demand: dict[str, Any] | None = None) -> Itera
            "APPLIANCE_STORE": str(tmp_path / "store"), "APPLIANCE_RUN": str(tmp_path / "run"),
            "APPLIANCE_CONSOLE": str(tmp_path / "console"), "APPLIANCE_XL": f"{sys.executable} {STANDIN}",
            "XL_STANDIN_DIR": str(tmp_path / "xl"), "XL_STANDIN_PREFIX": prefix,
-           "XL_STANDIN_CONSOLE": str(tmp_path / "console"), "XL_STANDIN_MEMORY": "256"}
+           "XL_STANDIN_CONSOLE": str(tmp_path / "console"), "XL_STANDIN_MEMORY": "256",
+           "APPLIANCE_SLOTS": str(tmp_path / "slots")}
     b = Board(tmp_path, dom0, visitor, prefix, env)
     try:
         d = ["ip", "-n", dom0]
@@ -231,6 +233,9 @@ def make_board(tmp_path: Path, on_demand: dict[str, Any] | None = None) -> Itera
         sh(*v, "addr", "add", "10.42.0.100/22", "dev", "eth0")
         sh(*v, "link", "set", "eth0", "up")
         sh(*v, "route", "add", "default", "via", "10.42.0.1")
+        # the visitor's address as dnsmasq would have leased it: the board's lease script puts it in the firewall
+        mac = json.loads(sh(*v, "-j", "link", "show", "eth0").stdout)[0]["address"]
+        sh("ip", "netns", "exec", dom0, "env", "DNSMASQ_TIME_REMAINING=3600", str(LEASE), "add", mac, "10.42.0.100")
         (tmp_path / "sites.json").write_text(json.dumps({
             "visitors": {"bridge": "br0", "address": "10.42.0.1", "prefix": 22, "netmask": "255.255.252.0"},
             "guests": {"bridge": "brg0", "address": "10.42.100.1", "prefix": 24, "netmask": "255.255.255.0"},
@@ -240,6 +245,10 @@ def make_board(tmp_path: Path, on_demand: dict[str, Any] | None = None) -> Itera
                                          "green": {"address": "10.42.100.11", "mac": "00:16:3e:2a:64:0b"}},
                                "probe_interval": 0.3, "probe_failures": 3, "stop_grace": 1,
                                **({"on_demand": on_demand} if on_demand else {})}}}))
+        (tmp_path / "slots").write_text("".join(   # /etc/appliance/slots, as the booth's template writes it
+            f"{sl['mac']} {sl['address']} {name}.{slot}\n"
+            for name, site in json.loads((tmp_path / "sites.json").read_text())["sites"].items()
+            for slot, sl in site["slots"].items()))
         (tmp_path / "store/demo").mkdir(parents=True)
         yield b
     finally:

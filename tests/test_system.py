@@ -7,6 +7,7 @@ deadline; none sleeps a fixed time.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import re
@@ -295,6 +296,32 @@ def test_visitor_cannot_reach_dom0_ssh(board, visitor, guest, recipe):
     assert reach(recipe.sites[0].address, recipe.sites[0].port)
     for ip in dom0_ips:
         assert not reach(ip, 22), f"a visitor reaches dom0's SSH at {ip}"
+
+
+@pytest.mark.parametrize("url, open_answer", [
+    ("http://captive.apple.com/hotspot-detect.html", "Success"),                      # Apple
+    ("http://connectivitycheck.gstatic.com/generate_204", ""),                        # Android (204)
+    ("http://www.msftconnecttest.com/connecttest.txt", "Microsoft Connect Test"),     # Windows
+    ("http://detectportal.firefox.com/success.txt", "success"),                       # Firefox
+    ("http://nmcheck.gnome.org/check_network_status.txt", "NetworkManager is online"),  # NetworkManager
+])
+def test_each_platforms_portal_probe_opens_the_portal(board, visitor, guest, recipe, url, open_answer):
+    """Through the simulated wifi, as the visitor's device asks: not the open network's answer (so the device
+    opens its portal sheet), and a page that leads to the default site."""
+    if not recipe.network.captive:
+        pytest.skip("network.captive: false")
+    status, body = board.fetch(url, netns=NETNS, timeout=60)
+    assert status == 200 and body.strip() != open_answer, (status, body[:200])
+    assert '<meta http-equiv="refresh" content="0; url=/">' in body, body[:200]
+
+
+def test_https_is_refused_at_once(board, visitor, guest, recipe):
+    probe = ("import socket, sys, time\ns = socket.socket(); s.settimeout(5); t = time.monotonic()\n"
+             "print(s.connect_ex((sys.argv[1], 443)), round(time.monotonic() - t, 2))")
+    for ip in [visitor.dns, *(s.address for s in recipe.sites)]:
+        r = board.run(f"ip netns exec {NETNS} python3 -c {shlex.quote(probe)} {ip}", check=False, timeout=60)
+        code, took = r.out.split()
+        assert int(code) == errno.ECONNREFUSED and float(took) < 2, (ip, r.out)
 
 
 # ---------------------------------------------------------------- on demand: the game sleeps, a visitor wakes it

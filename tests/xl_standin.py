@@ -2,11 +2,13 @@
 """A stand-in for `xl` in the namespace double of the board: `create CFG` makes a network namespace for the
 domain, plugs a veth into the config's bridge with the vif's MAC, gives it the address of the cmdline's ip=,
 and runs a tiny guest there whose behaviour is the tail of its "kernel" file (after the zImage header):
-  serve:<page>              answers every GET with the page (and /cgi-bin/status and /cgi-bin/lifetime as the
-                            demo guest does: the figures dom0 posted, given back)
+  serve:<page>              answers every GET with the page (and /cgi-bin/status as the demo guest does: the
+                            figures dom0 posted to /cgi-bin/lifetime on the figures' port, lifetime.PORT, given back)
+  busybox                   the demo guest's own httpds and CGIs (guest/site, guest/dom0) as its init starts them
   slow-start:<s>:<page>     answers only after s seconds
   never-answer              accepts connections and never answers
   crash-after:<s>           boots, never serves, and dies after s seconds (on_crash=destroy: the domain goes)
+The vif joins its bridge through the board's own vif-appliance (APPLIANCE_SLOTS: the slots file it reads).
 `pause` and `unpause` stop and continue the guest's processes (SIGSTOP, SIGCONT).
 Its stdout is the domain's console log, <XL_STANDIN_CONSOLE>/guest-<name>.log, like xenconsoled's.
 The environment: XL_STANDIN_DIR (its state), XL_STANDIN_PREFIX (namespace names), XL_STANDIN_CONSOLE,
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 HEADER = 0x30
+VIF = Path(__file__).resolve().parent.parent / "overlays/booth/etc/xen/scripts/vif-appliance"
 
 
 def sh(*argv: str) -> None:
@@ -71,6 +74,8 @@ class Domains:
         except (ProcessLookupError, PermissionError):
             pass
         subprocess.run(["ip", "netns", "del", d["netns"]], capture_output=True, check=False)
+        if "domid" in d:
+            hotplug(self, "offline", d["domid"], f"vif{d['domid']}.0")
         (self.dir / f"{d['name']}.json").unlink(missing_ok=True)
 
     def next_id(self) -> int:
@@ -78,6 +83,27 @@ class Domains:
         n = int(p.read_text()) if p.exists() else 1
         p.write_text(str(n + 1))
         return n
+
+
+def hotplug(doms: Domains, action: str, domid: int, vif: str, **backend: str) -> None:
+    """Run the board's own vif script (VIF, as xl would: XENBUS_PATH and vif in its environment) with xenstore-read
+    and xenstore-write stand-ins on a folder of files; online must end with hotplug-status "connected"."""
+    store, bin_ = doms.dir / "xenstore", doms.dir / "bin"
+    if not bin_.exists():
+        bin_.mkdir()
+        (bin_ / "xenstore-read").write_text('#!/bin/sh\nfor p; do cat "$XENSTORE/$p" || exit 1; echo; done\n')
+        (bin_ / "xenstore-write").write_text('#!/bin/sh\nprintf %s "$2" > "$XENSTORE/$1"\n')
+        for f in bin_.iterdir():
+            f.chmod(0o755)
+    path = f"backend/vif/{domid}/0"
+    (store / path).mkdir(parents=True, exist_ok=True)
+    for key, value in backend.items():
+        (store / path / key).write_text(value)
+    env = {**os.environ, "XENSTORE": str(store), "XENBUS_PATH": path, "vif": vif,
+           "PATH": f"{bin_}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    p = subprocess.run(["/bin/sh", str(VIF), action], env=env, capture_output=True, text=True, check=False)
+    if action == "online" and (p.returncode or not (store / path / "hotplug-status").exists()):
+        raise SystemExit(f"xl stand-in: vif-appliance online {vif}: {p.stderr.strip() or p.returncode}")
 
 
 def create(cfg: Path) -> None:
@@ -108,7 +134,7 @@ def create(cfg: Path) -> None:
     prefix = sum(bin(int(b)).count("1") for b in ip.group(3).split("."))
     sh("ip", "netns", "add", ns)
     sh("ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
-    sh("ip", "link", "set", host, "master", vif.group(2), "up")
+    hotplug(doms, "online", domid, host, mac=vif.group(1), bridge=vif.group(2))
     sh("ip", "-n", ns, "link", "set", "eth0", "address", vif.group(1))
     sh("ip", "-n", ns, "addr", "add", f"{ip.group(1)}/{prefix}", "dev", "eth0")
     sh("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -118,18 +144,46 @@ def create(cfg: Path) -> None:
     console.parent.mkdir(parents=True, exist_ok=True)
     with open(console, "ab") as log:
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "guest",
-                                 kernel, port.group(1), name], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 kernel, port.group(1), name, ip.group(2)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
     d = {"name": name, "domid": domid, "pid": proc.pid, "netns": ns, "memory": memory}
     (doms.dir / f"{name}.json").write_text(json.dumps(d))
 
 
-def guest(kernel: str, port: int, name: str) -> None:
+FIGURES_PORT = 8901     # appliance.manager.lifetime.PORT (this script runs without the package on its path)
+
+
+def busybox_guest(port: int, name: str, gateway: str) -> None:
+    """The demo guest's httpds as guest/init starts them, on the host's busybox (its sh runs the CGIs)."""
+    import shutil
+
+    src, root = Path(__file__).resolve().parent.parent / "guest", Path(os.environ["XL_STANDIN_DIR"]) / f"guest-{name}"
+    busybox = shutil.which("busybox") or "busybox"
+    shutil.rmtree(root, ignore_errors=True)
+    for tree in ("site", "dom0"):
+        shutil.copytree(src / tree, root / ("www" if tree == "site" else tree))
+    for script in [*(root / "www/cgi-bin").iterdir(), *(root / "dom0/cgi-bin").iterdir()]:
+        script.write_text(f"#!{busybox} sh\n" + script.read_text().split("\n", 1)[1])
+    (root / "state").mkdir()
+    (root / "state/dom0").write_text(gateway + "\n")
+    (root / "httpd.conf").write_text(f"E404:{root}/www/index.html\n")
+    env = {"PATH": "/usr/bin:/bin", "APPLIANCE_GUEST_STATE": str(root / "state")}
+    for args in (["-p", str(port), "-h", str(root / "www"), "-c", str(root / "httpd.conf")],
+                 ["-p", str(FIGURES_PORT), "-h", str(root / "dom0")]):
+        subprocess.Popen([busybox, "httpd", "-f", *args], env=env)
+    print(f"stand-in guest: busybox httpd on ports {port} and {FIGURES_PORT}", flush=True)
+    signal.sigwait({signal.SIGTERM})
+
+
+def guest(kernel: str, port: int, name: str, gateway: str) -> None:
     """The guest itself, inside its namespace."""
     what = Path(kernel).read_bytes()[HEADER:].decode()
     print(f"Booting Linux on physical CPU 0x0 (stand-in {name})", flush=True)
     print(f"stand-in guest: {what}", flush=True)
     kind, _, rest = what.partition(":")
+    if kind == "busybox":
+        busybox_guest(port, name, gateway)
+        return
     if kind == "crash-after":
         time.sleep(float(rest))
         print("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100", flush=True)
@@ -163,11 +217,12 @@ def guest(kernel: str, port: int, name: str) -> None:
             self.wfile.write(body)
 
         def do_POST(self) -> None:
-            ok = self.path == "/cgi-bin/lifetime"
+            figures = self.server.server_address[1] == FIGURES_PORT
+            ok = figures and self.path == "/cgi-bin/lifetime" and self.client_address[0] == gateway
             if ok:
                 told.clear()
                 told.update(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200 if ok else 404)
+            self.send_response(200 if ok else 403 if figures else 404)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -178,19 +233,23 @@ def guest(kernel: str, port: int, name: str) -> None:
         request_queue_size = 128
         daemon_threads = True
 
-    server = Server(("", port), Page)
+    for p in {port, FIGURES_PORT}:
+        server = Server(("", p), Page)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"stand-in guest: serving on port {port}", flush=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     signal.sigwait({signal.SIGTERM})
 
 
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "guest":
-        guest(args[0], int(args[1]), args[2])
+        guest(args[0], int(args[1]), args[2], args[3])
         return
     if cmd == "create":
         create(Path(args[0]))
+        return
+    if cmd == "plug":          # the tests' own guests (a hostile one): VIF MAC BRIDGE DOMID, plugged as xl would
+        hotplug(Domains(), "online", int(args[3]), args[0], mac=args[1], bridge=args[2])
         return
     doms = Domains()
     have = doms.all()

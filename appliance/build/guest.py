@@ -141,9 +141,20 @@ def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELE
     return Bundle(out, name, version)
 
 
+def place(rel: str) -> str | None:
+    """Where a file of guest/ goes in the guest's initramfs: the site's in www/, the portal probes' answers in
+    www/ too (packed first, so a site's own file of the same name wins), dom0's figures' CGI in dom0/."""
+    if rel in _PLACES:
+        return _PLACES[rel]
+    for tree, dest in (("site/", "www/"), ("probes/", "www/"), ("dom0/", "dom0/")):
+        if rel.startswith(tree):
+            return dest + rel.removeprefix(tree)
+    return None
+
+
 def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> list[Entry]:
     mods = {n.removeprefix("modules/"): p for n, p in files.items() if n.startswith("modules/")}
-    entries = [cpio.directory(d) for d in ("dev", "proc", "run", "sys", "tmp", "www", "www/cgi-bin")]
+    entries = [cpio.directory(d) for d in ("dev", "proc", "run", "sys", "tmp", "www", "www/cgi-bin", "dom0")]
     entries += [cpio.CONSOLE, cpio.symlink("bin/sh", "busybox"),
                 cpio.file("bin/busybox", cpio.busybox(files["busybox.deb"], tmp), 0o755),
                 cpio.file("etc/guest-version", f"{version}\n".encode())]
@@ -153,7 +164,7 @@ def _initramfs(files: dict[str, Path], kver: str, version: str, tmp: Path) -> li
             continue
         rel = name.removeprefix("guest/")
         mode = 0o755 if p.stat().st_mode & 0o111 else 0o644
-        dest = _PLACES.get(rel) or (f"www/{rel.removeprefix('site/')}" if rel.startswith("site/") else None)
+        dest = place(rel)
         if dest:
             parents = [str(q) for q in reversed(Path(dest).parents) if str(q) not in (".", "www")]
             entries += [cpio.directory(d) for d in parents]

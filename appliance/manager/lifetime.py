@@ -2,8 +2,10 @@
 (when the guest was woken and by what, how long the wake took, the visitors' connections since, the wakes today)
 are posted as JSON to the serving guest's /cgi-bin/lifetime, every site's figures with its own, so the page it
 serves can show them (the demo guest's /cgi-bin/status answers with what it was last told). The channel is the
-guests' bridge, from dom0's address there, the one the guest accepts them from. A guest without that path (a
-MirageOS .xen) answers 404 and is left alone.
+guests' bridge, from dom0's address there, the one the guest accepts them from, to a port of their own (PORT):
+dom0 forwards visitors (the DNAT, the activator's held connections) to the site's port only, and nothing from
+the uplink reaches a guest, so no one else's POST arrives from dom0's address. A guest without that port or
+path (a MirageOS .xen) refuses or answers 404 and is left alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .context import Context
 from .settings import Site
 
 PATH = "/cgi-bin/lifetime"
+PORT = 8901                    # the demo guest's second httpd (guest/init): figures only, never a site's port
 EVERY_S = 10.0
 FIGURES = ("woken", "wake_ms", "trigger", "requests", "wakes_today")
 
@@ -56,7 +59,7 @@ def tell(ctx: Context, site: Site, figures: dict[str, dict[str, Any]] | None = N
     if st.get("state") != "serving" or not st.get("backend"):
         return None
     own = {k: v for k, v in figures[site.name].items() if v is not None}
-    return post(str(st["backend"]), int(st.get("port") or site.port), {"site": site.name, **own, "sites": figures})
+    return post(str(st["backend"]), PORT, {"site": site.name, **own, "sites": figures})
 
 
 def run(ctx: Context, stop: threading.Event, every: float = EVERY_S) -> None:
