@@ -17,14 +17,15 @@ query or connection to the health check's answer), the connections served since,
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import lifetime
+from . import front, lifetime
 from .context import Context, log
 from .errors import Error
 from .lock import Busy
@@ -32,8 +33,6 @@ from .settings import OnDemand, Site, Slot
 
 POLL_S = 1.0          # how often a serving guest's connections are counted (one `conntrack -L`)
 LOOK_S = 3.0          # how often its domain is looked for
-IP_FREEBIND = 15      # bind the service address before networkd has put it on the bridge
-BUFFER = 65536
 
 
 class NoRoom(Error):
@@ -97,6 +96,7 @@ class DemandSite:
     ids: set[int] = field(default_factory=set)
     cv: threading.Condition = field(default_factory=threading.Condition)
     _next_look: float = 0.0
+    _waking: Future[tuple[str, int]] | None = None
 
     def __post_init__(self) -> None:
         st = self.ctx.read_state(self.site)
@@ -127,18 +127,37 @@ class DemandSite:
     # ---------------------------------------------------------------- waking
 
     def poke(self, trigger: str) -> None:
-        """A DNS query for the site: it is not idle, and it wakes now (in a thread of its own) if it sleeps."""
+        """A DNS query for the site: it is not idle, and it wakes now (in the wake's thread) if it sleeps."""
         self.last = time.monotonic()
         if self.state in ("asleep", "paused"):
-            t0 = time.monotonic()
-            threading.Thread(target=self._try_wake, args=(trigger, t0), name=f"wake-{self.site.name}",
-                             daemon=True).start()
+            self.waking(trigger, time.monotonic())
 
-    def _try_wake(self, trigger: str, t0: float) -> None:
+    def waking(self, trigger: str, t0: float) -> Future[tuple[str, int]]:
+        """The backend once the site serves: at most one wake (one thread) at a time, whoever asks."""
+        with self.cv:
+            self.last = time.monotonic()
+            if self._waking is None or self._waking.done():
+                self._waking = Future()
+                self._waking.set_running_or_notify_cancel()      # a waiter giving up cannot cancel it for all
+                threading.Thread(target=self._wake_into, args=(self._waking, trigger, t0),
+                                 name=f"wake-{self.site.name}", daemon=True).start()
+            return self._waking
+
+    def _wake_into(self, done: Future[tuple[str, int]], trigger: str, t0: float) -> None:
         try:
-            self.wake(trigger, t0)
+            done.set_result(self.wake(trigger, t0))
         except Error as exc:
             log(f"site {self.site.name}: {exc}")
+            done.set_exception(exc)
+        except BaseException as exc:  # noqa: BLE001 - the held connections learn of it, the loop goes on
+            log(f"site {self.site.name}: internal error: {type(exc).__name__}: {exc}")
+            done.set_exception(Error(f"site {self.site.name}: internal error"))
+
+    def holding(self, n: int) -> None:
+        """The activator holds n more connections (or lets go of -n): none is idle while any is held."""
+        with self.cv:
+            self.held += n
+            self.last = time.monotonic()
 
     def wake(self, trigger: str, t0: float) -> tuple[str, int]:
         """The backend to pass a connection to, once the site serves (it is woken if it sleeps)."""
@@ -424,82 +443,42 @@ class DemandSite:
 # ---------------------------------------------------------------- the activator
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(BUFFER):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
 class Activator:
-    """dom0's listener on a sleeping site's service address: holds each connection until the site serves."""
+    """dom0's listener on a sleeping site's service address, in the front door's loop: holds each connection until
+    the site serves, then pipes it to the guest. Held and piped connections count against the door's bounds; one
+    over them gets the status page at once."""
 
-    def __init__(self, demand: DemandSite) -> None:
-        self.demand, site = demand, demand.site
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-        try:
-            self.sock.bind((site.address, site.port))
-            self.sock.listen(128)
-        except OSError as exc:
-            self.sock.close()
-            raise Error(f"site {site.name}: cannot listen on {site.address}:{site.port}: {exc.strerror}") from None
-        self.thread = threading.Thread(target=self._accept, name=f"activator-{site.name}", daemon=True)
+    def __init__(self, demand: DemandSite, door: front.Door) -> None:
+        self.demand, self.door = demand, door
+        site = demand.site
+        door.listen(front.tcp_listener((site.address, site.port), f"site {site.name}", freebind=True), self.serve)
 
-    def start(self) -> Activator:
-        self.thread.start()
-        return self
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, time.monotonic()), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, t0: float) -> None:
-        d = self.demand
-        with d.cv:
-            d.held += 1
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        d, t0 = self.demand, time.monotonic()
+        peer = writer.get_extra_info("peername")[0]
+        if not self.door.held.take(peer):
+            writer.write(status_page(d.site, "Too many connections are waiting for it (from your device, or from "
+                                             "everyone)."))
+            writer.close()
+            return
+        d.holding(1)
         try:
             try:
-                backend = d.wake("connection", t0)
-                up = socket.create_connection(backend, timeout=10)
+                backend = await asyncio.wait_for(asyncio.wrap_future(d.waking("connection", t0)),
+                                                 self.door.limits.hold_s)
+                up = await asyncio.wait_for(asyncio.open_connection(*backend, limit=front.BUFFER), 10)
             except NoRoom as exc:
-                conn.sendall(status_page(d.site, "The board has no memory free for it while the other sites "
+                writer.write(status_page(d.site, "The board has no memory free for it while the other sites "
                                                  "are busy."))
                 log(str(exc))
                 return
-            except (Error, OSError) as exc:
-                conn.sendall(status_page(d.site, "Its guest did not start."))
-                log(f"site {d.site.name}: a held connection: {exc}")
+            except (Error, OSError, TimeoutError) as exc:
+                writer.write(status_page(d.site, "Its guest did not start."))
+                log(f"site {d.site.name}: a held connection: {exc or type(exc).__name__}")
                 return
-            up.settimeout(None)
             d.requests += 1
-            back = threading.Thread(target=_pipe, args=(up, conn), daemon=True)
-            back.start()
-            _pipe(conn, up)
-            back.join()
-            up.close()
-        except OSError:
-            pass
+            await self.door.pipe((reader, writer), up)
         finally:
-            conn.close()
-            with d.cv:
-                d.held -= 1
-                d.last = time.monotonic()
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+            writer.close()
+            d.holding(-1)
+            self.door.held.give(peer)

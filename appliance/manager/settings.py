@@ -80,11 +80,29 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Front:
+    """The bounds of dom0's front doors (front.py): sites.json's optional `front`, these defaults otherwise. Sized
+    for a 1 GiB board whose manager may open 4096 files (its unit's LimitNOFILE): a piped connection is two."""
+
+    held_per_visitor: int = 32   # connections one visitor address may have held or piped by the activators
+    held_total: int = 512        # the same, every visitor together
+    hold_s: float = 90.0         # longest a connection is held while its site wakes (then the 503 page)
+    idle_s: float = 120.0        # a piped connection with no byte either way this long is closed
+    dns_tcp: int = 32            # DNS queries over TCP: connections at once
+    dns_idle_s: float = 10.0     # and how long one may wait for its next query
+
+
+FRONT_KEYS = {"held_per_visitor": (1, 4096), "held_total": (1, 4096), "hold_s": (1, 3600), "idle_s": (1, 86400),
+              "dns_tcp": (1, 1024), "dns_idle_s": (1, 600)}
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     visitors: Net
     guests: Net
     sites: dict[str, Site]
+    front: Front = Front()
 
     def site(self, name: str) -> Site:
         if name not in self.sites:
@@ -137,6 +155,12 @@ class _Reader:
         if o["stop"] not in STOPS:
             raise self.fail(f"{key}.stop", f"{o['stop']!r} must be destroy or pause")
         return OnDemand(self.seconds(o["idle"], f"{key}.idle", IDLE_MIN, IDLE_MAX), o["stop"])
+
+    def front(self, value: object, key: str) -> Front:
+        d = self.mapping(value, key, (), tuple(FRONT_KEYS))
+        given: dict[str, Any] = {k: self.seconds(v, f"{key}.{k}", *FRONT_KEYS[k]) if k.endswith("_s")
+                                 else self.int(v, f"{key}.{k}", *FRONT_KEYS[k]) for k, v in d.items()}
+        return Front(**given)
 
     def net(self, value: object, key: str) -> Net:
         d = self.mapping(value, key, ("bridge", "address", "prefix", "netmask"))
@@ -200,9 +224,10 @@ def on_demand_override(path: Path) -> OnDemand | None:
 def load(path: Path) -> Settings:
     r = _Reader(path)
     data = _json(path, "the board's site settings")
-    d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"))
+    d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"), ("front",))
     sites = d["sites"]
     if not isinstance(sites, dict):
         raise r.fail("sites", f"{sites!r} must be a mapping of site name to site")
     return Settings(path, r.net(d["visitors"], "visitors"), r.net(d["guests"], "guests"),
-                    {name: r.site(name, value) for name, value in sites.items()})
+                    {name: r.site(name, value) for name, value in sites.items()},
+                    r.front(d.get("front", {}), "front"))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import demand, dns, lifetime, switch
+from . import demand, dns, front, lifetime, switch
 from .context import Context, log
 from .errors import Error
 from .lock import Busy
@@ -330,19 +330,20 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
     registry: list[demand.DemandSite] = []
     registry += [demand.DemandSite(ctx, site, stop, registry, after=started) for site in s.sites.values()
                  if site.on_demand]
-    listeners: list[demand.Activator | dns.Server] = []
+    door = front.Door(s.front, log)
     for d in registry:
         try:
-            listeners.append(demand.Activator(d).start())
+            demand.Activator(d, door)
         except Error as exc:
             log(str(exc))
     if registry:
         by_name = {n: d for d in registry for n in d.site.names}
         try:
-            listeners.append(dns.Server(ctx.wake_dns, {n: d.site.address for n, d in by_name.items()},
-                                        lambda name: by_name[name].poke("dns query")).start())
+            dns.Server(ctx.wake_dns, {n: d.site.address for n, d in by_name.items()},
+                       lambda name: by_name[name].poke("dns query"), door)
         except Error as exc:
             log(f"{exc}: on-demand sites wake by connection only")
+    door.start()
     threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in [*sups, *registry]]
     threads.append(threading.Thread(target=lifetime.run, args=(ctx, stop), name="lifetime", daemon=True))
 
@@ -356,8 +357,7 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
         t.start()
     while not stop.wait(1):
         pass
-    for x in listeners:
-        x.close()
+    door.close()
     for t in threads:
         t.join(30)
     for sup in sups:
