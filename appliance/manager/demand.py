@@ -451,16 +451,12 @@ class Activator:
     def __init__(self, demand: DemandSite, door: front.Door) -> None:
         self.demand, self.door = demand, door
         site = demand.site
-        door.listen(front.tcp_listener((site.address, site.port), f"site {site.name}", freebind=True), self.serve)
+        door.listen(front.tcp_listener((site.address, site.port), f"site {site.name}", freebind=True), self.serve,
+                    door.held, status_page(site, "Too many connections are waiting for it (from your device, or "
+                                                 "from everyone)."))
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         d, t0 = self.demand, time.monotonic()
-        peer = writer.get_extra_info("peername")[0]
-        if not self.door.held.take(peer):
-            writer.write(status_page(d.site, "Too many connections are waiting for it (from your device, or from "
-                                             "everyone)."))
-            writer.close()
-            return
         d.holding(1)
         try:
             try:
@@ -479,6 +475,4 @@ class Activator:
             d.requests += 1
             await self.door.pipe((reader, writer), up)
         finally:
-            writer.close()
             d.holding(-1)
-            self.door.held.give(peer)

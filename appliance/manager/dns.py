@@ -120,7 +120,7 @@ class Server:
             udp.close()
             raise
         self.door.datagrams(udp, lambda: _Datagrams(self))
-        self.door.listen(tcp, self._stream)
+        self.door.listen(tcp, self._stream, self.door.dns)
 
     def start(self) -> Server:
         if self.own:
@@ -133,27 +133,19 @@ class Server:
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """RFC 7766: each message after its two-byte length; connections bounded in number and idle time."""
-        peer = writer.get_extra_info("peername")[0]
-        if not self.door.dns.take(peer):
-            writer.transport.abort()
-            return
-        try:
-            for _ in range(TCP_QUERIES):
-                try:
-                    size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2),
-                                                                      self.door.limits.dns_idle_s))[0]
-                    packet = await asyncio.wait_for(reader.readexactly(size), self.door.limits.dns_idle_s)
-                except (OSError, TimeoutError, asyncio.IncompleteReadError):
-                    return
-                reply, name = respond(packet, self.names)
-                if reply is None:
-                    return
-                writer.write(struct.pack("!H", len(reply)) + reply)
-                self.asked(name)
-                await asyncio.wait_for(writer.drain(), self.door.limits.dns_idle_s)
-        finally:
-            self.door.dns.give(peer)
-            writer.close()
+        idle = self.door.limits.dns_idle_s
+        for _ in range(TCP_QUERIES):
+            try:
+                size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), idle))[0]
+                packet = await asyncio.wait_for(reader.readexactly(size), idle)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                return
+            reply, name = respond(packet, self.names)
+            if reply is None:
+                return
+            writer.write(struct.pack("!H", len(reply)) + reply)
+            self.asked(name)
+            await asyncio.wait_for(writer.drain(), idle)
 
     def close(self) -> None:
         if self.own:

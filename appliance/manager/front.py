@@ -6,6 +6,7 @@ can open here has a bound (per visitor address and in total) and a timeout, and 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 import time
@@ -16,6 +17,9 @@ from .errors import Error
 from .settings import Front
 
 BUFFER = 65536
+ACCEPT_BITE = 16       # connections accepted at one wakeup of the loop
+BACKLOG = 1024         # connections the kernel keeps for the loop to accept (no file of the manager's yet)
+RETRY_S = 1.0          # out of files: accepting waits this long
 IP_FREEBIND = 15       # bind a service address before networkd has put it on the bridge
 T = TypeVar("T")
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -30,12 +34,23 @@ def tcp_listener(address: tuple[str, int], what: str, freebind: bool = False) ->
         sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
     try:
         sock.bind(address)
-        sock.listen(128)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise Error(f"{what}: cannot listen on {address[0]}:{address[1]}/tcp: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def refuse(conn: socket.socket, answer: bytes) -> None:
+    """Close a connection over a bound at once, after the answer when its send buffer takes it whole."""
+    try:
+        conn.setblocking(False)
+        if answer:
+            conn.send(answer)
+    except OSError:
+        pass
+    conn.close()
 
 
 class Bound:
@@ -69,7 +84,7 @@ class Door:
         self.loop.set_exception_handler(self._exception)
         self.held = Bound(limits.held_per_visitor, limits.held_total)
         self.dns = Bound(limits.dns_tcp, limits.dns_tcp)
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[socket.socket] = []
         self.transports: list[asyncio.BaseTransport] = []
         self.thread = threading.Thread(target=self.loop.run_forever, name="front-door", daemon=True)
         self._said = 0.0
@@ -85,25 +100,56 @@ class Door:
         return self.loop.run_until_complete(coro)
 
     def _exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        # asyncio's accept loop reports EMFILE here, then backs off a second: one line a minute is enough
+        # a burst of failures (EMFILE at every accept) says so once a minute
         now = time.monotonic()
         if now - self._said >= 60:
             self._said = now
             exc = context.get("exception")
             self.log(f"front door: {context.get('message')}" + (f": {exc}" if exc else ""))
 
-    def listen(self, sock: socket.socket, handler: Handler) -> None:
-        async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await handler(reader, writer)
-            except Exception as exc:  # one connection's trouble never reaches the loop  # noqa: BLE001
-                self._exception(self.loop, {"message": "a connection failed", "exception": exc})
+    def listen(self, sock: socket.socket, handler: Handler, bound: Bound, refusal: bytes = b"") -> None:
+        """Serve each connection to sock with handler, in the loop; one over the bound gets refusal and is closed
+        at once. A burst is accepted a few at a time; out of files, accepting pauses a second (the rest wait in the
+        kernel's queue, no file of ours)."""
+
+        def accept() -> None:
+            for _ in range(ACCEPT_BITE):
+                try:
+                    conn, peer = sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    return
+                except OSError as exc:
+                    self._exception(self.loop, {"message": "cannot accept a connection", "exception": exc})
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self.loop.remove_reader(sock)
+                        self.loop.call_later(RETRY_S, self.loop.add_reader, sock, accept)
+                    return
+                if not bound.take(peer[0]):
+                    refuse(conn, refusal)
+                    continue
+                self.loop.create_task(self._serve(conn, peer[0], handler, bound))
+
+        async def register() -> None:
+            self.loop.add_reader(sock, accept)
+            self.listeners.append(sock)
+
+        self.run(register())
+
+    async def _serve(self, conn: socket.socket, peer: str, handler: Handler, bound: Bound) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=BUFFER)
+            await handler(reader, writer)
+        except Exception as exc:  # one connection's trouble never reaches the loop  # noqa: BLE001
+            self._exception(self.loop, {"message": "a connection failed", "exception": exc})
+            if writer is not None:
                 writer.transport.abort()
-
-        async def serve() -> None:
-            self.servers.append(await asyncio.start_server(guarded, sock=sock, limit=BUFFER))
-
-        self.run(serve())
+        finally:
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
+            bound.give(peer)
 
     def datagrams(self, sock: socket.socket, protocol: Callable[[], asyncio.DatagramProtocol]) -> None:
         async def serve() -> None:
@@ -115,13 +161,16 @@ class Door:
 
     def close(self) -> None:
         async def shut() -> None:
-            for s in self.servers:
-                s.close()
+            for sock in self.listeners:
+                self.loop.remove_reader(sock)
+                sock.close()
             for t in self.transports:
                 t.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)   # their finally clauses run before the loop stops
 
         if self.loop.is_closed():
             return
