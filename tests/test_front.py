@@ -11,15 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from test_manager import sites_json
 
 from appliance import ROOT
-from appliance.manager import dns, front
+from appliance.manager import dns, front, settings
 from appliance.manager.errors import Error
-from appliance.manager.settings import Front, load
+from appliance.manager.settings import Front
 
 pytestmark = pytest.mark.unit
 
@@ -168,15 +166,11 @@ def test_out_of_files_pauses_accepting_and_the_loop_goes_on():
         p.wait()
 
 
-def test_sites_json_front_limits(tmp_path: Path):
-    path = tmp_path / "sites.json"
-    data = sites_json()
-    path.write_text(json.dumps(data))
-    assert load(path).front == Front()
-    data["front"] = {"held_per_visitor": 4, "idle_s": 30}
-    path.write_text(json.dumps(data))
-    assert load(path).front == Front(held_per_visitor=4, idle_s=30.0)
-    data["front"] = {"held_total": 0}
-    path.write_text(json.dumps(data))
-    with pytest.raises(Error, match=r"front\.held_total: 0 must be a whole number from 1 to 4096$"):
-        load(path)
+def test_front_limits_from_the_environment():
+    assert settings.front("") == Front()
+    assert settings.front('{"held_per_visitor": 4, "idle_s": 30}') == Front(held_per_visitor=4, idle_s=30.0)
+    with pytest.raises(Error, match=r"^APPLIANCE_FRONT: \(top level\)\.held_total: 0 must be a whole number from 1 "
+                                    r"to 4096$"):
+        settings.front('{"held_total": 0}')
+    with pytest.raises(Error, match=r"^APPLIANCE_FRONT: \(top level\): unknown key 'held' "):
+        settings.front('{"held": 1}')

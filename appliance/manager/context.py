@@ -35,6 +35,7 @@ ENV = {  # variable: board default
     "APPLIANCE_STAGING": "/var/lib/appliance/staging",   # uploads; on the store's filesystem (one rename in)
     "APPLIANCE_MARGIN_MIB": "16",                        # free space an upload must leave
     "APPLIANCE_WAKE_DNS": "%s:%d" % settings_mod.WAKE_DNS,  # where dnsmasq asks for on-demand sites' names
+    "APPLIANCE_FRONT": "",                               # the front doors' bounds changed (settings.Front), JSON
 }
 CONSOLE_LINES = 20
 
@@ -78,6 +79,7 @@ class Context:
     staging_root: Path = Path(ENV["APPLIANCE_STAGING"])
     margin: int = int(ENV["APPLIANCE_MARGIN_MIB"]) << 20    # bytes
     wake_dns: tuple[str, int] = settings_mod.WAKE_DNS
+    front: settings_mod.Front = settings_mod.Front()
     _settings: Settings | None = field(default=None, repr=False)
     _said: str = field(default="", repr=False)
 
@@ -88,7 +90,7 @@ class Context:
                    Path(e["APPLIANCE_CONSOLE"]), Xl(e["APPLIANCE_XL"]),
                    Net(e["APPLIANCE_NFT"], e["APPLIANCE_CONNTRACK"], Path(e["APPLIANCE_SYSFS_NET"])),
                    Path(e["APPLIANCE_STAGING"]), _mib(e["APPLIANCE_MARGIN_MIB"]) << 20,
-                   _hostport(e["APPLIANCE_WAKE_DNS"]))
+                   _hostport(e["APPLIANCE_WAKE_DNS"]), settings_mod.front(e["APPLIANCE_FRONT"]))
 
     @property
     def settings(self) -> Settings:
@@ -149,14 +151,9 @@ class Context:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def names(self, site: Site, slot: Slot | None, version: str | None) -> bool:
-        """Whether the site's state names this slot and version: read again under the site's lock by whoever acts
-        on what it saw before (a switch in another process may have moved the site since)."""
-        st = self.read_state(site)
-        return slot is not None and (st.get("slot"), st.get("version")) == (slot.name, version)
-
     def write_state(self, site: Site, **state: Any) -> dict[str, Any]:
-        """Replace the site's state (one rename: a reader sees the old state or the new)."""
+        """Replace the site's state (one rename: a reader sees the old state or the new). Writers go through
+        life.write, which checks the move."""
         data = {"site": site.name, "since": round(time.time(), 3), "pid": os.getpid(), **state}
         path = self.state_path(site)
         try:

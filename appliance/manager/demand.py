@@ -25,9 +25,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import front, lifetime
+from . import front, life, lifetime
 from .context import Context, log
 from .errors import Error
+from .life import Phase, Writer
 from .lock import Busy
 from .settings import OnDemand, Site, Slot
 
@@ -119,7 +120,7 @@ class DemandSite:
 
     def write(self, state: str | None = None) -> None:
         s = self.slot
-        self.ctx.write_state(self.site, state=state or self.state, slot=s.name if s else None, domain=s.domain if s else None,
+        life.write(self.ctx, self.site, Writer.DEMAND, Phase(state or self.state), slot=s.name if s else None, domain=s.domain if s else None,
                              version=self.version, backend=s.address if s else None, port=self.port or None,
                              error=self.error,
                              note=None, **self.figures())
@@ -217,8 +218,7 @@ class DemandSite:
             raise Error(f"{store.dir}/current: site {self.site.name} has no current version")
         m = store.load(version, self.site.defaults())
         self.make_room(m.memory)
-        st = self.ctx.read_state(self.site)
-        slot = self.site.slot(st["slot"]) if st.get("slot") in ("blue", "green") else self.site.slots[0]
+        slot = life.start_slot(self.ctx, self.site)
         for s in self.site.slots:       # a paused guest that is not the one to wake holds memory for nothing
             if self.ctx.xl.domid(s.domain) is not None:
                 self.ctx.xl.destroy(s.domain)
@@ -287,33 +287,19 @@ class DemandSite:
     # the old one, and the old slot's domain, stopped by the drain, was then taken for a crash and the map element
     # of the new guest removed (a visitor's request held for a wake timed out; test_deploy_system's rollback).
 
-    def _ours(self) -> bool:
-        """Whether the site's state still names the slot and version this thread watches (under the lock)."""
-        return self.ctx.names(self.site, self.slot, self.version)
-
     def _write_if_ours(self) -> None:
         """Write the figures, unless a switch is at work or has moved the site (the next tick follows it)."""
-        try:
-            lock = self.ctx.lock(self.site, "figures", self.version).acquire()
-        except Busy:
-            return
-        try:
-            if self._ours():
+        with life.mine(self.ctx, self.site, "figures", self.slot, self.version) as ours:
+            if ours:
                 self.write()
-        finally:
-            lock.release()
 
     def _gone(self) -> None:
         """The serving guest's domain is gone (crashed, shut down, destroyed): its map element goes and the next
         visitor wakes the site again, unless a switch stopped it, having moved the site to its new guest."""
-        try:
-            lock = self.ctx.lock(self.site, "a gone guest", self.version).acquire()
-        except Busy:
-            return                        # a switch is at work: look again once it is done
-        try:
+        with life.mine(self.ctx, self.site, "a gone guest", self.slot, self.version) as ours:
             assert self.slot is not None
-            if not self._ours() or self.ctx.xl.domid(self.slot.domain) is not None:
-                return                    # a switch moved the site: the next tick follows it
+            if not ours or self.ctx.xl.domid(self.slot.domain) is not None:
+                return                    # a switch is at work or moved the site: the next tick follows it
             log(f"site {self.site.name}: {self.slot.domain} is gone (crashed, shut down or destroyed); the next "
                 f"visitor wakes it again")
             active = self.ctx.net.active(self.site.address, self.site.port)
@@ -322,8 +308,6 @@ class DemandSite:
             with self.cv:
                 self.state, self.error = "asleep", f"{self.slot.domain} was gone"
             self.write()
-        finally:
-            lock.release()
 
     def _reload(self) -> None:
         try:
@@ -361,13 +345,12 @@ class DemandSite:
 
     def sleep(self, destroy: bool = False) -> None:
         """Stop the idle guest: the map element first, then the guest (paused, or destroyed)."""
+        with life.mine(self.ctx, self.site, "idle stop", self.slot, self.version) as ours:
+            if ours:                      # else a switch or a wake is at work, or moved the site: look again later
+                self._sleep(destroy)
+
+    def _sleep(self, destroy: bool) -> None:
         try:
-            lock = self.ctx.lock(self.site, "idle stop", self.version).acquire()
-        except Busy:
-            return                        # a switch or a wake is at work: look again later
-        try:
-            if self.state == "serving" and not self._ours():
-                return                    # a switch moved the site since this tick looked: the next one follows
             with self.cv:
                 if self.state not in ("serving", "paused") or self.slot is None:
                     return
@@ -398,8 +381,6 @@ class DemandSite:
                 if self.state == "stopping":
                     self.state = "serving"
                 self.cv.notify_all()
-        finally:
-            lock.release()
 
     def run(self) -> None:
         while self.after is not None and not self.after.wait(0.5):

@@ -81,8 +81,9 @@ class Site:
 
 @dataclass(frozen=True)
 class Front:
-    """The bounds of dom0's front doors (front.py): sites.json's optional `front`, these defaults otherwise. Sized
-    for a 1 GiB board whose manager may open 4096 files (its unit's LimitNOFILE): a piped connection is two."""
+    """The bounds of dom0's front doors (front.py): these defaults, or as the environment's APPLIANCE_FRONT (a JSON
+    object) changes them. Sized for a 1 GiB board whose manager may open 4096 files (its unit's LimitNOFILE): a
+    piped connection is two."""
 
     held_per_visitor: int = 32   # connections one visitor address may have held or piped by the activators
     held_total: int = 512        # the same, every visitor together
@@ -102,7 +103,6 @@ class Settings:
     visitors: Net
     guests: Net
     sites: dict[str, Site]
-    front: Front = Front()
 
     def site(self, name: str) -> Site:
         if name not in self.sites:
@@ -224,10 +224,19 @@ def on_demand_override(path: Path) -> OnDemand | None:
 def load(path: Path) -> Settings:
     r = _Reader(path)
     data = _json(path, "the board's site settings")
-    d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"), ("front",))
+    d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"))
     sites = d["sites"]
     if not isinstance(sites, dict):
         raise r.fail("sites", f"{sites!r} must be a mapping of site name to site")
     return Settings(path, r.net(d["visitors"], "visitors"), r.net(d["guests"], "guests"),
-                    {name: r.site(name, value) for name, value in sites.items()},
-                    r.front(d.get("front", {}), "front"))
+                    {name: r.site(name, value) for name, value in sites.items()})
+
+
+def front(text: str) -> Front:
+    """APPLIANCE_FRONT: a JSON object of Front's fields to change (empty: the defaults)."""
+    r = _Reader(Path("APPLIANCE_FRONT"))
+    try:
+        value = json.loads(text or "{}")
+    except ValueError as exc:
+        raise r.fail("(top level)", f"not JSON: {getattr(exc, 'msg', exc)}") from None
+    return r.front(value, "(top level)")

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import demand, dns, front, lifetime, switch
+from . import demand, dns, front, life, lifetime, switch
 from .context import Context, log
 from .errors import Error
+from .life import Phase, Writer
 from .lock import Busy
 from .net import healthy
 from .settings import Site, Slot
@@ -39,11 +40,6 @@ def wait_bridges(sysfs: Path, bridges: Sequence[str], deadline: float, stop: thr
             raise Error(f"bridge {', '.join(missing)} does not exist after {deadline:g} s "
                         f"({sysfs}; systemd-networkd makes it)")
         stop.wait(0.1)
-
-
-def kept_figures(st: dict[str, object]) -> dict[str, object]:
-    """The lifetime figures a site's state holds (a switch wrote them): kept by whoever watches it next."""
-    return {k: st[k] for k in (*lifetime.FIGURES, "day", "port") if k in st}
 
 
 @dataclass
@@ -70,7 +66,7 @@ class SiteSupervisor:
         return float(self.backoff_s[min(self.failures, len(self.backoff_s)) - 1]) if self.failures else 0.0
 
     def state(self, state: str, **extra: object) -> None:
-        self.ctx.write_state(self.site, state=state, slot=self.slot.name if self.slot else None,
+        life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase(state), slot=self.slot.name if self.slot else None,
                              domain=self.slot.domain if self.slot else None, version=self.version,
                              backend=self.slot.address if self.slot else None, failures=self.failures,
                              restarts=self.restarts, error=self.error, note=self.note,
@@ -103,7 +99,7 @@ class SiteSupervisor:
         delay = self.delay()
         if delay:
             log(f"site {self.site.name}: failure {self.failures} in a row: starting again in {delay:g} s")
-            self.ctx.write_state(self.site, state="backoff", retry_in=delay, error=self.error,
+            life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase.BACKOFF, retry_in=delay, error=self.error,
                                  failures=self.failures, restarts=self.restarts)
             if self.stop.wait(delay):
                 return
@@ -135,7 +131,7 @@ class SiteSupervisor:
             self.ctx.net.point(self.site.address, self.site.port, slot.address, m.port)
         self.slot, self.version, self.misses = slot, version, 0
         self.up_since, self._next_probe = time.monotonic(), time.monotonic() + self.site.probe_interval
-        self.booted, self.figures = True, kept_figures(self.ctx.read_state(self.site))
+        self.booted, self.figures = True, life.kept_figures(life.read(self.ctx, self.site))
         log(f"site {self.site.name}: {version} serves from {slot.domain}")
         self.state("serving")
         return True
@@ -147,8 +143,7 @@ class SiteSupervisor:
             self.failures += 1
             self.state("failed")
             return
-        st = self.ctx.read_state(self.site)
-        slot = self.site.slot(st["slot"]) if st.get("slot") in ("blue", "green") else self.site.slots[0]
+        slot = life.start_slot(self.ctx, self.site)
         reasons: list[str] = []
         for version in versions:
             self.version, self.slot = version, slot
@@ -209,12 +204,11 @@ class SiteSupervisor:
         self.stop.wait(min(0.5, self.site.probe_interval))
         if self.stop.is_set():
             return
-        st = self.ctx.read_state(self.site)
-        if st.get("slot") in ("blue", "green") and (st.get("slot"), st.get("version")) != (self.slot.name,
-                                                                                          self.version):
-            if st.get("state") == "serving":   # a switch moved the site: watch its slot from now on
-                self.slot, self.version = self.site.slot(st["slot"]), st.get("version")
-                self.misses, self.up_since, self.figures = 0, time.monotonic(), kept_figures(st)
+        st = life.read(self.ctx, self.site)
+        if st.slot and not st.names(self.slot, self.version):
+            if st.phase == Phase.SERVING:   # a switch moved the site: watch its slot from now on
+                self.slot, self.version = self.site.slot(st.slot), st.version
+                self.misses, self.up_since, self.figures = 0, time.monotonic(), life.kept_figures(st)
                 log(f"site {self.site.name}: following the switch to {self.version} in {self.slot.domain}")
             return
         reason = None
@@ -234,13 +228,9 @@ class SiteSupervisor:
                              f"{m.health.path} ({what})"
         if reason is None:
             return
-        try:
-            lock = self.ctx.lock(self.site, "supervisor restart", self.version).acquire()
-        except Busy:
-            return                        # a switch is at work; look again once it is done
-        try:
-            if not self.ctx.names(self.site, self.slot, self.version):
-                return                    # a switch moved the site meanwhile
+        with life.mine(self.ctx, self.site, "supervisor restart", self.slot, self.version) as ours:
+            if not ours:
+                return                    # a switch is at work or moved the site: the next look follows it
             self.ctx.xl.destroy(self.slot.domain)
             self.restarts += 1
             self.failures = 1 if time.monotonic() - self.up_since >= self.stable_s else self.failures + 1
@@ -248,8 +238,6 @@ class SiteSupervisor:
             log(f"{self.error}; starting it again")
             self.state("down")            # bring_up restarts in the slot this state names
             self.slot = None
-        finally:
-            lock.release()
 
     def stop_guest(self) -> None:
         slot, _ = self.ctx.served(self.site)
@@ -261,7 +249,8 @@ class SiteSupervisor:
             except Error as exc:
                 log(str(exc))
         self.slot = slot
-        self.ctx.write_state(self.site, state="stopped", slot=slot.name if slot else None, version=self.version)
+        life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase.STOPPED, slot=slot.name if slot else None,
+                   version=self.version)
 
 
 def notify(state: str, socket_path: str | None = None) -> bool:
@@ -330,7 +319,7 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
     registry: list[demand.DemandSite] = []
     registry += [demand.DemandSite(ctx, site, stop, registry, after=started) for site in s.sites.values()
                  if site.on_demand]
-    door = front.Door(s.front, log)
+    door = front.Door(ctx.front, log)
     for d in registry:
         try:
             demand.Activator(d, door)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from . import life
 from .context import Context, GuestFailed, log
 from .errors import Error
+from .life import Phase, Writer
 from .names import check_version
 from .settings import Site, Slot
 
@@ -51,7 +53,7 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
         ctx.net.point(site.address, site.port, new.address, m.port)
         switch_ms = _ms(t1)
         prev = store.make_current(version)
-        ctx.write_state(site, state="serving", slot=new.name, domain=new.domain, version=version,
+        life.write(ctx, site, Writer.SWITCH, Phase.SERVING, slot=new.name, domain=new.domain, version=version,
                         backend=new.address, port=m.port, failures=0, restarts=0, error=None, note=None,
                         switched_from=old, **figures(ctx, site, "switch", health_ms))
         log(f"site {site.name}: {site.address}:{site.port} now goes to {version} in {new.domain} "
@@ -109,7 +111,7 @@ def _cold(ctx: Context, site: Site, slot: Slot | None, old: str | None, version:
         raise GuestFailed(f"{exc}{back}", exc.console) from None
     ctx.net.point(site.address, site.port, slot.address, m.port)
     prev = ctx.store(site).make_current(version)
-    ctx.write_state(site, state="serving", slot=slot.name, domain=slot.domain, version=version,
+    life.write(ctx, site, Writer.SWITCH, Phase.SERVING, slot=slot.name, domain=slot.domain, version=version,
                     backend=slot.address, port=m.port, failures=0, restarts=0, error=None, note=None,
                     switched_from=old, **figures(ctx, site, "cold switch", _ms(t0)))
     return {"ok": True, "site": site.name, "version": version, "from": old, "previous": prev, "slot": slot.name,
