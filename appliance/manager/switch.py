@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import life
+from . import life, reset
 from .context import Context, GuestFailed, log
 from .errors import Error
 from .life import Phase, Writer
@@ -76,21 +76,38 @@ def figures(ctx: Context, site: Site, trigger: str, wake_ms: int) -> dict[str, A
 
 
 def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
-    """Wait until no unfinished connection is left to the old guest, or the site's drain deadline; stop it."""
+    """Ask the old guest to stop (it may finish what is under way and power off), wait until no unfinished
+    connection is left to it, it is gone, or the site's drain deadline; then reset the visitors' connections still
+    open (a browser retries a reset at once, never a silent hang) and stop it."""
     t0 = time.monotonic()
-    left = -1
+    try:
+        ctx.xl.shutdown(old.domain)
+    except Error as exc:
+        log(str(exc))
+    left, own = -1, ctx.settings.guests.address
     while True:
+        gone = ctx.xl.domid(old.domain) is None
         try:
-            left = ctx.net.unfinished(old.address, ctx.settings.guests.address)
+            left = ctx.net.unfinished(old.address, own)
         except Error as exc:
             log(str(exc))
             left = -1
-        if left == 0 or time.monotonic() - t0 >= site.drain:
+        if left == 0 or gone or time.monotonic() - t0 >= site.drain:
             break
         time.sleep(DRAIN_POLL_S)
     drain_ms = _ms(t0)
-    ctx.xl.stop(old.domain, site.stop_grace)
-    return {"drain_ms": drain_ms, "left_connections": max(left, 0), "stopped": old.domain}
+    cut = 0
+    if left:
+        try:
+            cut = reset.cut(ctx.net, old.address, own)
+        except Error as exc:
+            log(f"site {site.name}: {exc}")
+        if cut:
+            log(f"site {site.name}: reset {cut} connections still open to {old.domain} at the drain's end")
+        ctx.xl.destroy(old.domain)
+    else:
+        ctx.xl.stop(old.domain, site.stop_grace)
+    return {"drain_ms": drain_ms, "left_connections": max(left, 0), "cut_connections": cut, "stopped": old.domain}
 
 
 def _cold(ctx: Context, site: Site, slot: Slot | None, old: str | None, version: str) -> dict[str, Any]:
