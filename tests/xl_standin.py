@@ -218,6 +218,7 @@ def guest(kernel: str, port: int, name: str) -> None:
         print("stand-in guest: a shutdown request, ignored", flush=True)
         asked.clear()
     print("stand-in guest: shutting down: no new connections, finishing those under way", flush=True)
+    time.sleep(1)                 # as the demo guest: a connection that raced the switch is still taken
     server.shutdown()
     server.socket.close()
     while busy[0]:
