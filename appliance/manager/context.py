@@ -34,7 +34,7 @@ ENV = {  # variable: board default
     "APPLIANCE_CONNTRACK": "conntrack",
     "APPLIANCE_STAGING": "/var/lib/appliance/staging",   # uploads; on the store's filesystem (one rename in)
     "APPLIANCE_MARGIN_MIB": "16",                        # free space an upload must leave
-    "APPLIANCE_WAKE_DNS": "%s:%d" % settings_mod.WAKE_DNS,  # where dnsmasq asks for on-demand sites' names
+    "APPLIANCE_WAKE_DNS": "{}:{}".format(*settings_mod.WAKE_DNS),  # where dnsmasq asks for on-demand sites' names
     "APPLIANCE_FRONT": "",                               # the front doors' bounds changed (settings.Front), JSON
 }
 CONSOLE_LINES = 20

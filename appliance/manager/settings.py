@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Error
-from .manifest import HEALTH_PATH
+from .manifest import HEALTH_PATH, MAX_MEMORY, MAX_VCPUS
 from .names import check_site
 
 SLOTS = ("blue", "green")
 KEEP, KEEP_MAX = 3, 100     # versions kept in a site's store by default, and at most
 IDLE_MIN, IDLE_MAX = 2, 86400   # seconds an on-demand guest may sit idle before it is stopped
 STOPS = ("destroy", "pause")
+# A site's limits, the one set: the recipe loader (config.py) and the board (below) check a site against these.
+SITE_LIMITS = {"port": (1, 65535), "memory": (16, MAX_MEMORY), "vcpus": (1, MAX_VCPUS), "deadline": (5, 3600),
+               "drain": (0, 3600), "keep": (1, KEEP_MAX), "idle": (IDLE_MIN, IDLE_MAX)}
 WAKE_DNS = ("127.0.0.1", 5354)  # where dnsmasq sends the queries for on-demand sites' names (the manager answers)
 MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -154,7 +157,7 @@ class _Reader:
         o = self.mapping(value, key, ("idle", "stop"))
         if o["stop"] not in STOPS:
             raise self.fail(f"{key}.stop", f"{o['stop']!r} must be destroy or pause")
-        return OnDemand(self.seconds(o["idle"], f"{key}.idle", IDLE_MIN, IDLE_MAX), o["stop"])
+        return OnDemand(self.seconds(o["idle"], f"{key}.idle", *SITE_LIMITS["idle"]), o["stop"])
 
     def front(self, value: object, key: str) -> Front:
         d = self.mapping(value, key, (), tuple(FRONT_KEYS))
@@ -189,15 +192,16 @@ class _Reader:
                              f"{name}.{s}"))
         od = self.on_demand(d["on_demand"], f"{key}.on_demand") if d.get("on_demand") is not None else None
         return Site(name, tuple(names), self.ipv4(d["address"], f"{key}.address"),
-                    self.int(d["port"], f"{key}.port", 1, 65535), self.int(d["memory"], f"{key}.memory", 16, 1 << 20),
-                    self.int(d["vcpus"], f"{key}.vcpus", 1, 64),
+                    self.int(d["port"], f"{key}.port", *SITE_LIMITS["port"]),
+                    self.int(d["memory"], f"{key}.memory", *SITE_LIMITS["memory"]),
+                    self.int(d["vcpus"], f"{key}.vcpus", *SITE_LIMITS["vcpus"]),
                     self.text(d["health_path"], f"{key}.health_path", HEALTH_PATH, "a URL path"),
-                    self.int(d["deadline"], f"{key}.deadline", 1, 3600),
-                    self.seconds(d["drain"], f"{key}.drain", 0, 3600), (made[0], made[1]),
+                    self.int(d["deadline"], f"{key}.deadline", *SITE_LIMITS["deadline"]),
+                    self.seconds(d["drain"], f"{key}.drain", *SITE_LIMITS["drain"]), (made[0], made[1]),
                     self.seconds(d.get("probe_interval", 15), f"{key}.probe_interval", 0.05, 3600),
                     self.int(d.get("probe_failures", 3), f"{key}.probe_failures", 1, 100),
                     self.seconds(d.get("stop_grace", 10), f"{key}.stop_grace", 0, 600),
-                    self.int(d.get("keep", KEEP), f"{key}.keep", 1, KEEP_MAX), od)
+                    self.int(d.get("keep", KEEP), f"{key}.keep", *SITE_LIMITS["keep"]), od)
 
 
 def _json(path: Path, what: str) -> object:
@@ -222,8 +226,12 @@ def on_demand_override(path: Path) -> OnDemand | None:
 
 
 def load(path: Path) -> Settings:
+    return parse(_json(path, "the board's site settings"), path)
+
+
+def parse(data: object, path: Path) -> Settings:
+    """sites.json's content as the board reads it (the host checks what it writes with this too)."""
     r = _Reader(path)
-    data = _json(path, "the board's site settings")
     d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"))
     sites = d["sites"]
     if not isinstance(sites, dict):
