@@ -6,3 +6,4 @@ The data flows one way: recipe -> rootfs -> boot files -> image -> flash | emula
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20

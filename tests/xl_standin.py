@@ -71,8 +71,6 @@ class Domains:
         return (not cmd or b"xl_standin" in cmd) and state != "Z"
 
     def remove(self, d: dict) -> None:
-        # as Xen's destroy: the guest vanishes without a word (its link goes before its sockets could say goodbye)
-        subprocess.run(["ip", "link", "del", f"vif{d['domid']}.0"], capture_output=True, check=False)
         try:
             os.killpg(d["pid"], signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

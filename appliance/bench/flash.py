@@ -10,13 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import log
+from .. import MiB, log
 from ..bmap import parse
 from ..errors import FlashError
 from ..flash import flash
 from ..loop import attached, written_bytes
-
-MiB = 1 << 20
 
 
 def _uncache(path: Path) -> None:

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import front, life, lifetime
+from . import front, launch, life, lifetime
 from .context import Context, log
 from .errors import Error
 from .life import Phase, Writer
@@ -222,7 +222,7 @@ class DemandSite:
         for s in self.site.slots:       # a paused guest that is not the one to wake holds memory for nothing
             if self.ctx.xl.domid(s.domain) is not None:
                 self.ctx.xl.destroy(s.domain)
-        self.ctx.start(self.site, slot, version, self.stop)
+        launch.start(self.ctx, self.site, slot, version, self.stop)
         self.slot, self.version, self.port, self.memory = slot, version, m.port, m.memory
 
     def make_room(self, need: int) -> None:

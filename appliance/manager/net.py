@@ -120,7 +120,8 @@ class Net:
         address and are not among them."""
         ipaddress.IPv4Address(service), ipaddress.IPv4Address(backend)
         argv = [*self.conntrack, "-L", "-p", "tcp", "--orig-dst", service, "--reply-src", backend, "-o", "id"]
-        ids, going = set(), 0
+        ids: set[int] = set()
+        going = 0
         for e in self._tcp(argv):
             going += live(e)
             ids.update(int(w[3:]) for w in e if w.startswith("id=") and w[3:].isdigit())

@@ -144,7 +144,7 @@ class _Reader:
 
     def ipv4(self, value: object, key: str) -> str:
         try:
-            return str(ipaddress.IPv4Address(value))   # type: ignore[arg-type]
+            return str(ipaddress.IPv4Address(value))
         except ValueError:
             raise self.fail(key, f"{value!r} is not an IPv4 address") from None
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import demand, dns, front, life, lifetime, switch
+from . import demand, dns, front, launch, life, lifetime, switch
 from .context import Context, log
 from .errors import Error
 from .life import Phase, Writer
@@ -150,7 +150,7 @@ class SiteSupervisor:
             self.state("starting")
             try:
                 t0 = time.monotonic()
-                m = self.ctx.start(self.site, slot, version, self.stop)
+                m = launch.start(self.ctx, self.site, slot, version, self.stop)
                 self._point(slot, m.port)
                 self.figures = {**switch.figures(self.ctx, self.site, "restart" if self.restarts else "boot",
                                                  round((time.monotonic() - t0) * 1000)), "port": m.port}
@@ -333,7 +333,8 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
         except Error as exc:
             log(f"{exc}: on-demand sites wake by connection only")
     door.start()
-    threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in [*sups, *registry]]
+    watchers: list[SiteSupervisor | demand.DemandSite] = [*sups, *registry]
+    threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in watchers]
     threads.append(threading.Thread(target=lifetime.run, args=(ctx, stop), name="lifetime", daemon=True))
 
     def then(why: str) -> None:

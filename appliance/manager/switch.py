@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import life, reset
-from .context import Context, GuestFailed, log
+from . import launch, life, reset
+from .context import Context, log
 from .errors import Error
+from .launch import GuestFailed
 from .life import Phase, Writer
 from .names import check_version
 from .settings import Site, Slot
@@ -43,7 +44,7 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
         new = site.other(slot) if slot else site.slots[0]
         t0 = time.monotonic()
         try:
-            m = ctx.start(site, new, version)
+            m = launch.start(ctx, site, new, version)
         except GuestFailed as exc:
             keeps = f"{old} keeps serving from {slot.domain}" if slot else "nothing was serving"
             tail = f"; its console ends: {' | '.join(exc.console[-3:])}" if exc.console else ""
@@ -116,12 +117,12 @@ def _cold(ctx: Context, site: Site, slot: Slot | None, old: str | None, version:
     t0 = time.monotonic()
     ctx.xl.destroy(slot.domain)
     try:
-        m = ctx.start(site, slot, version)
+        m = launch.start(ctx, site, slot, version)
     except GuestFailed as exc:
         back = ""
         if old:
             try:
-                ctx.start(site, slot, old)
+                launch.start(ctx, site, slot, old)
                 back = f"; {old} serves again from {slot.domain}"
             except Error as again:
                 back = f"; {old} did not start again either: {again}"
