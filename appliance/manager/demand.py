@@ -78,9 +78,9 @@ class DemandSite:
     stop: threading.Event
     registry: list[DemandSite] = field(default_factory=list)
     # set once the always-on sites have started (supervisor.when_started): at boot this site's first look (xl and
-    # nft processes, seconds of dom0's one CPU) waits for it, as nobody can ask for it before the wifi is up
+    # nft processes on dom0's one CPU) waits for it, as nobody can ask for it before the wifi is up
     after: threading.Event | None = None
-    state: str = "asleep"            # asleep, waking, serving, stopping, paused
+    state: str = "asleep"            # a life.Phase: asleep, waking, serving, stopping, paused
     slot: Slot | None = None
     version: str | None = None
     port: int = 0                    # the backend's port
@@ -280,12 +280,9 @@ class DemandSite:
         if idle_for(now, self.last, established, self.held) >= self.policy.idle:
             self.sleep()
 
-    # A switch (or a deploy's) runs in another process: it holds the site's lock from its guest's start until the
-    # old guest is stopped, and writes the site's state under it. What this thread saw before the switch (the slot,
-    # the version) is stale once that lock is free again, so whatever it writes or removes on the strength of it is
-    # done under the lock, after reading the state again: a figures write once overwrote a switch's new slot with
-    # the old one, and the old slot's domain, stopped by the drain, was then taken for a crash and the map element
-    # of the new guest removed (a visitor's request held for a wake timed out; test_deploy_system's rollback).
+    # A switch runs in another process and holds the site's lock from its guest's start until the old guest is
+    # stopped: what this thread saw before (the slot, the version) is stale once the lock is free again, so what it
+    # writes or removes on the strength of it goes through life.mine.
 
     def _write_if_ours(self) -> None:
         """Write the figures, unless a switch is at work or has moved the site (the next tick follows it)."""

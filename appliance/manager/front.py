@@ -85,9 +85,10 @@ class Door:
         self.held = Bound(limits.held_per_visitor, limits.held_total)
         self.dns = Bound(limits.dns_tcp, limits.dns_tcp)
         self.listeners: list[socket.socket] = []
+        self.tasks: set[asyncio.Task[None]] = set()
         self.transports: list[asyncio.BaseTransport] = []
         self.thread = threading.Thread(target=self.loop.run_forever, name="front-door", daemon=True)
-        self._said = 0.0
+        self._said: dict[str, float] = {}
 
     def start(self) -> Door:
         self.thread.start()
@@ -100,12 +101,15 @@ class Door:
         return self.loop.run_until_complete(coro)
 
     def _exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        # a burst of failures (EMFILE at every accept) says so once a minute
+        # a burst of failures (EMFILE at every accept) says each thing once a minute
+        exc = context.get("exception")
+        line = f"front door: {context.get('message')}" + (f": {exc}" if exc else "")
         now = time.monotonic()
-        if now - self._said >= 60:
-            self._said = now
-            exc = context.get("exception")
-            self.log(f"front door: {context.get('message')}" + (f": {exc}" if exc else ""))
+        if now - self._said.get(line, -60.0) >= 60:
+            if len(self._said) >= 64:         # what visitors cause may vary without end: remembered within bounds
+                self._said.clear()
+            self._said[line] = now
+            self.log(line)
 
     def listen(self, sock: socket.socket, handler: Handler, bound: Bound, refusal: bytes = b"") -> None:
         """Serve each connection to sock with handler, in the loop; one over the bound gets refusal and is closed
@@ -127,7 +131,9 @@ class Door:
                 if not bound.take(peer[0]):
                     refuse(conn, refusal)
                     continue
-                self.loop.create_task(self._serve(conn, peer[0], handler, bound))
+                task = self.loop.create_task(self._serve(conn, peer[0], handler, bound))
+                self.tasks.add(task)              # the loop keeps only a weak reference to a task
+                task.add_done_callback(self.tasks.discard)
 
         async def register() -> None:
             self.loop.add_reader(sock, accept)

@@ -24,7 +24,7 @@ from .settings import Site, Slot
 
 BACKOFF_S = (0, 5, 10, 20, 40, 80, 160, 300)
 STABLE_S = 60.0        # a guest healthy this long has recovered: its next failure restarts it at once
-LOOK_S = 3.0           # how often the serving guest's domain is looked for (a switch is followed within 0.5 s)
+LOOK_S = 3.0           # how often the serving guest's domain is looked for (a switch is followed at every watch)
 BRIDGE_WAIT_S = 120.0
 READY_S = 60.0         # the rest of the boot waits for the always-on sites' first start at most this long
 BOARD_SYSFS = Path("/sys/class/net")  # the manager starts early in the boot; networkd makes the bridges a little later
@@ -213,7 +213,7 @@ class SiteSupervisor:
             return
         reason = None
         now = time.monotonic()
-        if now >= self._next_look:        # `xl domid` is a process of its own: seconds of CPU on a small board
+        if now >= self._next_look:        # `xl domid` is a process of its own, costly on a small board
             self._next_look = now + min(LOOK_S, self.site.probe_interval)
             if self.ctx.xl.domid(self.slot.domain) is None:
                 reason = "is gone (crashed, shut down or destroyed)"
