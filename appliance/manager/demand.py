@@ -385,12 +385,7 @@ class DemandSite:
                 return
         if self._removable():
             self.ctx.net.remove(self.site.address, self.site.port)
-        for s in self.site.slots:        # what a previous run left: nobody asked for it yet
-            try:
-                if self.ctx.xl.domid(s.domain) is not None:
-                    self.ctx.xl.destroy(s.domain)
-            except Error as exc:
-                log(str(exc))
+        launch.stop_slots(self.ctx, self.site)      # what a previous run left: nobody asked for it yet
         self.write()
         log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); asleep "
             f"until a visitor asks")
@@ -410,12 +405,7 @@ class DemandSite:
             return False
 
     def shutdown(self) -> None:
-        for s in self.site.slots:
-            try:
-                if self.ctx.xl.domid(s.domain) is not None:
-                    self.ctx.xl.destroy(s.domain)
-            except Error as exc:
-                log(str(exc))
+        launch.stop_slots(self.ctx, self.site)
 
 
 # ---------------------------------------------------------------- the activator

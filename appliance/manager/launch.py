@@ -106,3 +106,18 @@ def _wait_healthy(ctx: Context, site: Site, slot: Slot, m: Manifest, stop: threa
                             f"answered at {url} (it crashed or shut down)")
         stop.wait(0.1)
     raise Error(f"site {site.name}: stopped while {m.version} was starting")
+
+
+def stop_slots(ctx: Context, site: Site, grace: float | None = None) -> None:
+    """Stop whatever runs in the site's slots: asked to shut down with grace seconds to do it, else destroyed. A
+    failure is said and the other slot still stopped."""
+    for s in site.slots:
+        try:
+            if ctx.xl.domid(s.domain) is not None:
+                if grace is None:
+                    ctx.xl.destroy(s.domain)
+                else:
+                    log(f"stopping {s.domain}")
+                    ctx.xl.stop(s.domain, grace)
+        except Error as exc:
+            log(str(exc))

@@ -241,13 +241,7 @@ class SiteSupervisor:
 
     def stop_guest(self) -> None:
         slot, _ = self.ctx.served(self.site)
-        for s in self.site.slots:
-            try:
-                if self.ctx.xl.domid(s.domain) is not None:
-                    log(f"stopping {s.domain}")
-                    self.ctx.xl.stop(s.domain, self.site.stop_grace)
-            except Error as exc:
-                log(str(exc))
+        launch.stop_slots(self.ctx, self.site, self.site.stop_grace)
         self.slot = slot
         life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase.STOPPED, slot=slot.name if slot else None,
                    version=self.version)
