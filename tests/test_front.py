@@ -4,11 +4,13 @@ address and in total, idle time, a full file table), and a loop that outlives a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -174,3 +176,66 @@ def test_front_limits_from_the_environment():
         settings.front('{"held_total": 0}')
     with pytest.raises(Error, match=r"^APPLIANCE_FRONT: \(top level\): unknown key 'held' "):
         settings.front('{"held": 1}')
+
+
+@pytest.fixture
+def piped() -> Iterator[tuple[tuple[str, int], socket.socket]]:
+    """A door piping each connection to an upstream that sends 100 bytes every 0.1 s for 2 s once it gets a
+    byte, and then stays silent: (the door's address, the upstream's listener)."""
+    up = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def upstream() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = up.accept()
+            except OSError:
+                return
+            threading.Thread(target=talk, args=(conn,), daemon=True).start()
+
+    def talk(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                if conn.recv(1):
+                    for _ in range(20):
+                        conn.sendall(b"x" * 100)
+                        time.sleep(0.1)
+                stop.wait(10)
+            except OSError:
+                pass
+
+    threading.Thread(target=upstream, daemon=True).start()
+    door = front.Door(Front(idle_s=1), lambda line: None)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await door.pipe((reader, writer), await asyncio.open_connection(*up.getsockname()))
+
+    sock = front.tcp_listener(("127.0.0.1", 0), "test")
+    door.listen(sock, handler, front.Bound(8, 8))
+    door.start()
+    try:
+        yield sock.getsockname(), up
+    finally:
+        stop.set()
+        door.close()
+        up.close()
+
+
+def test_a_piped_connection_idle_both_ways_is_closed(piped: tuple[tuple[str, int], socket.socket]):
+    with socket.create_connection(piped[0], timeout=5) as s:
+        t0 = time.monotonic()
+        assert closed(s), "closed after idle_s with no byte either way"
+        assert 0.9 <= time.monotonic() - t0 < 3
+
+
+def test_a_piped_download_outlives_idle_s_while_bytes_flow(piped: tuple[tuple[str, int], socket.socket]):
+    with socket.create_connection(piped[0], timeout=5) as s:
+        s.sendall(b"?")                       # then silent this way, while 2 s of bytes come the other way
+        got, t0 = 0, time.monotonic()
+        while got < 2000:
+            chunk = s.recv(4096)
+            assert chunk, f"cut after {got} bytes and {time.monotonic() - t0:.1f} s"
+            got += len(chunk)
+        assert time.monotonic() - t0 >= 1.5, "the download took longer than idle_s"
+        assert closed(s), "then idle both ways: closed"
