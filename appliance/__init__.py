@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
 
 
 def checkout(root: Path = ROOT) -> bool:

@@ -23,7 +23,7 @@ import yaml
 from . import ROOT, default_cache
 from .errors import RecipeError
 from .manager import manifest, names
-from .manager.settings import IDLE_MAX, IDLE_MIN, KEEP_MAX
+from .manager.settings import SITE_LIMITS
 
 REQUIRED: Any = dataclasses.MISSING
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KiB|M|MiB|G|GiB)?\s*$")
@@ -476,24 +476,23 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
         for j, name in enumerate(s.names):
             if not _DNS_NAME.fullmatch(name):
                 raise _fail(path, f"{key}.names[{j}]", f"'{name}' is not a lower-case DNS name")
-        if not 16 <= s.memory_mib <= manifest.MAX_MEMORY:   # the bounds a version's manifest is held to
-            raise _fail(path, f"{key}.memory_mib", f"{s.memory_mib} must be 16 to {manifest.MAX_MEMORY} (MiB)")
-        if not 1 <= s.vcpus <= manifest.MAX_VCPUS:
-            raise _fail(path, f"{key}.vcpus", f"{s.vcpus} must be 1 to {manifest.MAX_VCPUS}")
-        if not 1 <= s.port <= 65535:
+        for field_, limit, value, unit in (("memory_mib", "memory", s.memory_mib, " (MiB)"),
+                                           ("vcpus", "vcpus", s.vcpus, ""),
+                                           ("deadline", "deadline", s.deadline, " (seconds)"),
+                                           ("drain", "drain", s.drain, " (seconds)"),
+                                           ("keep", "keep", s.keep, " (versions)")):
+            low, high = SITE_LIMITS[limit]           # the board's own, in one place (manager/settings.py)
+            if not low <= value <= high:
+                raise _fail(path, f"{key}.{field_}", f"{value} must be {low} to {high}{unit}")
+        if not SITE_LIMITS["port"][0] <= s.port <= SITE_LIMITS["port"][1]:
             raise _fail(path, f"{key}.port", f"{s.port} is not a TCP port")
         if not manifest.HEALTH_PATH.fullmatch(s.health_path):
             raise _fail(path, f"{key}.health_path", f"'{s.health_path}' must be a URL path starting with '/'")
-        if not 5 <= s.deadline <= 3600:
-            raise _fail(path, f"{key}.deadline", f"{s.deadline} must be 5 to 3600 (seconds)")
-        if not 0 <= s.drain <= 3600:
-            raise _fail(path, f"{key}.drain", f"{s.drain} must be 0 to 3600 (seconds)")
-        if not 1 <= s.keep <= KEEP_MAX:   # the board's own bounds
-            raise _fail(path, f"{key}.keep", f"{s.keep} must be 1 to {KEEP_MAX} (versions)")
         if s.bundle and s.static:
             raise _fail(path, f"{key}.static", "a site is served by its bundle or by a folder of static files, not both")
-        if s.on_demand and not IDLE_MIN <= s.on_demand.idle <= IDLE_MAX:
-            raise _fail(path, f"{key}.on_demand.idle", f"{s.on_demand.idle} must be {IDLE_MIN} to {IDLE_MAX} "
+        idle = SITE_LIMITS["idle"]
+        if s.on_demand and not idle[0] <= s.on_demand.idle <= idle[1]:
+            raise _fail(path, f"{key}.on_demand.idle", f"{s.on_demand.idle} must be {idle[0]} to {idle[1]} "
                                                       f"(seconds)")
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from pathlib import Path
 from typing import Any
 
 from .config import Recipe
+from .manager import settings
 from .manager.settings import SLOTS, WAKE_DNS
+
+BOARD_PATH = Path("/etc/appliance/sites.json")
 
 
 def _net(address: str, bridge: str) -> dict[str, Any]:
@@ -53,7 +57,10 @@ def board_settings(rec: Recipe) -> dict[str, Any]:
 
 
 def board_json(rec: Recipe) -> str:
-    return json.dumps(board_settings(rec), indent=1) + "\n"
+    """sites.json, checked as the board will read it (one declaration of a site: manager/settings.py)."""
+    data = board_settings(rec)
+    settings.parse(data, BOARD_PATH)
+    return json.dumps(data, indent=1) + "\n"
 
 
 MAX_STATIONS = 100   # wifi stations at once: more than a USB dongle's access point serves well on this board
@@ -77,4 +84,4 @@ def template_context(rec: Recipe) -> dict[str, Any]:
             "max_stations": max_stations(rec),
             "dom0_addresses": [net["address"], *(s["address"] for s in all_sites)],
             "guest_macs": [sl["mac"] for s in all_sites for sl in s["slots"].values()],
-            "sites_json": board_json(rec), "wake_dns": "%s#%d" % WAKE_DNS}
+            "sites_json": board_json(rec), "wake_dns": "{}#{}".format(*WAKE_DNS)}

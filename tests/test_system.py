@@ -518,6 +518,19 @@ def test_guest_manager_restarts_a_destroyed_guest(board, guest, recipe):
     assert new != domid
 
 
+def test_the_demo_guest_powers_off_on_xl_shutdown(board, guest, recipe):
+    """Xen's shutdown request reaches the demo guest's own poweroff (its init sets the kernel's poweroff_cmd):
+    it goes within seconds, saying so on its console, instead of waiting for dom0 to destroy it."""
+    site = always_on(recipe)
+    name, domid = wait_for("the site serving", lambda: guest_serving(board, recipe, site), GUEST_S, interval=2,
+                           board=board)
+    board.run(f"xl shutdown {name}")
+    wait_for(f"{name} (domain {domid}) powering off", lambda: site_domains(board, site.name).get(name) != domid or None,
+             30, interval=1, board=board)
+    console = board.run(f"cat /var/log/xen/console/guest-{name}.log", timeout=60).out
+    assert "demo guest: asked to shut down" in console and "demo guest: powering off" in console, console[-2000:]
+
+
 # The appliance's own units (files, not the packages' aliases) that run only until their work is done.
 FIRST_BOOT_UNITS = ("find /etc/systemd/system -maxdepth 1 -type f -name '*.service' "
                     "-exec grep -lE '^Condition(PathExists=!|FirstBoot=yes)' {} +")

@@ -8,6 +8,10 @@ and runs a tiny guest there whose behaviour is the tail of its "kernel" file (af
   slow-start:<s>:<page>     answers only after s seconds
   never-answer              accepts connections and never answers
   crash-after:<s>           boots, never serves, and dies after s seconds (on_crash=destroy: the domain goes)
+  stubborn:<page>           serves as serve: does, and ignores `xl shutdown`
+A serving guest also answers GET /slow/<bytes>/<seconds> with that many bytes spread over that many seconds. On
+`xl shutdown` (SIGTERM) it stops taking connections, finishes those under way (an idle one is never closed), and
+powers off, as the demo guest does.
 The vif joins its bridge through the board's own vif-appliance (APPLIANCE_SLOTS: the slots file it reads).
 `pause` and `unpause` stop and continue the guest's processes (SIGSTOP, SIGCONT).
 Its stdout is the domain's console log, <XL_STANDIN_CONSOLE>/guest-<name>.log, like xenconsoled's.
@@ -29,6 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HEADER = 0x30
 VIF = Path(__file__).resolve().parent.parent / "overlays/booth/etc/xen/scripts/vif-appliance"
@@ -188,6 +193,8 @@ def guest(kernel: str, port: int, name: str, gateway: str) -> None:
         time.sleep(float(rest))
         print("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100", flush=True)
         os._exit(1)
+    asked = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: asked.set())
     if kind == "slow-start":
         delay, _, rest = rest.partition(":")
         time.sleep(float(delay))
@@ -208,6 +215,18 @@ def guest(kernel: str, port: int, name: str, gateway: str) -> None:
         protocol_version = "HTTP/1.0"
 
         def do_GET(self) -> None:
+            slow = re.fullmatch(r"/slow/(\d+)/([\d.]+)", self.path)
+            if slow:
+                size, seconds = int(slow.group(1)), float(slow.group(2))
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                chunks = max(1, int(seconds * 20))
+                for i in range(chunks):
+                    self.wfile.write(b"x" * (size * (i + 1) // chunks - size * i // chunks))
+                    self.wfile.flush()
+                    time.sleep(seconds / chunks)
+                return
             body = page
             if self.path == "/cgi-bin/status":     # as the demo guest's: its name and what dom0 last told it
                 body = json.dumps({"name": name, **told}).encode()
@@ -229,15 +248,37 @@ def guest(kernel: str, port: int, name: str, gateway: str) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
+    busy = [0]
+
     class Server(http.server.ThreadingHTTPServer):
         request_queue_size = 128
         daemon_threads = True
 
-    for p in {port, FIGURES_PORT}:
-        server = Server(("", p), Page)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            busy[0] += 1
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                busy[0] -= 1
+
+    servers = [Server(("", p), Page) for p in {port, FIGURES_PORT}]
     print(f"stand-in guest: serving on port {port}", flush=True)
-    signal.sigwait({signal.SIGTERM})
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    while True:
+        asked.wait()
+        if kind != "stubborn":
+            break
+        print("stand-in guest: a shutdown request, ignored", flush=True)
+        asked.clear()
+    print("stand-in guest: shutting down: no new connections, finishing those under way", flush=True)
+    time.sleep(1)                 # as the demo guest: a connection that raced the switch is still taken
+    for server in servers:
+        server.shutdown()
+        server.socket.close()
+    while busy[0]:
+        time.sleep(0.05)
+    print("reboot: Power down", flush=True)
 
 
 def main(argv: list[str]) -> None:
@@ -257,10 +298,17 @@ def main(argv: list[str]) -> None:
         if args[0] not in have:
             raise SystemExit(f"Can't get domid of domain name '{args[0]}', maybe this domain does not exist.")
         print(have[args[0]]["domid"])
-    elif cmd in ("destroy", "shutdown"):
+    elif cmd == "destroy":
         if args[0] not in have:
             raise SystemExit(f"xl stand-in: no domain {args[0]}")
         doms.remove(have[args[0]])
+    elif cmd == "shutdown":                       # the guest's own business: it powers off when it is done
+        if args[0] not in have:
+            raise SystemExit(f"xl stand-in: no domain {args[0]}")
+        try:
+            os.kill(have[args[0]]["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     elif cmd in ("pause", "unpause"):
         if args[0] not in have:
             raise SystemExit(f"xl stand-in: no domain {args[0]}")

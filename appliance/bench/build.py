@@ -14,12 +14,10 @@ from typing import Any
 
 import yaml
 
-from .. import ROOT
+from .. import ROOT, MiB
 from .. import build as builder
 from . import timeline
 from .report import combine
-
-MiB = 1 << 20
 
 
 def recipe(work: Path) -> tuple[Path, Path]:

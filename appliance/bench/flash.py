@@ -14,13 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import log
+from .. import MiB, log
 from ..bmap import parse
 from ..errors import FlashError
 from ..flash import flash
 from ..loop import attached, written_bytes
 
-MiB = 1 << 20
 MB = 1000 * 1000
 BLKIO = Path("/sys/fs/cgroup/blkio")          # cgroup v1's block controller: its root group throttles any device
 UNIFIED = Path("/sys/fs/cgroup")              # cgroup v2: io.max, in a child group the writers run in

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import log
+from .. import MiB, log
 from ..errors import BuildError
 from ..files import partial
 from ..identity import Identity
@@ -24,7 +24,6 @@ from .step import Step
 if TYPE_CHECKING:
     from .context import Context
 
-MiB = 1 << 20
 BOOT_START = 1 * MiB
 
 

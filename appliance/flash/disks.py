@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pyudev
 
-from .. import log
+from .. import MiB, log
 from ..errors import FlashError
 
-MiB = 1 << 20
 SYSTEM_MOUNTS = ("/", "/boot", "/boot/efi", "/usr", "swap")
 _SKIP_DISKS = re.compile(r"^(loop|ram|zram|dm-|md|sr|fd|nbd)|^mmcblk\d+(boot\d+|rpmb)$")
 

@@ -16,7 +16,6 @@ from ..errors import FlashError
 
 BUILD = ROOT / "build"
 CHUNK = 4 << 20
-MiB = 1 << 20
 DECOMPRESSORS = {".xz": ["xz", "-dc", "-T0"], ".gz": ["gzip", "-dc"], ".zst": ["zstd", "-dcq"]}
 
 

@@ -14,8 +14,9 @@ import time
 from typing import Any, NoReturn
 
 from . import supervisor
-from .context import Context, GuestFailed
+from .context import Context
 from .errors import Error
+from .launch import GuestFailed
 from .net import healthy
 from .settings import Site
 from .switch import rollback, switch

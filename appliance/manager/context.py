@@ -1,6 +1,6 @@
 """What every command works with: the paths (from the environment, with the board's defaults, so the tests and
-the namespace double can redirect them), the settings, each site's store, xl and the network; the runtime
-state under /run/appliance/sites/<site>/; and starting one version in one slot until it passes its health check.
+the namespace double can redirect them), the settings, each site's store, xl and the network, and the runtime
+state under /run/appliance/sites/<site>/ (written through life.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from typing import Any
 from . import settings as settings_mod
 from .errors import Error
 from .lock import SiteLock
-from .manifest import Manifest
-from .net import Net, healthy
+from .net import Net
 from .settings import Settings, Site, Slot
 from .store import Store
-from .xl import Xl, config
+from .xl import Xl
 
 ENV = {  # variable: board default
     "APPLIANCE_SITES": "/etc/appliance/sites.json",
@@ -34,9 +33,9 @@ ENV = {  # variable: board default
     "APPLIANCE_CONNTRACK": "conntrack",
     "APPLIANCE_STAGING": "/var/lib/appliance/staging",   # uploads; on the store's filesystem (one rename in)
     "APPLIANCE_MARGIN_MIB": "16",                        # free space an upload must leave
-    "APPLIANCE_WAKE_DNS": "%s:%d" % settings_mod.WAKE_DNS,  # where dnsmasq asks for on-demand sites' names
+    "APPLIANCE_WAKE_DNS": "{}:{}".format(*settings_mod.WAKE_DNS),  # where dnsmasq asks for on-demand sites' names
+    "APPLIANCE_FRONT": "",                               # the front doors' bounds changed (settings.Front), JSON
 }
-CONSOLE_LINES = 20
 
 
 def log(message: str) -> None:
@@ -59,14 +58,6 @@ def _hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class GuestFailed(Error):
-    """A version did not come up in its slot; carries the tail of its console log."""
-
-    def __init__(self, message: str, console: list[str]) -> None:
-        super().__init__(message)
-        self.console = console
-
-
 @dataclass
 class Context:
     settings_path: Path
@@ -78,6 +69,7 @@ class Context:
     staging_root: Path = Path(ENV["APPLIANCE_STAGING"])
     margin: int = int(ENV["APPLIANCE_MARGIN_MIB"]) << 20    # bytes
     wake_dns: tuple[str, int] = settings_mod.WAKE_DNS
+    front: settings_mod.Front = settings_mod.Front()
     _settings: Settings | None = field(default=None, repr=False)
     _said: str = field(default="", repr=False)
 
@@ -88,7 +80,7 @@ class Context:
                    Path(e["APPLIANCE_CONSOLE"]), Xl(e["APPLIANCE_XL"]),
                    Net(e["APPLIANCE_NFT"], e["APPLIANCE_CONNTRACK"], Path(e["APPLIANCE_SYSFS_NET"])),
                    Path(e["APPLIANCE_STAGING"]), _mib(e["APPLIANCE_MARGIN_MIB"]) << 20,
-                   _hostport(e["APPLIANCE_WAKE_DNS"]))
+                   _hostport(e["APPLIANCE_WAKE_DNS"]), settings_mod.front(e["APPLIANCE_FRONT"]))
 
     @property
     def settings(self) -> Settings:
@@ -149,14 +141,9 @@ class Context:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def names(self, site: Site, slot: Slot | None, version: str | None) -> bool:
-        """Whether the site's state names this slot and version: read again under the site's lock by whoever acts
-        on what it saw before (a switch in another process may have moved the site since)."""
-        st = self.read_state(site)
-        return slot is not None and (st.get("slot"), st.get("version")) == (slot.name, version)
-
     def write_state(self, site: Site, **state: Any) -> dict[str, Any]:
-        """Replace the site's state (one rename: a reader sees the old state or the new)."""
+        """Replace the site's state (one rename: a reader sees the old state or the new). Writers go through
+        life.write, which checks the move."""
         data = {"site": site.name, "since": round(time.time(), 3), "pid": os.getpid(), **state}
         path = self.state_path(site)
         try:
@@ -167,84 +154,6 @@ class Context:
         except OSError as exc:
             raise Error(f"{path}: cannot write the site's state: {exc.strerror}") from None
         return data
-
-    # ---------------------------------------------------------------- one version in one slot
-
-    def console_log(self, slot: Slot) -> Path:
-        return self.console_dir / f"guest-{slot.domain}.log"
-
-    def console_tail(self, slot: Slot, offset: int = 0, lines: int = CONSOLE_LINES) -> list[str]:
-        """The last lines the guest wrote since offset, printable only."""
-        try:
-            with open(self.console_log(slot), "rb") as f:
-                f.seek(offset if offset <= os.fstat(f.fileno()).st_size else 0)
-                data = f.read()[-16384:]
-        except OSError:
-            return []
-        text = data.decode("utf-8", errors="replace")
-        clean = ["".join(c if c.isprintable() else " " for c in line).rstrip() for line in text.splitlines()]
-        return [line for line in clean if line][-lines:]
-
-    def start(self, site: Site, slot: Slot, version: str, stop: threading.Event | None = None) -> Manifest:
-        """Start a version in a slot and wait for its health check on the slot's own address. On any failure the
-        new domain is destroyed and GuestFailed says why, with its console's tail."""
-        stop = stop or threading.Event()
-        m = self.store(site).load(version, site.defaults())
-        free = self.xl.free_memory()
-        if m.memory > free:
-            raise GuestFailed(f"site {site.name}: version {version} needs {m.memory} MiB and Xen has {free} MiB "
-                              f"free (out of memory)", [])
-        if self.xl.domid(slot.domain) is not None:
-            log(f"{slot.domain} is already running; destroying it to start {version} there")
-            self.xl.destroy(slot.domain)
-        cfg = self.run / site.name / f"{slot.name}.cfg"
-        try:
-            cfg.parent.mkdir(parents=True, exist_ok=True)
-            cfg.write_text(config(site, slot, m, self.store(site).dir / version, self.settings.guests))
-            offset = self.console_log(slot).stat().st_size if self.console_log(slot).exists() else 0
-        except OSError as exc:
-            raise Error(f"{cfg}: cannot write the xl config: {exc.strerror}") from None
-        log(f"starting {site.name} {version} in {slot.domain} ({m.memory} MiB, {m.vcpus} vcpu, {slot.address})")
-        try:
-            self.xl.create(cfg)
-            self._wait_healthy(site, slot, m, stop)
-        except Error as exc:
-            try:
-                self.xl.destroy(slot.domain)
-            except Error as again:
-                log(str(again))
-            raise GuestFailed(str(exc), self._last_words(slot, offset)) from None
-        return m
-
-    def _last_words(self, slot: Slot, offset: int, grace: float = 1.0) -> list[str]:
-        """The console's tail; xenconsoled writes it a little after the guest did, so wait a moment for it."""
-        end = time.monotonic() + grace
-        while not (tail := self.console_tail(slot, offset)) and time.monotonic() < end:
-            time.sleep(0.05)
-        return tail
-
-    def _wait_healthy(self, site: Site, slot: Slot, m: Manifest, stop: threading.Event) -> None:
-        if m.health is None:
-            return
-        url = f"http://{slot.address}:{m.port}{m.health.path}"
-        end = time.monotonic() + m.health.deadline
-        last, look = "no answer", 0.0
-        while not stop.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                raise Error(f"site {site.name}: version {m.version} in {slot.domain} did not answer at {url} "
-                            f"within {m.health.deadline} s (last: {last})")
-            ok, last = healthy(slot.address, m.port, m.health.path, timeout=max(0.2, min(2.0, left)))
-            if ok:
-                log(f"{site.name} {m.version} answers at {url} ({last})")
-                return
-            if time.monotonic() >= look:   # one `xl domid` a second: the guest's boot needs dom0's CPU too
-                look = time.monotonic() + 1.0
-                if self.xl.domid(slot.domain) is None:
-                    raise Error(f"site {site.name}: version {m.version} in {slot.domain} stopped before it "
-                                f"answered at {url} (it crashed or shut down)")
-            stop.wait(0.1)
-        raise Error(f"site {site.name}: stopped while {m.version} was starting")
 
     def served(self, site: Site) -> tuple[Slot | None, str | None]:
         """The slot and version that serve the site now: the runtime state, checked against the map."""

@@ -17,23 +17,23 @@ query or connection to the health check's answer), the connections served since,
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import lifetime
+from . import front, launch, life, lifetime
 from .context import Context, log
 from .errors import Error
+from .life import Phase, Writer
 from .lock import Busy
 from .settings import OnDemand, Site, Slot
 
 POLL_S = 1.0          # how often a serving guest's connections are counted (one `conntrack -L`)
 LOOK_S = 3.0          # how often its domain is looked for
-IP_FREEBIND = 15      # bind the service address before networkd has put it on the bridge
-BUFFER = 65536
 
 
 class NoRoom(Error):
@@ -78,9 +78,9 @@ class DemandSite:
     stop: threading.Event
     registry: list[DemandSite] = field(default_factory=list)
     # set once the always-on sites have started (supervisor.when_started): at boot this site's first look (xl and
-    # nft processes, seconds of dom0's one CPU) waits for it, as nobody can ask for it before the wifi is up
+    # nft processes on dom0's one CPU) waits for it, as nobody can ask for it before the wifi is up
     after: threading.Event | None = None
-    state: str = "asleep"            # asleep, waking, serving, stopping, paused
+    state: str = "asleep"            # a life.Phase: asleep, waking, serving, stopping, paused
     slot: Slot | None = None
     version: str | None = None
     port: int = 0                    # the backend's port
@@ -97,6 +97,7 @@ class DemandSite:
     ids: set[int] = field(default_factory=set)
     cv: threading.Condition = field(default_factory=threading.Condition)
     _next_look: float = 0.0
+    _waking: Future[tuple[str, int]] | None = None
 
     def __post_init__(self) -> None:
         st = self.ctx.read_state(self.site)
@@ -119,7 +120,7 @@ class DemandSite:
 
     def write(self, state: str | None = None) -> None:
         s = self.slot
-        self.ctx.write_state(self.site, state=state or self.state, slot=s.name if s else None, domain=s.domain if s else None,
+        life.write(self.ctx, self.site, Writer.DEMAND, Phase(state or self.state), slot=s.name if s else None, domain=s.domain if s else None,
                              version=self.version, backend=s.address if s else None, port=self.port or None,
                              error=self.error,
                              note=None, **self.figures())
@@ -127,18 +128,37 @@ class DemandSite:
     # ---------------------------------------------------------------- waking
 
     def poke(self, trigger: str) -> None:
-        """A DNS query for the site: it is not idle, and it wakes now (in a thread of its own) if it sleeps."""
+        """A DNS query for the site: it is not idle, and it wakes now (in the wake's thread) if it sleeps."""
         self.last = time.monotonic()
         if self.state in ("asleep", "paused"):
-            t0 = time.monotonic()
-            threading.Thread(target=self._try_wake, args=(trigger, t0), name=f"wake-{self.site.name}",
-                             daemon=True).start()
+            self.waking(trigger, time.monotonic())
 
-    def _try_wake(self, trigger: str, t0: float) -> None:
+    def waking(self, trigger: str, t0: float) -> Future[tuple[str, int]]:
+        """The backend once the site serves: at most one wake (one thread) at a time, whoever asks."""
+        with self.cv:
+            self.last = time.monotonic()
+            if self._waking is None or self._waking.done():
+                self._waking = Future()
+                self._waking.set_running_or_notify_cancel()      # a waiter giving up cannot cancel it for all
+                threading.Thread(target=self._wake_into, args=(self._waking, trigger, t0),
+                                 name=f"wake-{self.site.name}", daemon=True).start()
+            return self._waking
+
+    def _wake_into(self, done: Future[tuple[str, int]], trigger: str, t0: float) -> None:
         try:
-            self.wake(trigger, t0)
+            done.set_result(self.wake(trigger, t0))
         except Error as exc:
             log(f"site {self.site.name}: {exc}")
+            done.set_exception(exc)
+        except BaseException as exc:  # noqa: BLE001 - the held connections learn of it, the loop goes on
+            log(f"site {self.site.name}: internal error: {type(exc).__name__}: {exc}")
+            done.set_exception(Error(f"site {self.site.name}: internal error"))
+
+    def holding(self, n: int) -> None:
+        """The activator holds n more connections (or lets go of -n): none is idle while any is held."""
+        with self.cv:
+            self.held += n
+            self.last = time.monotonic()
 
     def wake(self, trigger: str, t0: float) -> tuple[str, int]:
         """The backend to pass a connection to, once the site serves (it is woken if it sleeps)."""
@@ -198,12 +218,11 @@ class DemandSite:
             raise Error(f"{store.dir}/current: site {self.site.name} has no current version")
         m = store.load(version, self.site.defaults())
         self.make_room(m.memory)
-        st = self.ctx.read_state(self.site)
-        slot = self.site.slot(st["slot"]) if st.get("slot") in ("blue", "green") else self.site.slots[0]
+        slot = life.start_slot(self.ctx, self.site)
         for s in self.site.slots:       # a paused guest that is not the one to wake holds memory for nothing
             if self.ctx.xl.domid(s.domain) is not None:
                 self.ctx.xl.destroy(s.domain)
-        self.ctx.start(self.site, slot, version, self.stop)
+        launch.start(self.ctx, self.site, slot, version, self.stop)
         self.slot, self.version, self.port, self.memory = slot, version, m.port, m.memory
 
     def make_room(self, need: int) -> None:
@@ -261,40 +280,23 @@ class DemandSite:
         if idle_for(now, self.last, established, self.held) >= self.policy.idle:
             self.sleep()
 
-    # A switch (or a deploy's) runs in another process: it holds the site's lock from its guest's start until the
-    # old guest is stopped, and writes the site's state under it. What this thread saw before the switch (the slot,
-    # the version) is stale once that lock is free again, so whatever it writes or removes on the strength of it is
-    # done under the lock, after reading the state again: a figures write once overwrote a switch's new slot with
-    # the old one, and the old slot's domain, stopped by the drain, was then taken for a crash and the map element
-    # of the new guest removed (a visitor's request held for a wake timed out; test_deploy_system's rollback).
-
-    def _ours(self) -> bool:
-        """Whether the site's state still names the slot and version this thread watches (under the lock)."""
-        return self.ctx.names(self.site, self.slot, self.version)
+    # A switch runs in another process and holds the site's lock from its guest's start until the old guest is
+    # stopped: what this thread saw before (the slot, the version) is stale once the lock is free again, so what it
+    # writes or removes on the strength of it goes through life.mine.
 
     def _write_if_ours(self) -> None:
         """Write the figures, unless a switch is at work or has moved the site (the next tick follows it)."""
-        try:
-            lock = self.ctx.lock(self.site, "figures", self.version).acquire()
-        except Busy:
-            return
-        try:
-            if self._ours():
+        with life.mine(self.ctx, self.site, "figures", self.slot, self.version) as ours:
+            if ours:
                 self.write()
-        finally:
-            lock.release()
 
     def _gone(self) -> None:
         """The serving guest's domain is gone (crashed, shut down, destroyed): its map element goes and the next
         visitor wakes the site again, unless a switch stopped it, having moved the site to its new guest."""
-        try:
-            lock = self.ctx.lock(self.site, "a gone guest", self.version).acquire()
-        except Busy:
-            return                        # a switch is at work: look again once it is done
-        try:
+        with life.mine(self.ctx, self.site, "a gone guest", self.slot, self.version) as ours:
             assert self.slot is not None
-            if not self._ours() or self.ctx.xl.domid(self.slot.domain) is not None:
-                return                    # a switch moved the site: the next tick follows it
+            if not ours or self.ctx.xl.domid(self.slot.domain) is not None:
+                return                    # a switch is at work or moved the site: the next tick follows it
             log(f"site {self.site.name}: {self.slot.domain} is gone (crashed, shut down or destroyed); the next "
                 f"visitor wakes it again")
             active = self.ctx.net.active(self.site.address, self.site.port)
@@ -303,8 +305,6 @@ class DemandSite:
             with self.cv:
                 self.state, self.error = "asleep", f"{self.slot.domain} was gone"
             self.write()
-        finally:
-            lock.release()
 
     def _reload(self) -> None:
         try:
@@ -342,13 +342,12 @@ class DemandSite:
 
     def sleep(self, destroy: bool = False) -> None:
         """Stop the idle guest: the map element first, then the guest (paused, or destroyed)."""
+        with life.mine(self.ctx, self.site, "idle stop", self.slot, self.version) as ours:
+            if ours:                      # else a switch or a wake is at work, or moved the site: look again later
+                self._sleep(destroy)
+
+    def _sleep(self, destroy: bool) -> None:
         try:
-            lock = self.ctx.lock(self.site, "idle stop", self.version).acquire()
-        except Busy:
-            return                        # a switch or a wake is at work: look again later
-        try:
-            if self.state == "serving" and not self._ours():
-                return                    # a switch moved the site since this tick looked: the next one follows
             with self.cv:
                 if self.state not in ("serving", "paused") or self.slot is None:
                     return
@@ -379,8 +378,6 @@ class DemandSite:
                 if self.state == "stopping":
                     self.state = "serving"
                 self.cv.notify_all()
-        finally:
-            lock.release()
 
     def run(self) -> None:
         while self.after is not None and not self.after.wait(0.5):
@@ -388,12 +385,7 @@ class DemandSite:
                 return
         if self._removable():
             self.ctx.net.remove(self.site.address, self.site.port)
-        for s in self.site.slots:        # what a previous run left: nobody asked for it yet
-            try:
-                if self.ctx.xl.domid(s.domain) is not None:
-                    self.ctx.xl.destroy(s.domain)
-            except Error as exc:
-                log(str(exc))
+        launch.stop_slots(self.ctx, self.site)      # what a previous run left: nobody asked for it yet
         self.write()
         log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); asleep "
             f"until a visitor asks")
@@ -413,93 +405,42 @@ class DemandSite:
             return False
 
     def shutdown(self) -> None:
-        for s in self.site.slots:
-            try:
-                if self.ctx.xl.domid(s.domain) is not None:
-                    self.ctx.xl.destroy(s.domain)
-            except Error as exc:
-                log(str(exc))
+        launch.stop_slots(self.ctx, self.site)
 
 
 # ---------------------------------------------------------------- the activator
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(BUFFER):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
 class Activator:
-    """dom0's listener on a sleeping site's service address: holds each connection until the site serves."""
+    """dom0's listener on a sleeping site's service address, in the front door's loop: holds each connection until
+    the site serves, then pipes it to the guest. Held and piped connections count against the door's bounds; one
+    over them gets the status page at once."""
 
-    def __init__(self, demand: DemandSite) -> None:
-        self.demand, site = demand, demand.site
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-        try:
-            self.sock.bind((site.address, site.port))
-            self.sock.listen(128)
-        except OSError as exc:
-            self.sock.close()
-            raise Error(f"site {site.name}: cannot listen on {site.address}:{site.port}: {exc.strerror}") from None
-        self.thread = threading.Thread(target=self._accept, name=f"activator-{site.name}", daemon=True)
+    def __init__(self, demand: DemandSite, door: front.Door) -> None:
+        self.demand, self.door = demand, door
+        site = demand.site
+        door.listen(front.tcp_listener((site.address, site.port), f"site {site.name}", freebind=True), self.serve,
+                    door.held, status_page(site, "Too many connections are waiting for it (from your device, or "
+                                                 "from everyone)."))
 
-    def start(self) -> Activator:
-        self.thread.start()
-        return self
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, time.monotonic()), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, t0: float) -> None:
-        d = self.demand
-        with d.cv:
-            d.held += 1
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        d, t0 = self.demand, time.monotonic()
+        d.holding(1)
         try:
             try:
-                backend = d.wake("connection", t0)
-                up = socket.create_connection(backend, timeout=10)
+                backend = await asyncio.wait_for(asyncio.wrap_future(d.waking("connection", t0)),
+                                                 self.door.limits.hold_s)
+                up = await asyncio.wait_for(asyncio.open_connection(*backend, limit=front.BUFFER), 10)
             except NoRoom as exc:
-                conn.sendall(status_page(d.site, "The board has no memory free for it while the other sites "
+                writer.write(status_page(d.site, "The board has no memory free for it while the other sites "
                                                  "are busy."))
                 log(str(exc))
                 return
-            except (Error, OSError) as exc:
-                conn.sendall(status_page(d.site, "Its guest did not start."))
-                log(f"site {d.site.name}: a held connection: {exc}")
+            except (Error, OSError, TimeoutError) as exc:
+                writer.write(status_page(d.site, "Its guest did not start."))
+                log(f"site {d.site.name}: a held connection: {exc or type(exc).__name__}")
                 return
-            up.settimeout(None)
             d.requests += 1
-            back = threading.Thread(target=_pipe, args=(up, conn), daemon=True)
-            back.start()
-            _pipe(conn, up)
-            back.join()
-            up.close()
-        except OSError:
-            pass
+            await self.door.pipe((reader, writer), up)
         finally:
-            conn.close()
-            with d.cv:
-                d.held -= 1
-                d.last = time.monotonic()
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+            d.holding(-1)

@@ -7,16 +7,20 @@ phone asking for both does not stall or give up on the name. Names are matched w
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
+from . import front
 from .errors import Error
+from .settings import Front
 
 TTL = 10             # seconds a device may keep the answer; a later connection to the address wakes the site too
 A, AAAA, IN = 1, 28, 1
+TCP_QUERIES = 64     # queries one TCP connection may ask before it is closed
 NOERROR, FORMERR, NXDOMAIN, REFUSED = 0, 1, 3, 5
 
 
@@ -95,42 +99,72 @@ def known(name: str, names: dict[str, str]) -> str | None:
 
 
 class Server:
-    """UDP on WAKE_DNS: answers at once and calls on_query(name) for every known name (in the server's thread:
-    on_query must not block)."""
+    """WAKE_DNS over UDP and TCP, in the front door's loop (front.py; its own when none is given): answers at once
+    and calls on_query(name) for every known name (in the loop: on_query must not block)."""
 
-    def __init__(self, address: tuple[str, int], names: dict[str, str], on_query: Callable[[str], None]) -> None:
+    def __init__(self, address: tuple[str, int], names: dict[str, str], on_query: Callable[[str], None],
+                 door: front.Door | None = None) -> None:
         self.names, self.on_query = {n.lower(): a for n, a in names.items()}, on_query
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.own = door is None
+        self.door = door or front.Door(Front(), lambda line: None)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            self.sock.bind(address)
+            udp.bind(address)
         except OSError as exc:
-            self.sock.close()
+            udp.close()
             raise Error(f"dns: cannot listen on {address[0]}:{address[1]}/udp: {exc.strerror}") from None
-        self.address = self.sock.getsockname()
-        self.thread = threading.Thread(target=self._serve, name="wake-dns", daemon=True)
+        self.address = udp.getsockname()
+        try:
+            tcp = front.tcp_listener(self.address, "dns")
+        except Error:
+            udp.close()
+            raise
+        self.door.datagrams(udp, lambda: _Datagrams(self))
+        self.door.listen(tcp, self._stream, self.door.dns)
 
     def start(self) -> Server:
-        self.thread.start()
+        if self.own:
+            self.door.start()
         return self
 
-    def _serve(self) -> None:
-        while True:
+    def asked(self, name: str | None) -> None:
+        if name is not None:
+            self.on_query(name)
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """RFC 7766: each message after its two-byte length; connections bounded in number and idle time."""
+        idle = self.door.limits.dns_idle_s
+        for _ in range(TCP_QUERIES):
             try:
-                packet, peer = self.sock.recvfrom(4096)
-            except OSError:
-                return                        # closed
+                size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), idle))[0]
+                packet = await asyncio.wait_for(reader.readexactly(size), idle)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                return
             reply, name = respond(packet, self.names)
-            try:
-                if reply is not None:
-                    self.sock.sendto(reply, peer)
-            except OSError:
-                pass
-            if name is not None:
-                self.on_query(name)
+            if reply is None:
+                return
+            writer.write(struct.pack("!H", len(reply)) + reply)
+            self.asked(name)
+            await asyncio.wait_for(writer.drain(), idle)
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        if self.own:
+            self.door.close()
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)   # 3.11's is one without saying so
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        reply, name = respond(data, self.server.names)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+        self.server.asked(name)
+
+    def error_received(self, exc: Exception) -> None:
+        pass                                  # an ICMP error for an earlier answer: nothing to do

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Error
-from .manifest import HEALTH_PATH
+from .manifest import HEALTH_PATH, MAX_MEMORY, MAX_VCPUS
 from .names import check_site
 
 SLOTS = ("blue", "green")
 KEEP, KEEP_MAX = 3, 100     # versions kept in a site's store by default, and at most
 IDLE_MIN, IDLE_MAX = 2, 86400   # seconds an on-demand guest may sit idle before it is stopped
 STOPS = ("destroy", "pause")
+# A site's limits, the one set: the recipe loader (config.py) and the board (below) check a site against these.
+SITE_LIMITS = {"port": (1, 65535), "memory": (16, MAX_MEMORY), "vcpus": (1, MAX_VCPUS), "deadline": (5, 3600),
+               "drain": (0, 3600), "keep": (1, KEEP_MAX), "idle": (IDLE_MIN, IDLE_MAX)}
 WAKE_DNS = ("127.0.0.1", 5354)  # where dnsmasq sends the queries for on-demand sites' names (the manager answers)
 MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -80,6 +83,24 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Front:
+    """The bounds of dom0's front doors (front.py): these defaults, or as the environment's APPLIANCE_FRONT (a JSON
+    object) changes them. Sized for a 1 GiB board whose manager may open 4096 files (its unit's LimitNOFILE): a
+    piped connection is two."""
+
+    held_per_visitor: int = 32   # connections one visitor address may have held or piped by the activators
+    held_total: int = 512        # the same, every visitor together
+    hold_s: float = 90.0         # longest a connection is held while its site wakes (then the 503 page)
+    idle_s: float = 120.0        # a piped connection with no byte either way this long is closed
+    dns_tcp: int = 32            # DNS queries over TCP: connections at once
+    dns_idle_s: float = 10.0     # and how long one may wait for its next query
+
+
+FRONT_KEYS = {"held_per_visitor": (1, 4096), "held_total": (1, 4096), "hold_s": (1, 3600), "idle_s": (1, 86400),
+              "dns_tcp": (1, 1024), "dns_idle_s": (1, 600)}
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     visitors: Net
@@ -123,7 +144,7 @@ class _Reader:
 
     def ipv4(self, value: object, key: str) -> str:
         try:
-            return str(ipaddress.IPv4Address(value))   # type: ignore[arg-type]
+            return str(ipaddress.IPv4Address(value))
         except ValueError:
             raise self.fail(key, f"{value!r} is not an IPv4 address") from None
 
@@ -136,7 +157,13 @@ class _Reader:
         o = self.mapping(value, key, ("idle", "stop"))
         if o["stop"] not in STOPS:
             raise self.fail(f"{key}.stop", f"{o['stop']!r} must be destroy or pause")
-        return OnDemand(self.seconds(o["idle"], f"{key}.idle", IDLE_MIN, IDLE_MAX), o["stop"])
+        return OnDemand(self.seconds(o["idle"], f"{key}.idle", *SITE_LIMITS["idle"]), o["stop"])
+
+    def front(self, value: object, key: str) -> Front:
+        d = self.mapping(value, key, (), tuple(FRONT_KEYS))
+        given: dict[str, Any] = {k: self.seconds(v, f"{key}.{k}", *FRONT_KEYS[k]) if k.endswith("_s")
+                                 else self.int(v, f"{key}.{k}", *FRONT_KEYS[k]) for k, v in d.items()}
+        return Front(**given)
 
     def net(self, value: object, key: str) -> Net:
         d = self.mapping(value, key, ("bridge", "address", "prefix", "netmask"))
@@ -165,15 +192,16 @@ class _Reader:
                              f"{name}.{s}"))
         od = self.on_demand(d["on_demand"], f"{key}.on_demand") if d.get("on_demand") is not None else None
         return Site(name, tuple(names), self.ipv4(d["address"], f"{key}.address"),
-                    self.int(d["port"], f"{key}.port", 1, 65535), self.int(d["memory"], f"{key}.memory", 16, 1 << 20),
-                    self.int(d["vcpus"], f"{key}.vcpus", 1, 64),
+                    self.int(d["port"], f"{key}.port", *SITE_LIMITS["port"]),
+                    self.int(d["memory"], f"{key}.memory", *SITE_LIMITS["memory"]),
+                    self.int(d["vcpus"], f"{key}.vcpus", *SITE_LIMITS["vcpus"]),
                     self.text(d["health_path"], f"{key}.health_path", HEALTH_PATH, "a URL path"),
-                    self.int(d["deadline"], f"{key}.deadline", 1, 3600),
-                    self.seconds(d["drain"], f"{key}.drain", 0, 3600), (made[0], made[1]),
+                    self.int(d["deadline"], f"{key}.deadline", *SITE_LIMITS["deadline"]),
+                    self.seconds(d["drain"], f"{key}.drain", *SITE_LIMITS["drain"]), (made[0], made[1]),
                     self.seconds(d.get("probe_interval", 15), f"{key}.probe_interval", 0.05, 3600),
                     self.int(d.get("probe_failures", 3), f"{key}.probe_failures", 1, 100),
                     self.seconds(d.get("stop_grace", 10), f"{key}.stop_grace", 0, 600),
-                    self.int(d.get("keep", KEEP), f"{key}.keep", 1, KEEP_MAX), od)
+                    self.int(d.get("keep", KEEP), f"{key}.keep", *SITE_LIMITS["keep"]), od)
 
 
 def _json(path: Path, what: str) -> object:
@@ -198,11 +226,25 @@ def on_demand_override(path: Path) -> OnDemand | None:
 
 
 def load(path: Path) -> Settings:
+    return parse(_json(path, "the board's site settings"), path)
+
+
+def parse(data: object, path: Path) -> Settings:
+    """sites.json's content as the board reads it (the host checks what it writes with this too)."""
     r = _Reader(path)
-    data = _json(path, "the board's site settings")
     d = r.mapping(data, "(top level)", ("visitors", "guests", "sites"))
     sites = d["sites"]
     if not isinstance(sites, dict):
         raise r.fail("sites", f"{sites!r} must be a mapping of site name to site")
     return Settings(path, r.net(d["visitors"], "visitors"), r.net(d["guests"], "guests"),
                     {name: r.site(name, value) for name, value in sites.items()})
+
+
+def front(text: str) -> Front:
+    """APPLIANCE_FRONT: a JSON object of Front's fields to change (empty: the defaults)."""
+    r = _Reader(Path("APPLIANCE_FRONT"))
+    try:
+        value = json.loads(text or "{}")
+    except ValueError as exc:
+        raise r.fail("(top level)", f"not JSON: {getattr(exc, 'msg', exc)}") from None
+    return r.front(value, "(top level)")

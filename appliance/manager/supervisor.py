@@ -14,16 +14,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import demand, dns, lifetime, switch
+from . import demand, dns, front, launch, life, lifetime, switch
 from .context import Context, log
 from .errors import Error
+from .life import Phase, Writer
 from .lock import Busy
 from .net import healthy
 from .settings import Site, Slot
 
 BACKOFF_S = (0, 5, 10, 20, 40, 80, 160, 300)
 STABLE_S = 60.0        # a guest healthy this long has recovered: its next failure restarts it at once
-LOOK_S = 3.0           # how often the serving guest's domain is looked for (a switch is followed within 0.5 s)
+LOOK_S = 3.0           # how often the serving guest's domain is looked for (a switch is followed at every watch)
 BRIDGE_WAIT_S = 120.0
 READY_S = 60.0         # the rest of the boot waits for the always-on sites' first start at most this long
 BOARD_SYSFS = Path("/sys/class/net")  # the manager starts early in the boot; networkd makes the bridges a little later
@@ -39,11 +40,6 @@ def wait_bridges(sysfs: Path, bridges: Sequence[str], deadline: float, stop: thr
             raise Error(f"bridge {', '.join(missing)} does not exist after {deadline:g} s "
                         f"({sysfs}; systemd-networkd makes it)")
         stop.wait(0.1)
-
-
-def kept_figures(st: dict[str, object]) -> dict[str, object]:
-    """The lifetime figures a site's state holds (a switch wrote them): kept by whoever watches it next."""
-    return {k: st[k] for k in (*lifetime.FIGURES, "day", "port") if k in st}
 
 
 @dataclass
@@ -70,7 +66,7 @@ class SiteSupervisor:
         return float(self.backoff_s[min(self.failures, len(self.backoff_s)) - 1]) if self.failures else 0.0
 
     def state(self, state: str, **extra: object) -> None:
-        self.ctx.write_state(self.site, state=state, slot=self.slot.name if self.slot else None,
+        life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase(state), slot=self.slot.name if self.slot else None,
                              domain=self.slot.domain if self.slot else None, version=self.version,
                              backend=self.slot.address if self.slot else None, failures=self.failures,
                              restarts=self.restarts, error=self.error, note=self.note,
@@ -103,7 +99,7 @@ class SiteSupervisor:
         delay = self.delay()
         if delay:
             log(f"site {self.site.name}: failure {self.failures} in a row: starting again in {delay:g} s")
-            self.ctx.write_state(self.site, state="backoff", retry_in=delay, error=self.error,
+            life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase.BACKOFF, retry_in=delay, error=self.error,
                                  failures=self.failures, restarts=self.restarts)
             if self.stop.wait(delay):
                 return
@@ -135,7 +131,7 @@ class SiteSupervisor:
             self.ctx.net.point(self.site.address, self.site.port, slot.address, m.port)
         self.slot, self.version, self.misses = slot, version, 0
         self.up_since, self._next_probe = time.monotonic(), time.monotonic() + self.site.probe_interval
-        self.booted, self.figures = True, kept_figures(self.ctx.read_state(self.site))
+        self.booted, self.figures = True, life.kept_figures(life.read(self.ctx, self.site))
         log(f"site {self.site.name}: {version} serves from {slot.domain}")
         self.state("serving")
         return True
@@ -147,15 +143,14 @@ class SiteSupervisor:
             self.failures += 1
             self.state("failed")
             return
-        st = self.ctx.read_state(self.site)
-        slot = self.site.slot(st["slot"]) if st.get("slot") in ("blue", "green") else self.site.slots[0]
+        slot = life.start_slot(self.ctx, self.site)
         reasons: list[str] = []
         for version in versions:
             self.version, self.slot = version, slot
             self.state("starting")
             try:
                 t0 = time.monotonic()
-                m = self.ctx.start(self.site, slot, version, self.stop)
+                m = launch.start(self.ctx, self.site, slot, version, self.stop)
                 self._point(slot, m.port)
                 self.figures = {**switch.figures(self.ctx, self.site, "restart" if self.restarts else "boot",
                                                  round((time.monotonic() - t0) * 1000)), "port": m.port}
@@ -209,17 +204,16 @@ class SiteSupervisor:
         self.stop.wait(min(0.5, self.site.probe_interval))
         if self.stop.is_set():
             return
-        st = self.ctx.read_state(self.site)
-        if st.get("slot") in ("blue", "green") and (st.get("slot"), st.get("version")) != (self.slot.name,
-                                                                                          self.version):
-            if st.get("state") == "serving":   # a switch moved the site: watch its slot from now on
-                self.slot, self.version = self.site.slot(st["slot"]), st.get("version")
-                self.misses, self.up_since, self.figures = 0, time.monotonic(), kept_figures(st)
+        st = life.read(self.ctx, self.site)
+        if st.slot and not st.names(self.slot, self.version):
+            if st.phase == Phase.SERVING:   # a switch moved the site: watch its slot from now on
+                self.slot, self.version = self.site.slot(st.slot), st.version
+                self.misses, self.up_since, self.figures = 0, time.monotonic(), life.kept_figures(st)
                 log(f"site {self.site.name}: following the switch to {self.version} in {self.slot.domain}")
             return
         reason = None
         now = time.monotonic()
-        if now >= self._next_look:        # `xl domid` is a process of its own: seconds of CPU on a small board
+        if now >= self._next_look:        # `xl domid` is a process of its own, costly on a small board
             self._next_look = now + min(LOOK_S, self.site.probe_interval)
             if self.ctx.xl.domid(self.slot.domain) is None:
                 reason = "is gone (crashed, shut down or destroyed)"
@@ -234,13 +228,9 @@ class SiteSupervisor:
                              f"{m.health.path} ({what})"
         if reason is None:
             return
-        try:
-            lock = self.ctx.lock(self.site, "supervisor restart", self.version).acquire()
-        except Busy:
-            return                        # a switch is at work; look again once it is done
-        try:
-            if not self.ctx.names(self.site, self.slot, self.version):
-                return                    # a switch moved the site meanwhile
+        with life.mine(self.ctx, self.site, "supervisor restart", self.slot, self.version) as ours:
+            if not ours:
+                return                    # a switch is at work or moved the site: the next look follows it
             self.ctx.xl.destroy(self.slot.domain)
             self.restarts += 1
             self.failures = 1 if time.monotonic() - self.up_since >= self.stable_s else self.failures + 1
@@ -248,20 +238,13 @@ class SiteSupervisor:
             log(f"{self.error}; starting it again")
             self.state("down")            # bring_up restarts in the slot this state names
             self.slot = None
-        finally:
-            lock.release()
 
     def stop_guest(self) -> None:
         slot, _ = self.ctx.served(self.site)
-        for s in self.site.slots:
-            try:
-                if self.ctx.xl.domid(s.domain) is not None:
-                    log(f"stopping {s.domain}")
-                    self.ctx.xl.stop(s.domain, self.site.stop_grace)
-            except Error as exc:
-                log(str(exc))
+        launch.stop_slots(self.ctx, self.site, self.site.stop_grace)
         self.slot = slot
-        self.ctx.write_state(self.site, state="stopped", slot=slot.name if slot else None, version=self.version)
+        life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase.STOPPED, slot=slot.name if slot else None,
+                   version=self.version)
 
 
 def notify(state: str, socket_path: str | None = None) -> bool:
@@ -330,20 +313,22 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
     registry: list[demand.DemandSite] = []
     registry += [demand.DemandSite(ctx, site, stop, registry, after=started) for site in s.sites.values()
                  if site.on_demand]
-    listeners: list[demand.Activator | dns.Server] = []
+    door = front.Door(ctx.front, log)
     for d in registry:
         try:
-            listeners.append(demand.Activator(d).start())
+            demand.Activator(d, door)
         except Error as exc:
             log(str(exc))
     if registry:
         by_name = {n: d for d in registry for n in d.site.names}
         try:
-            listeners.append(dns.Server(ctx.wake_dns, {n: d.site.address for n, d in by_name.items()},
-                                        lambda name: by_name[name].poke("dns query")).start())
+            dns.Server(ctx.wake_dns, {n: d.site.address for n, d in by_name.items()},
+                       lambda name: by_name[name].poke("dns query"), door)
         except Error as exc:
             log(f"{exc}: on-demand sites wake by connection only")
-    threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in [*sups, *registry]]
+    door.start()
+    watchers: list[SiteSupervisor | demand.DemandSite] = [*sups, *registry]
+    threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in watchers]
     threads.append(threading.Thread(target=lifetime.run, args=(ctx, stop), name="lifetime", daemon=True))
 
     def then(why: str) -> None:
@@ -356,8 +341,7 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
         t.start()
     while not stop.wait(1):
         pass
-    for x in listeners:
-        x.close()
+    door.close()
     for t in threads:
         t.join(30)
     for sup in sups:

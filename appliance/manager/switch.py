@@ -10,8 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .context import Context, GuestFailed, log
+from . import launch, life, reset
+from .context import Context, log
 from .errors import Error
+from .launch import GuestFailed
+from .life import Phase, Writer
 from .names import check_version
 from .settings import Site, Slot
 
@@ -41,7 +44,7 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
         new = site.other(slot) if slot else site.slots[0]
         t0 = time.monotonic()
         try:
-            m = ctx.start(site, new, version)
+            m = launch.start(ctx, site, new, version)
         except GuestFailed as exc:
             keeps = f"{old} keeps serving from {slot.domain}" if slot else "nothing was serving"
             tail = f"; its console ends: {' | '.join(exc.console[-3:])}" if exc.console else ""
@@ -51,7 +54,7 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
         ctx.net.point(site.address, site.port, new.address, m.port)
         switch_ms = _ms(t1)
         prev = store.make_current(version)
-        ctx.write_state(site, state="serving", slot=new.name, domain=new.domain, version=version,
+        life.write(ctx, site, Writer.SWITCH, Phase.SERVING, slot=new.name, domain=new.domain, version=version,
                         backend=new.address, port=m.port, failures=0, restarts=0, error=None, note=None,
                         switched_from=old, **figures(ctx, site, "switch", health_ms))
         log(f"site {site.name}: {site.address}:{site.port} now goes to {version} in {new.domain} "
@@ -74,21 +77,38 @@ def figures(ctx: Context, site: Site, trigger: str, wake_ms: int) -> dict[str, A
 
 
 def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
-    """Wait until no unfinished connection is left to the old guest, or the site's drain deadline; stop it."""
+    """Ask the old guest to stop (it may finish what is under way and power off), wait until no unfinished
+    connection is left to it, it is gone, or the site's drain deadline; then reset the visitors' connections still
+    open (a browser retries a reset at once, never a silent hang) and stop it."""
     t0 = time.monotonic()
-    left = -1
+    try:
+        ctx.xl.shutdown(old.domain)
+    except Error as exc:
+        log(str(exc))
+    left, own = -1, ctx.settings.guests.address
     while True:
+        gone = ctx.xl.domid(old.domain) is None
         try:
-            left = ctx.net.unfinished(old.address, ctx.settings.guests.address)
+            left = ctx.net.unfinished(old.address, own)
         except Error as exc:
             log(str(exc))
             left = -1
-        if left == 0 or time.monotonic() - t0 >= site.drain:
+        if left == 0 or gone or time.monotonic() - t0 >= site.drain:
             break
         time.sleep(DRAIN_POLL_S)
     drain_ms = _ms(t0)
-    ctx.xl.stop(old.domain, site.stop_grace)
-    return {"drain_ms": drain_ms, "left_connections": max(left, 0), "stopped": old.domain}
+    cut = 0
+    if left:
+        try:
+            cut = reset.cut(ctx.net, old.address, own)
+        except Error as exc:
+            log(f"site {site.name}: {exc}")
+        if cut:
+            log(f"site {site.name}: reset {cut} connections still open to {old.domain} at the drain's end")
+        ctx.xl.destroy(old.domain)
+    else:
+        ctx.xl.stop(old.domain, site.stop_grace)
+    return {"drain_ms": drain_ms, "left_connections": max(left, 0), "cut_connections": cut, "stopped": old.domain}
 
 
 def _cold(ctx: Context, site: Site, slot: Slot | None, old: str | None, version: str) -> dict[str, Any]:
@@ -97,19 +117,19 @@ def _cold(ctx: Context, site: Site, slot: Slot | None, old: str | None, version:
     t0 = time.monotonic()
     ctx.xl.destroy(slot.domain)
     try:
-        m = ctx.start(site, slot, version)
+        m = launch.start(ctx, site, slot, version)
     except GuestFailed as exc:
         back = ""
         if old:
             try:
-                ctx.start(site, slot, old)
+                launch.start(ctx, site, slot, old)
                 back = f"; {old} serves again from {slot.domain}"
             except Error as again:
                 back = f"; {old} did not start again either: {again}"
         raise GuestFailed(f"{exc}{back}", exc.console) from None
     ctx.net.point(site.address, site.port, slot.address, m.port)
     prev = ctx.store(site).make_current(version)
-    ctx.write_state(site, state="serving", slot=slot.name, domain=slot.domain, version=version,
+    life.write(ctx, site, Writer.SWITCH, Phase.SERVING, slot=slot.name, domain=slot.domain, version=version,
                     backend=slot.address, port=m.port, failures=0, restarts=0, error=None, note=None,
                     switched_from=old, **figures(ctx, site, "cold switch", _ms(t0)))
     return {"ok": True, "site": site.name, "version": version, "from": old, "previous": prev, "slot": slot.name,
