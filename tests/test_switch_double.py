@@ -161,6 +161,23 @@ class Board:
     def visit(self) -> Visitor:
         return Visitor(self)
 
+    def another_visitor(self, n: int, address: str) -> str:
+        """A second station on the visitors' bridge (its own namespace, MAC and wifi port), with the address
+        dnsmasq would have leased it put in the firewall by the board's lease script; its namespace goes with the
+        board's."""
+        ns, port = f"{self.prefix}v{n}", f"wlan{n}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", self.dom0, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "-n", self.dom0, "link", "set", port, "master", "br0", "up")
+        v = ["ip", "-n", ns]
+        sh(*v, "link", "set", "lo", "up")
+        sh(*v, "addr", "add", f"{address}/22", "dev", "eth0")
+        sh(*v, "link", "set", "eth0", "up")
+        sh(*v, "route", "add", "default", "via", "10.42.0.1")
+        mac = json.loads(sh(*v, "-j", "link", "show", "eth0").stdout)[0]["address"]
+        sh("ip", "netns", "exec", self.dom0, "env", "DNSMASQ_TIME_REMAINING=3600", str(LEASE), "add", mac, address)
+        return ns
+
 
 class Visitor:
     """A visitor fetching the service address in a loop, one connection per request."""
