@@ -101,7 +101,7 @@ def test_the_guest_serves_figures_on_lifetime_port():
     """One port for both sides: the demo guest's init starts the figures' httpd on lifetime.PORT, and the
     xl stand-in of the doubles serves them there too."""
     init = (ROOT / "guest/init").read_text()
-    assert f"serve -p {lifetime.PORT} -h /dom0 &" in init
+    assert f"serve /run/httpd-dom0.pid -p {lifetime.PORT} -h /dom0 &" in init
     assert f"FIGURES_PORT = {lifetime.PORT} " in (ROOT / "tests/xl_standin.py").read_text()
 
 
