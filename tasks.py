@@ -147,7 +147,7 @@ def _ssh_help(*leave_out: str, **more: str) -> dict[str, str]:
     return {**{k: v for k, v in _SSH_HELP.items() if k not in leave_out}, **more}
 
 
-def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None):
+def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, break_lock=False):
     from pathlib import Path
 
     from appliance import deploy as d
@@ -157,21 +157,23 @@ def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=No
     if not names:
         raise Exit("appliance: ERROR: name the board with --host HOST (or --hosts FILE)", code=1)
     return [d.Target(n, Path(ssh_config) if ssh_config else None, Path(known_hosts) if known_hosts else None,
-                     accept_new) for n in names]
+                     accept_new, break_lock=break_lock) for n in names]
 
 
 @task(iterable=["host"], auto_shortflags=False,
       positional=["guest"] if _positional_given("deploy", {"--host", "--hosts", "--site", "--memory", "--name",
                                                            "--version", "--static", "--ssh-config", "--known-hosts",
-                                                           "--parallel", "--recipe"}) else [],
+                                                           "--parallel", "--recipe", "--break-lock"}) else [],
       help={**_ssh_help(), "guest": "a bundle directory, a .tar/.tar.gz of one, or a bare zImage / .xen kernel",
             "memory": "MiB for a bare kernel (default: the site's)", "name": "a bare kernel's name",
             "version": "the version (default: name and content hash)",
             "static": "deploy a folder of static files, served by the demo guest's kernel and httpd",
-            "parallel": "boards deployed at once (default 4)", "recipe": "the recipe --static builds for"})
+            "parallel": "boards deployed at once (default 4)", "recipe": "the recipe --static builds for",
+            "break_lock": "end the deploy that holds the site's lock (named in the output; never one mid-step)"})
 @_cli
 def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=None, version=None, static=None,
-           accept_new=False, ssh_config=None, known_hosts=None, parallel=4, recipe="booth", debug=False):
+           accept_new=False, ssh_config=None, known_hosts=None, parallel=4, recipe="booth", break_lock=False,
+           debug=False):
     """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune."""
     from pathlib import Path
 
@@ -179,7 +181,7 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
 
     if not guest and not static:
         raise Exit("appliance: ERROR: deploy what? Give GUEST (a bundle, tarball or kernel) or --static DIR", code=1)
-    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts, break_lock)
     with d.source(Path(guest or "."), name=name, version=version, memory=int(memory) if memory else None,
                   static=Path(static) if static else None, recipe=recipe) as g:
         rows = d.fleet(targets, g, site, int(parallel))

@@ -56,6 +56,7 @@ class Target:
     accept_new: bool = False
     key: Path | None = None
     timeout: float = 30
+    break_lock: bool = False      # end a deploy session that holds the site's lock (not mid-step)
 
     def connect(self) -> ssh.Connection:
         return ssh.Connection(self.host, ssh_config=self.ssh_config, known_hosts=self.known_hosts, key=self.key,
@@ -133,11 +134,13 @@ def _untar(path: Path, dest: Path) -> Path:
 class Session:
     """`appliance-guest session [SITE]` on the board: one JSON request, one JSON answer."""
 
-    def __init__(self, conn: ssh.Connection, site: str | None) -> None:
+    def __init__(self, conn: ssh.Connection, site: str | None, break_lock: bool = False) -> None:
         self.conn = conn
-        cmd = f"{MANAGER} session" + (f" {shlex.quote(site)}" if site else "")
+        cmd = f"{MANAGER} session" + (" --break-lock" if break_lock else "") + (f" {shlex.quote(site)}" if site else "")
         self.proc = conn.process(cmd)
         self.hello = self._answer(60, "session")
+        for note in self.hello.get("notes") or []:     # a lock taken over or broken: said, never silent
+            log.info(f"{conn.spec}: {note}")
 
     def _answer(self, timeout: float, what: str) -> dict[str, Any]:
         text = ""
@@ -179,10 +182,12 @@ def check(g: Guest, site: str, defaults: dict[str, Any]) -> manifest.Manifest:
 # ---------------------------------------------------------------- upload
 
 
-def upload(conn: ssh.Connection, m: manifest.Manifest, folder: Path, staged: dict[str, Any], label: str,
-           progress: Callable[[int], None] | None = None, tty: bool | None = None) -> int:
+def upload(s: Session, m: manifest.Manifest, folder: Path, staged: dict[str, Any], sizes: dict[str, int],
+           label: str, progress: Callable[[int], None] | None = None, tty: bool | None = None) -> int:
     """Send what the board lacks into its staging directory: each file as <file>.part, appended to when what
-    arrived is the start of ours, then renamed whole. Returns the bytes sent."""
+    arrived is the start of ours; the board renames it only once its size and sha256 are the manifest's (SFTP's
+    pipelined writes lose their error statuses: a full or failing disk is caught there). Returns the bytes sent."""
+    conn = s.conn
     d = staged["staging"]
     todo = {f: st for f, st in staged["files"].items() if st["state"] != "intact"}
     offsets = {}
@@ -200,18 +205,25 @@ def upload(conn: ssh.Connection, m: manifest.Manifest, folder: Path, staged: dic
         with conn.sftp() as sftp:
             for f in todo:
                 part = f"{d}/{f}{PART}"
-                with open(folder / f, "rb") as src, sftp.open(part, "ab" if offsets[f] else "wb") as dst:
-                    dst.set_pipelined(True)
-                    src.seek(offsets[f])
-                    while chunk := src.read(CHUNK):
-                        dst.write(chunk)
-                        sent += len(chunk)
-                        bar.update(len(chunk))
-                        if progress:
-                            progress(sent)
-                sftp.posix_rename(part, f"{d}/{f}")
-    except (OSError, paramiko.SSHException, EOFError, SshError) as exc:
-        raise DeployError(f"{conn.spec}: the upload broke off after {sent} of {total} bytes ({exc}); "
+                size = sizes[f]               # as checked against the manifest before the upload
+                try:
+                    with open(folder / f, "rb") as src, sftp.open(part, "ab" if offsets[f] else "wb") as dst:
+                        dst.set_pipelined(True)
+                        src.seek(offsets[f])
+                        while chunk := src.read(CHUNK):
+                            dst.write(chunk)
+                            sent += len(chunk)
+                            bar.update(len(chunk))
+                            if progress:
+                                progress(sent)
+                except (OSError, paramiko.SFTPError):
+                    if conn.active:     # a write the board refused: its own account of what it holds says why
+                        s.ask("place", version=m.version, file=f, size=size)
+                    raise
+                s.ask("place", version=m.version, file=f, size=size)
+    except (OSError, paramiko.SSHException, paramiko.SFTPError, EOFError, SshError) as exc:
+        said = "the board's disk: " if isinstance(exc, OSError) and exc.errno is not None else ""
+        raise DeployError(f"{conn.spec}: the upload broke off after {sent} of {total} bytes ({said}{exc}); "
                           f"run the deploy again to resume") from None
     finally:
         bar.close()
@@ -230,14 +242,14 @@ def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Calla
     row = row or Row(target.host, site or "?")
     conn = target.connect()
     try:
-        s = Session(conn, site)
+        s = Session(conn, site, target.break_lock)
         row.site, row.old = s.hello["site"], s.hello.get("current")
         m = check(g, row.site, s.hello["defaults"])
         row.new = m.version
         sizes = {f: (g.folder / f).stat().st_size for f in m.files}
         staged = s.ask("stage", manifest=manifest.as_dict(m), sizes=sizes)
         if not staged["in_store"]:
-            row.sent = upload(conn, m, g.folder, staged, target.host, progress, tty)
+            row.sent = upload(s, m, g.folder, staged, sizes, target.host, progress, tty)
             s.ask("commit", version=m.version)
         out = s.ask("switch", SWITCH_S, version=m.version, **({"cold": True} if cold else {}))
         row.detail["switch"] = out
