@@ -29,12 +29,17 @@ from . import guest, log, ssh
 from .build import guest as demo_guest
 from .errors import ApplianceError, DeployError, GuestError, SshError
 from .manager import manifest, names
+from .manager.errors import Error as ManagerError
 from .manager.staging import PART, digest_prefix
 
 MANAGER = "appliance-guest"
 CHUNK = 1 << 17
 SWITCH_S = 900            # the board's switch: start, health deadline, drain
 PARALLEL = 4
+LAPTOP = {"memory": 64, "vcpus": 1, "port": 80, "health": {"path": "/", "deadline": 30}}  # a site's defaults
+# stand-ins, for the laptop's check before it connects; the board's own come with its session's first answer
+MAX_MEMBERS = 64          # entries a bundle's tarball may hold
+MAX_FILE = 512 << 20      # bytes of a kernel or ramdisk taken from a tarball
 
 
 @dataclass(frozen=True)
@@ -96,35 +101,54 @@ def source(path: Path, *, name: str | None = None, version: str | None = None, m
         data, where, folder = guest.bundle_data(path, name, version)
         if memory is not None and isinstance(data, dict):
             data = {**data, "memory": memory}
+        guest.check_bundle(data, where, folder, "site", LAPTOP)   # before any board is contacted
         yield Guest(data, where, folder)
 
 
 def _untar(path: Path, dest: Path) -> Path:
-    """A bundle's tarball, its plain files only (at its top or in one directory), into dest."""
+    """A bundle's tarball read by the names its guest.yaml gives (at its top or in one directory): guest.yaml
+    (capped, no aliases), then only the kernel and ramdisk it names, each a plain file of at most MAX_FILE bytes.
+    Nothing else in it is extracted or read, however large it says it is."""
     try:
         with tarfile.open(path) as tar:
-            for member in tar.getmembers():
+            members: dict[str, tarfile.TarInfo] = {}
+            for n, member in enumerate(tar):
+                if n >= MAX_MEMBERS:
+                    raise GuestError(f"{path}: more than {MAX_MEMBERS} entries; a bundle is guest.yaml, a kernel "
+                                     f"and a ramdisk")
                 parts = member.name.strip("/").split("/")
-                if member.isdir():
+                if member.isdir() or len(parts) > 2:
                     continue
-                if not member.isfile() or len(parts) > 2 or parts[-1] in ("", ".", ".."):
-                    raise GuestError(f"{path}: {member.name}: a bundle's tarball holds only plain files "
-                                     f"(guest.yaml, the kernel, a ramdisk)")
-                try:
-                    names.check_file(parts[-1], f"{path}: {member.name}")
-                except names.Error as exc:
-                    raise GuestError(str(exc)) from None
+                if parts[-1] in members:
+                    raise GuestError(f"{path}: {names.cut(parts[-1])} is in it twice")
+                members[parts[-1]] = member
+
+            def take(fname: str, cap: int) -> None:
+                member = members.get(fname)
+                if member is None:
+                    raise GuestError(f"{path}: no {fname} in it")
+                if not member.isfile():
+                    raise GuestError(f"{path}: {names.cut(member.name)} is not a plain file")
+                if member.size > cap:
+                    raise GuestError(f"{path}: {names.cut(member.name)}: {member.size} bytes, more than the "
+                                     f"{cap >> 20 or cap} {'MiB' if cap >> 20 else 'bytes'} a bundle's file may be")
                 src = tar.extractfile(member)
                 assert src is not None
-                with src, open(dest / parts[-1], "xb") as out:
+                with src, open(dest / fname, "xb") as out:
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
-    except FileExistsError as exc:
-        raise GuestError(f"{path}: {Path(str(exc.filename)).name} is in it twice") from None
+
+            take("guest.yaml", guest.MAX_YAML)
+            data = guest.read_yaml(dest / "guest.yaml")
+            for key in ("kernel", "ramdisk"):
+                value = data.get(key) if isinstance(data, dict) else None
+                if value is not None:
+                    try:
+                        take(names.check_file(value, f"{path}: guest.yaml: {key}"), MAX_FILE)
+                    except ManagerError as exc:
+                        raise GuestError(str(exc)) from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise GuestError(f"{path}: not a readable tarball ({exc})") from None
-    if not (dest / "guest.yaml").is_file():
-        raise GuestError(f"{path}: no guest.yaml in it")
     return dest
 
 

@@ -223,3 +223,31 @@ def test_a_disk_that_fills_in_the_last_megabytes_never_gives_a_whole_looking_fil
         print(f"\ndisk full mid-file: refused with {msg!r}")
     finally:
         sh("umount", "-l", str(small), check=False)
+
+
+def test_an_abandoned_upload_never_holds_the_disk(board: Board, sshd: Sshd, tmp_path: Path):
+    small = tmp_path / "small"
+    small.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small))
+    try:
+        sshd.manager(manager_env(board, APPLIANCE_STAGING=str(small / "staging"), APPLIANCE_MARGIN_MIB="1"),
+                     board.dom0)
+        board.version("1.0", "serve:page one")
+        board.supervise("1.0")
+        abandoned = small / "staging/demo/9.9"
+        abandoned.mkdir(parents=True)
+        (abandoned / "initrd.gz.part").write_bytes(os.urandom(5 * MiB))
+        row = d.deploy(target(sshd), bundle(tmp_path, "2.0", "page two", ramdisk=2 * MiB))
+        assert row.ok and current(board) == "2.0", "the 5 MiB of 9.9's .part would have left too little space"
+        assert not abandoned.exists() and list((small / "staging/demo").iterdir()) == []
+        abandoned.mkdir()
+        (abandoned / "vmlinuz.part").write_bytes(b"x")
+        conn = target(sshd).connect()
+        try:
+            s = d.Session(conn, None)
+            assert s.ask("prune")["cleared"] == ["9.9"] and not abandoned.exists()
+            s.close()
+        finally:
+            conn.close()
+    finally:
+        sh("umount", "-l", str(small), check=False)

@@ -7,11 +7,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from appliance import ROOT
 from appliance import deploy as d
 from appliance.build import guest
 from appliance.errors import DeployError, GuestError
@@ -43,8 +47,8 @@ def test_a_bare_kernel_is_named_by_its_content_unless_told(tmp_path: Path):
 def test_a_kernel_that_is_not_a_zimage_is_refused(tmp_path: Path):
     k = tmp_path / "vmlinux"
     k.write_bytes(b"\x7fELF" + bytes(100))
-    with d.source(k) as g, pytest.raises(GuestError, match=rf"^{k}: kernel: vmlinux is not an ARM zImage"):
-        d.check(g, "demo", DEFAULTS)
+    with pytest.raises(GuestError, match=rf"^{k}: kernel: vmlinux is not an ARM zImage"), d.source(k):
+        pass                                  # on the laptop, before any board is contacted
 
 
 def _tar(path: Path, members: dict[str, bytes], compress: bool = True) -> Path:
@@ -67,16 +71,114 @@ def test_a_tarball_bundle(tmp_path: Path, name: str, compress: bool):
         assert m.version == "2.0" and (g.folder / "vmlinuz").read_bytes() == k
 
 
-@pytest.mark.parametrize("member, message", [
-    ("../../etc/evil", "holds only plain files"),
-    ("x/.hidden\\nname", "not a plain file name"),
-    ("a/b/c/vmlinuz", "holds only plain files"),
+@pytest.mark.parametrize("kernel, member, message", [
+    ("evil", "../../etc/evil", "no evil in it"),               # only names at its top or in one directory count
+    ("../evil", "../evil", "guest.yaml: kernel: '../evil' is not a plain file name"),
+    ("vmlinuz", "a/b/c/vmlinuz", "no vmlinuz in it"),
+    ("vmlinuz", "link:vmlinuz", "'vmlinuz' is not a plain file"),
 ])
-def test_a_tarball_that_reaches_out_is_refused(tmp_path: Path, member: str, message: str):
-    t = _tar(tmp_path / "b.tar.gz", {"guest.yaml": b"{}", member: b"x"})
+def test_a_tarball_that_reaches_out_is_refused(tmp_path: Path, kernel: str, member: str, message: str):
+    t = tmp_path / "b.tar.gz"
+    with tarfile.open(t, "w:gz") as tar:
+        data = json.dumps({"version": "1", "kernel": kernel, "sha256": {kernel: "0" * 64}}).encode()
+        info = tarfile.TarInfo("guest.yaml")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo(member.removeprefix("link:"))
+        if member.startswith("link:"):
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        else:
+            info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(GuestError, match=message), d.source(t):
         pass
     assert not (tmp_path / "etc").exists()
+
+
+def _bundle(tmp: Path, **manifest: object) -> Path:
+    folder = tmp / "bundle"
+    folder.mkdir(exist_ok=True)
+    (folder / "vmlinuz").write_bytes(zimage())
+    data = {"version": "2.0", "kernel": "vmlinuz", "sha256": {"vmlinuz": hashlib.sha256(zimage()).hexdigest()},
+            **manifest}
+    (folder / "guest.yaml").write_text(json.dumps(data))
+    return folder
+
+
+def alias_bomb() -> bytes:
+    """The "billion laughs" in YAML: nine levels of nine aliases, 661 bytes that expand to 9**9 strings."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    text = "\n".join(lines) + "\n"
+    return (text + "#" * (660 - len(text)) + "\n").encode()
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path):
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    (folder / "guest.yaml").write_bytes(alias_bomb())
+    assert len(alias_bomb()) == 661
+    with pytest.raises(GuestError, match=rf"^{folder}/guest.yaml: not valid YAML at line 1: anchors and aliases "
+                                         r"\(& and \*\) are not allowed in a guest.yaml$"), d.source(folder):
+        pass
+    (folder / "guest.yaml").write_bytes(b"version: '1'\n" + b"#" * (64 << 10))
+    with pytest.raises(GuestError, match=rf"^{folder}/guest.yaml: more than 64 KiB; a guest.yaml is a few lines$"), \
+            d.source(folder):
+        pass
+
+
+def test_a_sparse_2_gb_member_no_manifest_names_is_never_extracted(tmp_path: Path):
+    """A tarball of a few hundred bytes with a 2 GB sparse member (GNU tar -S): the bundle is read by the names its
+    guest.yaml gives; the big member is neither extracted nor read, and when named it is refused by its size."""
+    src = _bundle(tmp_path)
+    with open(src / "huge", "wb") as f:
+        f.truncate(2 << 30)
+    t = tmp_path / "b.tar.gz"
+    subprocess.run(["tar", "-S", "-czf", str(t), "-C", str(src), "guest.yaml", "vmlinuz", "huge"], check=True)
+    (src / "huge").unlink()
+    assert t.stat().st_size < 1000
+    with d.source(t) as g:
+        assert sorted(p.name for p in g.folder.iterdir()) == ["guest.yaml", "vmlinuz"]
+        assert d.check(g, "demo", DEFAULTS).version == "2.0"
+    data = json.loads((src / "guest.yaml").read_text())
+    (src / "guest.yaml").write_text(json.dumps({**data, "ramdisk": "huge", "sha256": {**data["sha256"],
+                                                                                       "huge": "0" * 64}}))
+    with open(src / "huge", "wb") as f:
+        f.truncate(2 << 30)
+    subprocess.run(["tar", "-S", "-czf", str(t), "-C", str(src), "guest.yaml", "vmlinuz", "huge"], check=True)
+    (src / "huge").unlink()
+    with pytest.raises(GuestError, match=rf"^{t}: 'huge': 2147483648 bytes, more than the 512 MiB a bundle's file "
+                                         r"may be$"), d.source(t):
+        pass
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"--version": "v" * (1 << 20)}, r"version: 'v{70,}… is not a version name"),   # (in guest.yaml: over 64 KiB)
+    ({"health": None}, r"health: null would switch off the site's health check; a bundle may change its path or "
+                       r"deadline, never switch it off"),
+    ({"kernel": "manifest.json", "sha256": {"manifest.json": "0" * 64}},
+     r"kernel: 'manifest.json' is a name the board uses itself"),
+    ({"ramdisk": "vmlinuz.part", "sha256": {"vmlinuz": "0" * 64, "vmlinuz.part": "0" * 64}},
+     r"ramdisk: 'vmlinuz.part' is a name the board uses itself \(a version's manifest.json, an upload's \*.part\)"),
+])
+def test_hostile_manifests_are_refused_in_one_short_line(tmp_path: Path, manifest: dict[str, object],
+                                                         message: str):
+    version = manifest.pop("--version", None)
+    folder = _bundle(tmp_path, **manifest)
+    with pytest.raises(GuestError) as err, d.source(folder, version=version):  # type: ignore[arg-type]
+        pass
+    text = str(err.value)
+    assert re.search(message, text) and "\n" not in text and len(text) < 400, text[:500]
+
+
+def test_a_hostile_bundle_is_refused_before_any_board_is_contacted(tmp_path: Path):
+    folder = _bundle(tmp_path, health=None)
+    p = subprocess.run([sys.executable, "-m", "invoke", "deploy", "--host", "root@127.0.0.1:1", str(folder)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"appliance: ERROR: {folder}/guest.yaml: health: null would switch off "
+                                             f"the site's health check; a bundle may change its path or deadline, "
+                                             f"never switch it off"]
 
 
 def test_hosts_file_lines_and_ansible_inventory(tmp_path: Path):

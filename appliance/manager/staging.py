@@ -25,11 +25,9 @@ from . import manifest
 from .context import Context, log
 from .errors import Error
 from .lock import SiteLock
-from .names import check_version
+from .names import PART, check_version, cut
 from .settings import Site
 from .store import MANIFEST, sync_dir
-
-PART = ".part"
 
 
 def pick_site(ctx: Context, name: str | None) -> Site:
@@ -84,6 +82,7 @@ def stage(ctx: Context, site: Site, request: object) -> dict[str, Any]:
                         f"files; give the new one another version")
         return {**out, "in_store": True, "files": {f: {"state": "intact"} for f in m.files}, "need": 0}
     d = ctx.staging_root / site.name / m.version
+    out["cleared"] = clear_staging(ctx, site, m.version)   # before free space is counted
     try:
         d.mkdir(parents=True, exist_ok=True)
         (d / MANIFEST).write_text(manifest.to_json(m))
@@ -150,11 +149,9 @@ def commit(ctx: Context, site: Site, version: str) -> dict[str, Any]:
     return {"ok": True, "site": site.name, "version": version, "path": str(dest), "already": False}
 
 
-def prune(ctx: Context, site: Site, keep: int | None = None, uploading: object = None) -> dict[str, Any]:
-    """Remove the oldest versions beyond keep (the site's `keep:`); current and previous always stay. Staging
-    is cleared too, but for the version being uploaded (the caller holds deploy.lock: no other upload runs), so
-    an abandoned upload's .part files never fill the disk."""
-    keep = site.keep if keep is None else keep
+def clear_staging(ctx: Context, site: Site, uploading: object = None) -> list[str]:
+    """Remove the site's staging of every version but the one being uploaded: abandoned uploads (their .part
+    files) never hold the disk. Only under deploy.lock, so no other upload is running."""
     cleared = []
     with contextlib.suppress(FileNotFoundError):
         for d in sorted((ctx.staging_root / site.name).iterdir()):
@@ -164,6 +161,15 @@ def prune(ctx: Context, site: Site, keep: int | None = None, uploading: object =
                 except OSError as exc:
                     raise Error(f"{d}: cannot clear it from staging: {exc.strerror}") from None
                 cleared.append(d.name)
+    return cleared
+
+
+def prune(ctx: Context, site: Site, keep: int | None = None, uploading: object = None) -> dict[str, Any]:
+    """Remove the oldest versions beyond keep (the site's `keep:`); current and previous always stay. Staging
+    is cleared too, but for the version being uploaded (the caller holds deploy.lock: no other upload runs), so
+    an abandoned upload's .part files never fill the disk."""
+    keep = site.keep if keep is None else keep
+    cleared = clear_staging(ctx, site, uploading)
     store = ctx.store(site)
     with ctx.lock(site, "prune", None, wait=30):     # not while a switch starts one of them
         pinned = [v for v in (store.pointer("current"), store.pointer("previous")) if v]
@@ -311,12 +317,6 @@ def session(ctx: Context, name: str | None, break_lock: bool = False) -> None:
                     break
     except _Ending:
         pass
-
-
-def cut(value: object, limit: int = 80) -> str:
-    """A value as a message quotes it: its repr, cut at limit characters with an ellipsis."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def place(ctx: Context, site: Site, version: object, fname: object, size: object) -> dict[str, Any]:
