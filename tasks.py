@@ -140,7 +140,8 @@ _SSH_HELP = {"host": "the board: user@name, name:port or an ~/.ssh/config alias 
              "accept_new": "trust an unknown host key and remember it (a changed key is always refused)",
              "ssh_config": "read this ssh_config instead of ~/.ssh/config and /etc/ssh/ssh_config",
              "known_hosts": "the known_hosts file (default: the ssh_config's, else ~/.ssh/known_hosts)",
-             "site": "the board's site (default: its only one)", "debug": "show commands and tracebacks"}
+             "site": "the board's site (default: its first, said in the output)",
+             "debug": "show commands and tracebacks"}
 
 
 def _ssh_help(*leave_out: str, **more: str) -> dict[str, str]:
@@ -196,7 +197,8 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
 
 @task(auto_shortflags=False, positional=["version"] if _positional_given("rollback", {
     "--host", "--site", "--ssh-config", "--known-hosts"}) else [],
-      help=_ssh_help("hosts", host="the board", version="the version to go back to (default: the previous)"))
+      help=_ssh_help("hosts", host="the board", version="the version to go back to (default: the previous)",
+                     site="the board's site (default: its first, said in the output)"))
 @_cli
 def rollback(c, version=None, host=None, site=None, accept_new=False, ssh_config=None, known_hosts=None,
              debug=False):
@@ -208,17 +210,28 @@ def rollback(c, version=None, host=None, site=None, accept_new=False, ssh_config
     print(f"{t.host}: {out['site']} {out.get('from') or '-'} -> {out['version']}")
 
 
-@task(auto_shortflags=False, help=_ssh_help("hosts", "site", host="the board", json="print the board's JSON"))
+@task(iterable=["host"], auto_shortflags=False,
+      help=_ssh_help("site", json="print the whole JSON (one board's object; for several, one per board)",
+                     parallel="boards asked at once (default 4)"))
 @_cli
-def status(c, host=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, debug=False):
-    """Each site of a board: active version, domain, uptime, health, versions kept, free space."""
+def status(c, host=None, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, parallel=4,
+           debug=False):
+    """Every site of a board (or a fleet), whatever its health: state (asleep shown as asleep), version, health,
+    uptime, previous, versions kept, free space; exits non-zero when one is failing."""
     import json as j
 
     from appliance import deploy as d
 
-    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
-    out = d.status(t)
-    print(j.dumps(out, indent=1) if json else d.status_text(t.host, out))
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
+    boards = d.fleet_status(targets, int(parallel))
+    if json:
+        print(j.dumps(next(iter(boards.values())) if len(boards) == 1 else boards, indent=1))
+    else:
+        print(d.status_table(boards))
+    failing = [h for h, out in boards.items() if not out.get("ok")]
+    if failing:
+        raise Exit(f"appliance: ERROR: {len(failing)} of {len(boards)} boards have a failing site: "
+                   f"{', '.join(failing)}", code=1)
 
 
 @task(auto_shortflags=False, help=_ssh_help("hosts", host="the board"))

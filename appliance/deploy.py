@@ -62,6 +62,11 @@ class Target:
     key: Path | None = None
     timeout: float = 30
     break_lock: bool = False      # end a deploy session that holds the site's lock (not mid-step)
+    name: str | None = None       # the inventory's name of the board, for tables (default: host)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.host
 
     def connect(self) -> ssh.Connection:
         return ssh.Connection(self.host, ssh_config=self.ssh_config, known_hosts=self.known_hosts, key=self.key,
@@ -259,26 +264,53 @@ def upload(s: Session, m: manifest.Manifest, folder: Path, staged: dict[str, Any
 
 def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Callable[[int], None] | None = None,
            tty: bool | None = None, prune: bool = True, row: Row | None = None, cold: bool = False) -> Row:
-    """Deploy g to one board: stage, upload, verify, commit, switch, prune. Raises DeployError (and SshError);
-    row, if given, holds what was known when it did. cold: destroy the old guest before the new one starts (the
-    old way, kept for the benchmark)."""
+    """Deploy g to one board: stage, upload, verify, commit, switch, prune, each step said as it begins. Raises
+    DeployError (and SshError); row, if given, holds what was known when it did. A connection cut during the
+    switch asks the board (a new connection) what it did before calling the deploy failed. cold: destroy the old
+    guest before the new one starts (the old way, kept for the benchmark)."""
     t0 = time.monotonic()
-    row = row or Row(target.host, site or "?")
+    row = row or Row(target.label, site or "?")
+
+    def say(text: str) -> None:
+        log.info(f"{target.label}: {text}")
+
+    say(f"connecting to {target.host}")
     conn = target.connect()
     try:
         s = Session(conn, site, target.break_lock)
         row.site, row.old = s.hello["site"], s.hello.get("current")
+        sites = s.hello.get("sites") or [row.site]
+        if site is None and len(sites) > 1:
+            say(f"site {row.site}, the board's first of {len(sites)} ({', '.join(sites)}); --site for another")
+        say(f"checking {g.where} against site {row.site}'s defaults (serving: {row.old or 'nothing'})")
         m = check(g, row.site, s.hello["defaults"])
         row.new = m.version
         sizes = {f: (g.folder / f).stat().st_size for f in m.files}
         staged = s.ask("stage", manifest=manifest.as_dict(m), sizes=sizes)
+        if staged.get("cleared"):
+            say(f"cleared abandoned uploads from staging: {', '.join(staged['cleared'])}")
         if not staged["in_store"]:
-            row.sent = upload(s, m, g.folder, staged, sizes, target.host, progress, tty)
+            say(f"uploading {staged['need'] / (1 << 20):.1f} MiB of {m.version} (what the board lacks)")
+            row.sent = upload(s, m, g.folder, staged, sizes, target.label, progress, tty)
+            say("verifying: the board checks every sha256 and moves the version into its store")
             s.ask("commit", version=m.version)
-        out = s.ask("switch", SWITCH_S, version=m.version, **({"cold": True} if cold else {}))
+        deadline = m.health.deadline if m.health else 0
+        say(f"starting {m.version} beside {row.old or 'nothing'}; health check up to {deadline} s, then the switch "
+            f"and the drain")
+        try:
+            out = s.ask("switch", SWITCH_S, version=m.version, **({"cold": True} if cold else {}))
+        except SshError as exc:
+            out = _after_cut(target, row.site, m.version, exc)
         row.detail["switch"] = out
-        if prune:
-            row.detail["pruned"] = s.ask("prune")["removed"]
+        if out.get("changed"):
+            say(f"switched: {m.version} healthy after {out.get('start_ms', 0) / 1000:.1f} s, switched in "
+                f"{out.get('switch_ms', 0)} ms, old guest drained in {out.get('drain_ms', 0) / 1000:.1f} s")
+        if prune and not out.get("asked_after_cut"):
+            say("pruning")
+            pruned = s.ask("prune")
+            row.detail["pruned"] = pruned["removed"]
+            if pruned["removed"]:
+                say(f"pruned {', '.join(pruned['removed'])}")
         s.close()
     finally:
         conn.close()
@@ -287,19 +319,47 @@ def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Calla
     return row
 
 
+def _after_cut(target: Target, site: str, version: str, cut: SshError) -> dict[str, Any]:
+    """The connection broke during the switch, which the board finishes regardless: ask it before calling the
+    deploy failed. A new session gets the site's deploy lock once the old one has finished the switch; its first
+    answer says which version is current."""
+    log.info(f"{target.label}: the connection broke during the switch ({cut}); asking the board what it did")
+    end = time.monotonic() + SWITCH_S
+    while True:
+        try:
+            conn = target.connect()
+            try:
+                s = Session(conn, site)
+                current = s.hello.get("current")
+                s.close()
+            finally:
+                conn.close()
+            break
+        except (SshError, DeployError) as exc:
+            if isinstance(exc, DeployError) and "busy" not in str(exc) or time.monotonic() > end:
+                raise DeployError(f"{target.label}: the connection broke during the switch ({cut}), and the board "
+                                  f"did not say what it did: {exc}") from None
+            time.sleep(1)
+    if current != version:
+        raise DeployError(f"{target.label}: the connection broke during the switch ({cut}); the board serves "
+                          f"{current or 'nothing'}, not {version}: the switch failed there, the old version serves")
+    log.info(f"{target.label}: the board finished the switch: {version} is current")
+    return {"changed": True, "asked_after_cut": True}
+
+
 def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: int = PARALLEL) -> list[Row]:
     """Deploy to every board, a bounded number at once; one board's failure is its own row, nothing more."""
     many = len(targets) > 1
     printing = threading.Lock()
 
     def one(t: Target) -> Row:
-        t0, row = time.monotonic(), Row(t.host, site or "?")
+        t0, row = time.monotonic(), Row(t.label, site or "?")
         try:
             return deploy(t, g, site, tty=False if many else None, row=row)
         except ApplianceError as exc:
             if many:
                 with printing:
-                    log.info(f"{t.host}: FAILED: {exc}")
+                    log.info(f"{t.label}: FAILED: {exc}")
             row.result, row.seconds, row.detail["error"] = f"failed: {exc}", round(time.monotonic() - t0, 1), str(exc)
             return row
 
@@ -336,24 +396,86 @@ def manager(target: Target, *args: str, timeout: float = SWITCH_S) -> dict[str, 
     return out
 
 
-def only_site(target: Target, site: str | None) -> str:
+def default_site(target: Target, site: str | None) -> str:
+    """The site named, or the board's first (its default), said in a line when the board has more than one."""
     if site:
         return site
-    sites = list(manager(target, "list", timeout=60)["sites"])
-    if len(sites) != 1:
-        raise DeployError(f"{target.host}: the board has {len(sites)} sites ({', '.join(sites)}); give --site")
-    return str(sites[0])
+    sites = [str(x) for x in manager(target, "list", timeout=60)["sites"]]
+    if not sites:
+        raise DeployError(f"{target.host}: the board has no site")
+    if len(sites) > 1:
+        log.info(f"{target.label}: site {sites[0]}, the board's first of {len(sites)} ({', '.join(sites)}); "
+                 f"--site for another")
+    return sites[0]
 
 
 def rollback(target: Target, site: str | None = None, version: str | None = None) -> dict[str, Any]:
-    name = only_site(target, site)
+    name = default_site(target, site)
     return manager(target, "rollback", name, *([version] if version else []))
 
 
 def status(target: Target) -> dict[str, Any]:
-    out = manager(target, "status", timeout=60)
-    out.pop("ok", None)
+    """The board's `appliance-guest status`: every site, whatever its health (ok false when one is failing);
+    DeployError only when the board gives no status at all."""
+    conn = target.connect()
+    try:
+        r = conn.run(shlex.join([MANAGER, "status"]), timeout=60)
+    finally:
+        conn.close()
+    try:
+        out = json.loads(r.out)
+    except ValueError:
+        raise DeployError(f"{target.host}: {MANAGER} status gave no JSON (exit {r.rc}): "
+                          f"{(r.err or r.out).strip()[-300:] or 'no output'}") from None
+    if not isinstance(out, dict) or not isinstance(out.get("sites"), dict):
+        raise failure(target.host, out if isinstance(out, dict) else {})
     return out
+
+
+def fleet_status(targets: list[Target], parallel: int = PARALLEL) -> dict[str, dict[str, Any]]:
+    """Each board's status by its label; a board that gives none is {"ok": false, "error": ...}."""
+    def one(t: Target) -> dict[str, Any]:
+        try:
+            return status(t)
+        except ApplianceError as exc:
+            return {"ok": False, "error": str(exc), "sites": {}}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(targets)))) as pool:
+        return dict(zip([t.label for t in targets], pool.map(one, targets), strict=True))
+
+
+def _state(st: dict[str, Any]) -> str:
+    state = st.get("state")
+    if state in ("asleep", "paused") and not st.get("error"):
+        return "asleep" if state == "asleep" else "asleep (paused)"
+    if st.get("ok"):
+        return "serving"
+    return "FAILING"
+
+
+def status_table(boards: dict[str, dict[str, Any]]) -> str:
+    """One row a site of every board, whatever its health: host, site, state, version, health, uptime, previous,
+    versions kept, free space; then one line per failure with its reason."""
+    head = ("host", "site", "state", "version", "health", "up", "previous", "kept", "free")
+    rows, why = [head], []
+    for host, out in boards.items():
+        if not out.get("sites"):
+            rows.append((host, "-", "FAILING", "-", "-", "-", "-", "-", "-"))
+            why.append(f"{host}: {out.get('error', 'no status')}")
+        for name, st in out.get("sites", {}).items():
+            state = _state(st)
+            health = "asleep" if state.startswith("asleep") else \
+                {True: "healthy", False: "UNHEALTHY", None: "unknown"}[st.get("healthy")]
+            free = st.get("free_bytes")
+            rows.append((host, name, state, st.get("version") or st.get("current") or "-", health,
+                         f"{st['uptime_s']} s" if st.get("uptime_s") is not None else "-", st.get("previous") or "-",
+                         f"{len(st.get('versions', []))}/{st.get('keep')}", "?" if free is None else f"{free >> 20} MiB"))
+            if state == "FAILING" or st.get("error"):
+                why.append(f"{host} {name}: " + names.cut(st.get("error") or st.get("note") or "not serving", 200)
+                           .strip("'\""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    table = "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(len(head))).rstrip() for r in rows)
+    return "\n".join([table, *why])
 
 
 def guests(target: Target, site: str | None = None) -> dict[str, Any]:
@@ -390,19 +512,6 @@ def hosts_file(path: Path) -> list[str]:
     if not out:
         raise DeployError(f"{path}: names no host")
     return list(dict.fromkeys(out))
-
-
-def status_text(host: str, out: dict[str, Any]) -> str:
-    lines = []
-    for name, st in out.get("sites", {}).items():
-        up = f"up {st['uptime_s']} s" if st.get("uptime_s") is not None else "not serving"
-        health = {True: "healthy", False: "UNHEALTHY", None: "health unknown"}[st.get("healthy")]
-        free = st.get("free_bytes")
-        lines.append(f"{host} {name}: {st.get('version') or st.get('current') or '-'} in {st.get('domain') or '-'}, "
-                     f"{up}, {health}; previous {st.get('previous') or '-'}; kept "
-                     f"{', '.join(st.get('versions', [])) or 'none'} (keep {st.get('keep')}); "
-                     f"{'?' if free is None else free >> 20} MiB free" + (f"; {st['error']}" if st.get("error") else ""))
-    return "\n".join(lines)
 
 
 def guests_text(out: dict[str, Any]) -> str:

@@ -8,19 +8,21 @@ last megabytes of a file never yields a file under its final name. The old versi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from sshd_fixtures import Link, Sshd, keygen, needs_sshd, start
 from test_deploy import MiB, bundle, current, sshd, target  # noqa: F401
-from test_switch_double import Board, board, failures, pages, sh, wait_for  # noqa: F401
+from test_switch_double import Board, board, failures, pages, sh, wait_for, zimage  # noqa: F401
 
 from appliance import ROOT
 from appliance import deploy as d
@@ -251,3 +253,64 @@ def test_an_abandoned_upload_never_holds_the_disk(board: Board, sshd: Sshd, tmp_
             conn.close()
     finally:
         sh("umount", "-l", str(small), check=False)
+
+
+def test_prune_follows_the_order_the_board_recorded_not_mtimes(board: Board, sshd: Sshd, tmp_path: Path):
+    board.version("1.0", "serve:page one")
+    board.supervise("1.0")
+    t = target(sshd)
+    for v in ("2.0", "3.0", "4.0"):
+        d.deploy(t, bundle(tmp_path, v, f"page {v}"))
+    store = board.tmp / "store/demo"
+    year = 365 * 86400
+    os.utime(store / "2.0", (time.time() + year,) * 2)        # a board whose clock was a year ahead, then set back
+    os.utime(store / "3.0", (time.time() - year,) * 2)
+    row = d.deploy(t, bundle(tmp_path, "5.0", "page 5.0"))
+    assert row.detail["pruned"] == ["2.0"], "3.0 was committed after 2.0, whatever their mtimes say"
+    assert (store / ".committed").read_text().split() == ["2.0", "3.0", "4.0", "5.0"]
+
+
+def test_status_shows_every_site_and_fails_when_one_is_failing(board: Board, sshd: Sshd, tmp_path: Path):
+    board.version("1.0", "serve:page one")
+    os.symlink("1.0", board.tmp / "store/demo/current")          # current, but no guest runs: failing
+    cfg = sshd.ssh_config("booth-test")
+    base = [sys.executable, "-m", "invoke", "status", "--host", "booth-test", "--ssh-config", str(cfg)]
+    p = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    rows = [line.split() for line in p.stdout.splitlines()]
+    assert rows[0] == ["host", "site", "state", "version", "health", "up", "previous", "kept", "free"]
+    assert rows[1][:5] == ["booth-test", "demo", "FAILING", "1.0", "unknown"]
+    assert p.stdout.splitlines()[2].startswith("booth-test demo: ")
+    assert p.stderr.strip() == "appliance: ERROR: 1 of 1 boards have a failing site: booth-test"
+    p = subprocess.run([*base, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    out = json.loads(p.stdout)
+    assert p.returncode == 1 and out["ok"] is False and out["sites"]["demo"]["current"] == "1.0"
+
+
+def test_a_connection_cut_during_the_switch_asks_the_board(board: Board, sshd: Sshd, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]):
+    board.version("1.0", "serve:page one")
+    board.supervise("1.0")
+    g = bundle(tmp_path, "2.0", "page two")
+    (g.folder / "vmlinuz").write_bytes(zimage("slow-start:2:page two"))
+    data = json.loads((g.folder / "guest.yaml").read_text())
+    data["sha256"]["vmlinuz"] = hashlib.sha256((g.folder / "vmlinuz").read_bytes()).hexdigest()
+    (g.folder / "guest.yaml").write_text(json.dumps(data))
+    with d.source(g.folder) as g:
+        visitor = board.visit()
+        wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
+        lock = board.tmp / "run/demo/lock"
+
+        def cut() -> None:
+            wait_for(lambda: lock.exists() and '"switch"' in lock.read_text(), 60, "the switch to begin")
+            sshd.drop()
+
+        cutter = threading.Thread(target=cut)
+        cutter.start()
+        row = d.deploy(target(sshd), g)
+        cutter.join()
+        lines = visitor.finish()
+    err = capsys.readouterr().err
+    assert (row.ok, row.result) == (True, "deployed") and current(board) == "2.0"
+    assert "the connection broke during the switch" in err and "the board finished the switch: 2.0 is current" in err
+    assert failures(lines) == [] and pages(lines) == ["ok 200 page one", "ok 200 page two"]

@@ -210,3 +210,25 @@ def test_a_static_site_takes_its_regular_files(tmp_path: Path):
     (site / "index.html").unlink()
     with pytest.raises(GuestError, match="no index.html"):
         guest.static_files(site)
+
+
+def test_the_status_table_shows_every_site_whatever_its_health():
+    site = {"current": "1.0", "previous": None, "versions": ["1.0"], "keep": 3, "free_bytes": 64 << 20}
+    boards = {
+        "booth-a": {"ok": False, "sites": {
+            "demo": {**site, "ok": True, "state": "serving", "version": "1.0", "healthy": True, "uptime_s": 12},
+            "make": {**site, "ok": True, "state": "asleep", "version": None, "healthy": None, "uptime_s": None},
+            "about": {**site, "ok": False, "state": "failed", "version": "1.0", "healthy": False,
+                      "uptime_s": None, "error": "x" * 500}}},
+        "booth-b": {"ok": False, "error": "booth-b: no such host: booth-b does not resolve", "sites": {}},
+    }
+    lines = d.status_table(boards).splitlines()
+    assert [line.split()[:5] for line in lines[:5]] == [
+        ["host", "site", "state", "version", "health"],
+        ["booth-a", "demo", "serving", "1.0", "healthy"],
+        ["booth-a", "make", "asleep", "1.0", "asleep"],
+        ["booth-a", "about", "FAILING", "1.0", "UNHEALTHY"],
+        ["booth-b", "-", "FAILING", "-", "-"]]
+    assert lines[5] == "booth-a about: " + "x" * 198 + "…"
+    assert lines[6] == "booth-b: booth-b: no such host: booth-b does not resolve"
+    assert len(lines) == 7

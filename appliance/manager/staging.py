@@ -31,13 +31,12 @@ from .store import MANIFEST, sync_dir
 
 
 def pick_site(ctx: Context, name: str | None) -> Site:
-    """The named site, or the board's only one."""
+    """The named site, or the board's first (its default, as sites.json lists them)."""
     if name:
         return ctx.settings.site(name)
     sites = list(ctx.settings.sites.values())
-    if len(sites) != 1:
-        raise Error(f"{ctx.settings_path}: the board has {len(sites)} sites ({', '.join(ctx.settings.sites)}); "
-                    f"name one")
+    if not sites:
+        raise Error(f"{ctx.settings_path}: the board has no site")
     return sites[0]
 
 
@@ -131,7 +130,7 @@ def commit(ctx: Context, site: Site, version: str) -> dict[str, Any]:
             if extra not in (*m.files, MANIFEST):
                 os.unlink(d / extra)
         store.dir.mkdir(parents=True, exist_ok=True)
-        os.utime(d)                                     # the store's age order (prune) is the commit order
+        record_commit(store.dir, version)               # prune's age order: the board's own record, not mtimes
         try:
             os.rename(d, dest)
         except OSError as exc:
@@ -147,6 +146,32 @@ def commit(ctx: Context, site: Site, version: str) -> dict[str, Any]:
         raise Error(f"{d}: cannot move it into {dest}: {exc.strerror}") from None
     store.load(version, site.defaults())
     return {"ok": True, "site": site.name, "version": version, "path": str(dest), "already": False}
+
+
+ORDER = ".committed"      # in a site's store: its versions, one a line, in the order they were committed
+MAX_ORDER = 256          # lines kept: more than any keep:
+
+
+def record_commit(store_dir: Path, version: str) -> None:
+    """Append version to the store's commit record (rewritten whole, one rename, at most MAX_ORDER lines)."""
+    path = store_dir / ORDER
+    try:
+        lines = [v for v in path.read_text().split() if v != version]
+    except (FileNotFoundError, UnicodeDecodeError):
+        lines = []
+    tmp = store_dir / (ORDER + ".tmp")
+    tmp.write_text("".join(f"{v}\n" for v in [*lines, version][-MAX_ORDER:]))
+    os.replace(tmp, path)
+
+
+def commit_order(store_dir: Path) -> Any:
+    """A sort key: a version's place in the commit record; versions it lacks (laid in by the image build,
+    committed before the record existed) come first, by name."""
+    try:
+        order = {v: i for i, v in enumerate(dict.fromkeys((store_dir / ORDER).read_text().split()))}
+    except (OSError, UnicodeDecodeError):
+        order = {}
+    return lambda v: (v in order, order.get(v, 0), v)
 
 
 def clear_staging(ctx: Context, site: Site, uploading: object = None) -> list[str]:
@@ -174,7 +199,7 @@ def prune(ctx: Context, site: Site, keep: int | None = None, uploading: object =
     with ctx.lock(site, "prune", None, wait=30):     # not while a switch starts one of them
         pinned = [v for v in (store.pointer("current"), store.pointer("previous")) if v]
         others = [v for v in store.versions() if v not in pinned]
-        others.sort(key=lambda v: (store.dir / v).stat().st_mtime, reverse=True)
+        others.sort(key=commit_order(store.dir), reverse=True)
         drop = others[max(keep - len(set(pinned)), 0):]
         for v in drop:
             gone = store.dir / f".{v}.removing"
@@ -283,7 +308,7 @@ def session(ctx: Context, name: str | None, break_lock: bool = False) -> None:
             st = ctx.store(site)
             reply({"ok": True, "site": site.name, "current": st.pointer("current"),
                    "previous": st.pointer("previous"), "defaults": site.defaults(), "keep": site.keep,
-                   "since": time.time(), "idle": idle, "notes": lock.notes})
+                   "since": time.time(), "idle": idle, "notes": lock.notes, "sites": list(ctx.settings.sites)})
             for line in _requests(ctx, site, lock, idle):
                 try:
                     req = json.loads(line)
