@@ -148,33 +148,37 @@ def _ssh_help(*leave_out: str, **more: str) -> dict[str, str]:
     return {**{k: v for k, v in _SSH_HELP.items() if k not in leave_out}, **more}
 
 
-def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, break_lock=False):
+def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, break_lock=False, limit=None):
     from pathlib import Path
 
     from appliance import deploy as d
 
-    names = list(host if isinstance(host, list) else [host] if host else [])
-    names += d.hosts_file(Path(hosts)) if hosts else []
-    if not names:
+    named = [(None, n) for n in (host if isinstance(host, list) else [host] if host else [])]
+    named += d.hosts_file(Path(hosts), limit) if hosts else []
+    if limit and not hosts:
+        raise Exit("appliance: ERROR: --limit picks hosts of a --hosts FILE", code=1)
+    if not named:
         raise Exit("appliance: ERROR: name the board with --host HOST (or --hosts FILE)", code=1)
-    return [d.Target(n, Path(ssh_config) if ssh_config else None, Path(known_hosts) if known_hosts else None,
-                     accept_new, break_lock=break_lock) for n in names]
+    return [d.Target(dest, Path(ssh_config) if ssh_config else None, Path(known_hosts) if known_hosts else None,
+                     accept_new, break_lock=break_lock, name=label) for label, dest in named]
 
 
 @task(iterable=["host"], auto_shortflags=False,
       positional=["guest"] if _positional_given("deploy", {"--host", "--hosts", "--site", "--memory", "--name",
                                                            "--version", "--static", "--ssh-config", "--known-hosts",
-                                                           "--parallel", "--recipe", "--break-lock"}) else [],
+                                                           "--parallel", "--recipe", "--break-lock",
+                                                           "--limit"}) else [],
       help={**_ssh_help(), "guest": "a bundle directory, a .tar/.tar.gz of one, or a bare zImage / .xen kernel",
             "memory": "MiB for a bare kernel (default: the site's)", "name": "a bare kernel's name",
             "version": "the version (default: name and content hash)",
             "static": "deploy a folder of static files, served by the demo guest's kernel and httpd",
             "parallel": "boards deployed at once (default 4)", "recipe": "the recipe --static builds for",
-            "break_lock": "end the deploy that holds the site's lock (named in the output; never one mid-step)"})
+            "break_lock": "end the deploy that holds the site's lock (named in the output; never one mid-step)",
+            "limit": "only these hosts or groups of --hosts (Ansible's --limit: names, globs, ',' between, '!' out)"})
 @_cli
 def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=None, version=None, static=None,
            accept_new=False, ssh_config=None, known_hosts=None, parallel=4, recipe="booth", break_lock=False,
-           debug=False):
+           limit=None, debug=False):
     """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune."""
     from pathlib import Path
 
@@ -182,7 +186,7 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
 
     if not guest and not static:
         raise Exit("appliance: ERROR: deploy what? Give GUEST (a bundle, tarball or kernel) or --static DIR", code=1)
-    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts, break_lock)
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts, break_lock, limit)
     with d.source(Path(guest or "."), name=name, version=version, memory=int(memory) if memory else None,
                   static=Path(static) if static else None, recipe=recipe) as g:
         rows = d.fleet(targets, g, site, int(parallel))
@@ -212,17 +216,17 @@ def rollback(c, version=None, host=None, site=None, accept_new=False, ssh_config
 
 @task(iterable=["host"], auto_shortflags=False,
       help=_ssh_help("site", json="print the whole JSON (one board's object; for several, one per board)",
-                     parallel="boards asked at once (default 4)"))
+                     parallel="boards asked at once (default 4)", limit="only these hosts or groups of --hosts"))
 @_cli
 def status(c, host=None, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, parallel=4,
-           debug=False):
+           limit=None, debug=False):
     """Every site of a board (or a fleet), whatever its health: state (asleep shown as asleep), version, health,
     uptime, previous, versions kept, free space; exits non-zero when one is failing."""
     import json as j
 
     from appliance import deploy as d
 
-    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts, limit=limit)
     boards = d.fleet_status(targets, int(parallel))
     if json:
         print(j.dumps(next(iter(boards.values())) if len(boards) == 1 else boards, indent=1))

@@ -15,7 +15,6 @@ import re
 import shlex
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+import yaml
 
 from . import guest, log, ssh
 from .build import guest as demo_guest
@@ -350,17 +350,14 @@ def _after_cut(target: Target, site: str, version: str, cut: SshError) -> dict[s
 def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: int = PARALLEL) -> list[Row]:
     """Deploy to every board, a bounded number at once; one board's failure is its own row, nothing more."""
     many = len(targets) > 1
-    printing = threading.Lock()
 
     def one(t: Target) -> Row:
         t0, row = time.monotonic(), Row(t.label, site or "?")
         try:
             return deploy(t, g, site, tty=False if many else None, row=row)
         except ApplianceError as exc:
-            if many:
-                with printing:
-                    log.info(f"{t.label}: FAILED: {exc}")
-            row.result, row.seconds, row.detail["error"] = f"failed: {exc}", round(time.monotonic() - t0, 1), str(exc)
+            row.result, row.seconds, row.detail["error"] = "failed", round(time.monotonic() - t0, 1), str(exc)
+            row.detail["destination"] = t.host
             return row
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(targets)))) as pool:
@@ -368,12 +365,18 @@ def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: in
 
 
 def table(rows: list[Row]) -> str:
-    """host, site, old, new, result, seconds: one line a board (a failure's reason cut to its first line)."""
+    """host, site, old, new, result, seconds: one line a board; then one line per failed board with its reason
+    (its first line, cut at 200 characters)."""
     head = ("host", "site", "old", "new", "result", "seconds")
-    cells = [head] + [(r.host, r.site, r.old or "-", r.new or "-", r.result.splitlines()[0][:100],
-                       f"{r.seconds:.1f}") for r in rows]
+    cells = [head] + [(r.host, r.site, r.old or "-", r.new or "-", r.result, f"{r.seconds:.1f}") for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells)
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]
+    for r in rows:
+        if not r.ok and r.detail.get("error"):
+            why = str(r.detail["error"]).splitlines()[0]
+            why = why.removeprefix(f"{r.detail.get('destination', r.host)}: ").removeprefix(f"{r.host}: ")
+            lines.append(f"{r.host}: {why if len(why) <= 200 else why[:199] + '…'}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the other commands
@@ -482,36 +485,178 @@ def guests(target: Target, site: str | None = None) -> dict[str, Any]:
     return manager(target, "list", *([site] if site else []), timeout=60)
 
 
-def hosts_file(path: Path) -> list[str]:
-    """The hosts a file names: one a line, or an Ansible INI inventory's hosts (ansible_host, ansible_user and
-    ansible_port honoured; group headers, :vars and :children sections skipped)."""
+MAX_INVENTORY = 1 << 20     # bytes of a hosts file read
+MAX_HOSTS = 4096            # hosts it may name (ranges expanded)
+RANGE = re.compile(r"\[([0-9]+|[a-z]):([0-9]+|[a-z])(?::([0-9]+))?\]")
+
+
+def expand(name: str, where: str) -> list[str]:
+    """An Ansible host range: booth-[01:03] is booth-01, booth-02, booth-03 (widths kept; [a:c] for letters)."""
+    m = RANGE.search(name)
+    if not m:
+        return [name]
+    lo, hi, step = m.group(1), m.group(2), int(m.group(3) or 1)
+    if lo.isdigit() != hi.isdigit() or step < 1:
+        raise DeployError(f"{where}: {names.cut(name)}: a range is [START:END] of numbers or of letters")
+    if lo.isdigit():
+        width = len(lo) if lo.startswith("0") else 0
+        values = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1, step)]
+    else:
+        values = [chr(i) for i in range(ord(lo), ord(hi) + 1, step)]
+    if not values or len(values) > MAX_HOSTS:
+        raise DeployError(f"{where}: {names.cut(name)}: the range names {len(values)} hosts (1 to {MAX_HOSTS})")
+    out = [h for v in values for h in expand(name[:m.start()] + v + name[m.end():], where)]
+    if len(out) > MAX_HOSTS:
+        raise DeployError(f"{where}: {names.cut(name)}: more than {MAX_HOSTS} hosts")
+    return out
+
+
+@dataclass
+class _Inventory:
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)      # name: its own vars
+    groups: dict[str, set[str]] = field(default_factory=dict)           # group: hosts listed in it
+    children: dict[str, list[str]] = field(default_factory=dict)
+    vars: dict[str, dict[str, Any]] = field(default_factory=dict)       # group: its vars
+
+    def add(self, group: str, name: str, hostvars: dict[str, Any]) -> None:
+        self.hosts.setdefault(name, {}).update(hostvars)
+        self.groups.setdefault(group, set()).add(name)
+        if len(self.hosts) > MAX_HOSTS:
+            raise DeployError(f"more than {MAX_HOSTS} hosts")
+
+    def members(self, group: str, seen: frozenset[str] = frozenset()) -> set[str]:
+        if group == "all":
+            return set(self.hosts)
+        out = set(self.groups.get(group, set()))
+        for child in self.children.get(group, []):
+            if child not in seen:
+                out |= self.members(child, seen | {group})
+        return out
+
+    def depth(self, group: str) -> int:
+        parents = [g for g, kids in self.children.items() if group in kids]
+        return 1 + max((self.depth(p) for p in parents if p != group), default=0) if parents else 1
+
+    def resolved(self, name: str) -> dict[str, Any]:
+        """A host's vars as Ansible ranks them: all's, then its groups' (parents before children), then its own."""
+        out = dict(self.vars.get("all", {}))
+        mine = sorted((g for g in {*self.groups, *self.children, *self.vars} if g != "all"
+                       and name in self.members(g)), key=lambda g: (self.depth(g), g))
+        for g in mine:
+            out.update(self.vars.get(g, {}))
+        return {**out, **self.hosts[name]}
+
+
+def _ini(path: Path, text: str) -> _Inventory:
+    inv = _Inventory()
+    section = "ungrouped"
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #", 1)[0].split(" ;", 1)[0].strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            continue
+        where = f"{path}:{n}"
+        group, _, kind = section.partition(":")
+        if kind == "vars":
+            key, eq, value = line.partition("=")
+            if not eq:
+                raise DeployError(f"{where}: {names.cut(raw.strip())} is not key=value")
+            inv.vars.setdefault(group, {})[key.strip()] = value.strip()
+        elif kind == "children":
+            inv.children.setdefault(group, []).append(line)
+        else:
+            name, *opts = line.split()
+            if any("=" not in o for o in opts) or not re.fullmatch(r"[A-Za-z0-9_.@:\[\]%-]+", name):
+                raise DeployError(f"{where}: {names.cut(raw.strip())} is not a host (a name, then key=value options)")
+            for h in expand(name, where):
+                inv.add(group, h, dict(o.split("=", 1) for o in opts))
+    return inv
+
+
+def _yaml(path: Path, text: str) -> _Inventory:
+    """An Ansible YAML inventory: groups with hosts (name: vars), vars and children, from `all` down."""
+    inv = _Inventory()
     try:
-        lines = path.read_text().splitlines()
+        data = yaml.load(text, Loader=guest._PlainLoader)  # noqa: S506 - a SafeLoader without aliases
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise DeployError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    if not isinstance(data, dict):
+        raise DeployError(f"{path}: an inventory is a mapping of groups (all: hosts:, vars:, children:)")
+
+    def group(name: str, body: object, trail: str) -> None:
+        if body is None:
+            return
+        if not isinstance(body, dict) or set(body) - {"hosts", "vars", "children"}:
+            raise DeployError(f"{path}: {trail}: a group has hosts, vars and children only")
+        for h, hv in (body.get("hosts") or {}).items():
+            if hv is not None and not isinstance(hv, dict):
+                raise DeployError(f"{path}: {trail}.hosts.{h}: a host's vars are a mapping")
+            for one in expand(str(h), f"{path}: {trail}.hosts"):
+                inv.add(name, one, dict(hv or {}))
+        if body.get("vars") is not None:
+            if not isinstance(body["vars"], dict):
+                raise DeployError(f"{path}: {trail}.vars: must be a mapping")
+            inv.vars.setdefault(name, {}).update(body["vars"])
+        for child, cb in (body.get("children") or {}).items():
+            inv.children.setdefault(name, []).append(str(child))
+            group(str(child), cb, f"{trail}.children.{child}")
+
+    for name, body in data.items():
+        group(str(name), body, str(name))
+    return inv
+
+
+def hosts_file(path: Path, limit: str | None = None) -> list[tuple[str, str]]:
+    """The boards a file names, as (name, SSH destination): one a line, or an Ansible inventory, INI or YAML as
+    ansible-inventory reads it (groups, children, [group:vars] and [all:vars], host ranges like booth-[01:03];
+    ansible_host, ansible_user and ansible_port make the destination). limit: Ansible's --limit (host or group
+    names or globs, ',' or ':' between them, '!' to leave out)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_INVENTORY + 1)
+        text = raw.decode()
     except OSError as exc:
         raise DeployError(f"{path}: cannot read the hosts file: {exc.strerror}") from None
-    out: list[str] = []
-    section = ""
-    for n, raw in enumerate(lines, 1):
-        line = raw.split("#", 1)[0].split(";", 1)[0].strip() if not raw.lstrip().startswith(("#", ";")) else ""
-        if not line:
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        if section.endswith((":vars", ":children")):
-            continue
-        name, *opts = line.split()
-        kv = dict(o.split("=", 1) for o in opts if "=" in o)
-        if any("=" not in o for o in opts) or not re.fullmatch(r"[A-Za-z0-9_.@:\[\]%-]+", name):
-            raise DeployError(f"{path}:{n}: {raw.strip()!r} is not a host (a name, then key=value options)")
-        host = kv.get("ansible_host", name)
-        user = kv.get("ansible_user")
-        port = kv.get("ansible_port")
-        host = f"{user}@{host}" if user and "@" not in host else host
-        out.append(f"{host}:{port}" if port else host)
-    if not out:
+    except UnicodeDecodeError:
+        raise DeployError(f"{path}: not UTF-8 text") from None
+    if len(raw) > MAX_INVENTORY:
+        raise DeployError(f"{path}: more than {MAX_INVENTORY >> 20} MiB")
+    try:
+        yamlish = path.suffix in (".yml", ".yaml") or re.match(r"(---\s*\n)?\s*[A-Za-z0-9_-]+:\s*\n", text)
+        inv = _yaml(path, text) if yamlish else _ini(path, text)
+    except DeployError as exc:
+        msg = str(exc)
+        raise DeployError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    chosen = list(inv.hosts)
+    if limit:
+        import fnmatch
+
+        def match(pattern: str) -> set[str]:
+            groups = {*inv.groups, *inv.children, *inv.vars, "all"}
+            return ({h for h in inv.hosts if fnmatch.fnmatchcase(h, pattern)}
+                    | {h for g in groups if fnmatch.fnmatchcase(g, pattern) for h in inv.members(g)})
+
+        pats = [p for p in re.split(r"[,:]", limit) if p]
+        keep = set().union(*(match(p) for p in pats if not p.startswith("!"))) if any(
+            not p.startswith("!") for p in pats) else set(inv.hosts)
+        for p in pats:
+            if p.startswith("!"):
+                keep -= match(p[1:])
+        chosen = [h for h in chosen if h in keep]
+        if not chosen:
+            raise DeployError(f"{path}: --limit {names.cut(limit)} leaves no host")
+    if not chosen:
         raise DeployError(f"{path}: names no host")
-    return list(dict.fromkeys(out))
+    out = []
+    for name in chosen:
+        v = inv.resolved(name)
+        host, user, port = str(v.get("ansible_host", name)), v.get("ansible_user"), v.get("ansible_port")
+        host = f"{user}@{host}" if user and "@" not in host else host
+        out.append((name, f"{host}:{port}" if port else host))
+    return out
 
 
 def guests_text(out: dict[str, Any]) -> str:

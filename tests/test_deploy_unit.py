@@ -183,21 +183,49 @@ def test_a_hostile_bundle_is_refused_before_any_board_is_contacted(tmp_path: Pat
 
 def test_hosts_file_lines_and_ansible_inventory(tmp_path: Path):
     f = tmp_path / "hosts"
-    f.write_text("# the booths\nroot@booth-1.local\n\n[booths]\nbooth-2 ansible_host=10.0.0.2 ansible_user=root "
+    f.write_text("# the booths\nroot@booth-1.local\n\n[booths]\nbooth-2 ansible_host=10.0.0.2 ansible_user=admin "
                  "ansible_port=2222\nbooth-3  ; spare\n[booths:vars]\nansible_user=root\n[all:children]\nbooths\n")
-    assert d.hosts_file(f) == ["root@booth-1.local", "root@10.0.0.2:2222", "booth-3"]
+    assert d.hosts_file(f) == [("root@booth-1.local", "root@booth-1.local"), ("booth-2", "admin@10.0.0.2:2222"),
+                               ("booth-3", "root@booth-3")]
     f.write_text("booth-1 not-an-option\n")
     with pytest.raises(DeployError, match=rf"^{f}:1: 'booth-1 not-an-option' is not a host"):
         d.hosts_file(f)
 
 
+def test_inventory_vars_ranges_yaml_and_limit(tmp_path: Path):
+    ini = tmp_path / "booths.ini"
+    ini.write_text("[hall]\nbooth-[01:03] ansible_port=2222\n[lobby]\nlobby-[a:b]\n[lobby:vars]\nansible_user=admin\n"
+                   "[booths:children]\nhall\nlobby\n[booths:vars]\nansible_user=root\n[all:vars]\nansible_user=nobody\n"
+                   "ansible_host=10.0.0.9\n")
+    assert d.hosts_file(ini) == [("booth-01", "root@10.0.0.9:2222"), ("booth-02", "root@10.0.0.9:2222"),
+                                 ("booth-03", "root@10.0.0.9:2222"), ("lobby-a", "admin@10.0.0.9"),
+                                 ("lobby-b", "admin@10.0.0.9")]
+    assert [n for n, _ in d.hosts_file(ini, "lobby,booth-02")] == ["booth-02", "lobby-a", "lobby-b"]
+    assert [n for n, _ in d.hosts_file(ini, "booths:!hall")] == ["lobby-a", "lobby-b"]
+    assert [n for n, _ in d.hosts_file(ini, "booth-0[13]")] == ["booth-01", "booth-03"]
+    with pytest.raises(DeployError, match=rf"^{ini}: --limit 'nowhere' leaves no host$"):
+        d.hosts_file(ini, "nowhere")
+    yml = tmp_path / "booths.yml"
+    yml.write_text("all:\n  vars:\n    ansible_user: root\n  children:\n    hall:\n      hosts:\n"
+                   "        booth-[1:2]:\n        stage: {ansible_host: 192.168.1.30, ansible_port: 2200}\n"
+                   "      vars: {ansible_user: admin}\n    spare:\n      hosts: {booth-9: }\n")
+    assert d.hosts_file(yml) == [("booth-1", "admin@booth-1"), ("booth-2", "admin@booth-2"),
+                                 ("stage", "admin@192.168.1.30:2200"), ("booth-9", "root@booth-9")]
+    assert [n for n, _ in d.hosts_file(yml, "spare")] == ["booth-9"]
+    yml.write_text("all:\n  hosts:\n    a: &x {ansible_user: root}\n    b: *x\n")
+    with pytest.raises(DeployError, match=rf"^{yml}: not valid YAML at line 3"):
+        d.hosts_file(yml)
+
+
 def test_the_table():
     rows = [d.Row("booth-1", "demo", "1.0", "2.0", "deployed", 12.34, ok=True),
-            d.Row("booth-2", "?", None, None, "failed: booth-2: cannot connect\nmore", 0.5)]
+            d.Row("booth-2", "?", None, None, "failed", 0.5,
+                  detail={"error": "booth-2: no such host: booth-2 does not resolve\nmore"})]
     assert d.table(rows).splitlines() == [
-        "host     site  old  new  result                           seconds",
-        "booth-1  demo  1.0  2.0  deployed                         12.3",
-        "booth-2  ?     -    -    failed: booth-2: cannot connect  0.5"]
+        "host     site  old  new  result    seconds",
+        "booth-1  demo  1.0  2.0  deployed  12.3",
+        "booth-2  ?     -    -    failed    0.5",
+        "booth-2: no such host: booth-2 does not resolve"]
 
 
 def test_a_static_site_takes_its_regular_files(tmp_path: Path):
