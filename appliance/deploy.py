@@ -232,6 +232,7 @@ def upload(s: Session, m: manifest.Manifest, folder: Path, staged: dict[str, Any
     sent = 0
     try:
         with conn.sftp() as sftp:
+            sftp.get_channel().settimeout(max(conn.timeout, 15))   # a dead link ends the upload, never hangs it
             for f in todo:
                 part = f"{d}/{f}{PART}"
                 size = sizes[f]               # as checked against the manifest before the upload
@@ -240,11 +241,18 @@ def upload(s: Session, m: manifest.Manifest, folder: Path, staged: dict[str, Any
                         dst.set_pipelined(True)
                         src.seek(offsets[f])
                         while chunk := src.read(CHUNK):
-                            dst.write(chunk)
+                            try:
+                                dst.write(chunk)
+                            except TimeoutError:
+                                conn.close()    # the link is dead: nothing more waits on it (the file's close)
+                                raise
                             sent += len(chunk)
                             bar.update(len(chunk))
                             if progress:
                                 progress(sent)
+                except TimeoutError:
+                    raise SshError(f"{conn.spec}: no progress for {max(conn.timeout, 15):g} s: the link is "
+                                   f"down") from None
                 except (OSError, paramiko.SFTPError):
                     if conn.active:     # a write the board refused: its own account of what it holds says why
                         s.ask("place", version=m.version, file=f, size=size)
@@ -252,7 +260,8 @@ def upload(s: Session, m: manifest.Manifest, folder: Path, staged: dict[str, Any
                 s.ask("place", version=m.version, file=f, size=size)
     except (OSError, paramiko.SSHException, paramiko.SFTPError, EOFError, SshError) as exc:
         said = "the board's disk: " if isinstance(exc, OSError) and exc.errno is not None else ""
-        raise DeployError(f"{conn.spec}: the upload broke off after {sent} of {total} bytes ({said}{exc}); "
+        why = str(exc).removeprefix(f"{conn.spec}: ")
+        raise DeployError(f"{conn.spec}: the upload broke off after {sent} of {total} bytes ({said}{why}); "
                           f"run the deploy again to resume") from None
     finally:
         bar.close()

@@ -314,3 +314,31 @@ def test_a_connection_cut_during_the_switch_asks_the_board(board: Board, sshd: S
     assert (row.ok, row.result) == (True, "deployed") and current(board) == "2.0"
     assert "the connection broke during the switch" in err and "the board finished the switch: 2.0 is current" in err
     assert failures(lines) == [] and pages(lines) == ["ok 200 page one", "ok 200 page two"]
+
+
+def test_a_client_on_a_dead_link_gives_up_in_one_line_and_comes_back(board: Board, sshd: Sshd, tmp_path: Path):
+    sshd.manager(manager_env(board, APPLIANCE_SESSION_IDLE="5"), board.dom0)
+    board.version("1.0", "serve:page one")
+    board.supervise("1.0")
+    g = bundle(tmp_path, "2.0", "page two", ramdisk=8 * MiB)
+    link = Link(sshd.port)
+    try:
+        t = via(sshd, link, tmp_path)
+        t.timeout = 15
+
+        def cut(sent: int) -> None:
+            if sent >= 3 * MiB:
+                link.cut()
+
+        t0 = time.monotonic()
+        with pytest.raises(DeployError, match=r"^via-link: the upload broke off after \d+ of \d+ bytes \(no progress "
+                                              r"for 15 s: the link is down\); run "
+                                              r"the deploy again to resume$"):
+            d.deploy(t, g, progress=cut)
+        gave_up = time.monotonic() - t0
+    finally:
+        link.close()
+    wait_for(lambda: not lock_info(board), 30, "the silent session's end")
+    assert d.deploy(target(sshd), g).ok and current(board) == "2.0"
+    print(f"\nthe client on a dead link gave up after {gave_up:.1f} s (timeout 15 s)")
+    assert gave_up < 60, "within a few of its timeouts, not hung"
