@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,21 @@ def test_the_status_table_shows_every_site_whatever_its_health():
     assert lines[5] == "booth-a about: " + "x" * 198 + "…"
     assert lines[6] == "booth-b: booth-b: no such host: booth-b does not resolve"
     assert len(lines) == 7
+
+
+def test_a_deploy_lock_left_by_a_dead_holder_is_taken_with_a_line(tmp_path: Path):
+    from appliance.manager.lock import SiteLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                     # a pid that is gone (killed with the lock held: a power cut)
+    path = tmp_path / "demo/deploy.lock"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"pid": dead.pid, "what": "deploy from 10.0.0.7", "version": None, "since": 0,
+                                "idle": 120, "active": 0, "op": None}) + "\n")
+    with SiteLock(tmp_path, "demo", "deploy", name="deploy.lock", idle=120) as lock:
+        assert lock.notes == [f"site demo: {path} was left by pid {dead.pid} (deploy from 10.0.0.7 of version None, "
+                              f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(0))}), which is gone"]
+        assert json.loads(path.read_text())["pid"] != dead.pid
+    assert path.read_text() == ""
+    with SiteLock(tmp_path, "demo", "deploy", name="deploy.lock", idle=120) as lock:
+        assert lock.notes == [], "a lock released as it should be says nothing"
