@@ -255,9 +255,9 @@ def upload(s: Session, m: manifest.Manifest, folder: Path, staged: dict[str, Any
                                    f"down") from None
                 except (OSError, paramiko.SFTPError):
                     if conn.active:     # a write the board refused: its own account of what it holds says why
-                        s.ask("place", version=m.version, file=f, size=size)
+                        place(s, sftp, m.version, d, f, size)
                     raise
-                s.ask("place", version=m.version, file=f, size=size)
+                place(s, sftp, m.version, d, f, size)
     except (OSError, paramiko.SSHException, paramiko.SFTPError, EOFError, SshError) as exc:
         said = "the board's disk: " if isinstance(exc, OSError) and exc.errno is not None else ""
         why = str(exc).removeprefix(f"{conn.spec}: ")
@@ -266,6 +266,22 @@ def upload(s: Session, m: manifest.Manifest, folder: Path, staged: dict[str, Any
     finally:
         bar.close()
     return sent
+
+
+def place(s: Session, sftp: paramiko.SFTPClient, version: str, d: str, f: str, size: int) -> None:
+    """The board checks <f>.part (size, sha256) and renames it. A board whose manager predates `place` gets the
+    size checked here over SFTP before the rename (its commit checks every sha256 after)."""
+    try:
+        s.ask("place", version=version, file=f, size=size)
+        return
+    except DeployError as exc:
+        if "unknown request 'place'" not in str(exc):
+            raise
+    held = sftp.stat(f"{d}/{f}{PART}").st_size
+    if held != size:
+        raise DeployError(f"{s.conn.spec}: {d}/{f}{PART}: the board holds {held} of its {size} bytes (a write failed "
+                          f"there); not renamed, the old version keeps serving")
+    sftp.posix_rename(f"{d}/{f}{PART}", f"{d}/{f}")
 
 
 # ---------------------------------------------------------------- one board, a fleet
