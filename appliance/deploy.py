@@ -121,6 +121,9 @@ def _untar(path: Path, dest: Path) -> Path:
                 if n >= MAX_MEMBERS:
                     raise GuestError(f"{path}: more than {MAX_MEMBERS} entries; a bundle is guest.yaml, a kernel "
                                      f"and a ramdisk")
+                if member.size > MAX_FILE and not member.issparse():   # getting past it would read it whole
+                    raise GuestError(f"{path}: {names.cut(member.name)}: {member.size} bytes, more than the "
+                                     f"{MAX_FILE >> 20} MiB a bundle's file may be")
                 parts = member.name.strip("/").split("/")
                 if member.isdir() or len(parts) > 2:
                     continue

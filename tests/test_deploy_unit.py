@@ -279,3 +279,13 @@ def test_a_deploy_lock_left_by_a_dead_holder_is_taken_with_a_line(tmp_path: Path
     assert path.read_text() == ""
     with SiteLock(tmp_path, "demo", "deploy", name="deploy.lock", idle=120) as lock:
         assert lock.notes == [], "a lock released as it should be says nothing"
+
+
+def test_a_tarball_member_too_big_to_skip_is_refused_before_its_data_is_read(tmp_path: Path):
+    info = tarfile.TarInfo("filler")
+    info.size = 600 << 20                     # says 600 MiB; the file holds the header only (nothing is read)
+    t = tmp_path / "b.tar"
+    t.write_bytes(info.tobuf(format=tarfile.GNU_FORMAT))
+    with pytest.raises(GuestError, match=rf"^{t}: 'filler': 629145600 bytes, more than the 512 MiB a bundle's "
+                                         r"file may be$"), d.source(t):
+        pass
