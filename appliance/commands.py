@@ -234,24 +234,26 @@ _SSH_HELP = {"host": "the board: user@name, name:port or an ~/.ssh/config alias 
              "accept_new": "trust an unknown host key and remember it (a changed key is always refused)",
              "ssh_config": "read this ssh_config instead of ~/.ssh/config and /etc/ssh/ssh_config",
              "known_hosts": "the known_hosts file (default: the ssh_config's, else ~/.ssh/known_hosts)",
-             "site": "the board's site (default: its only one)", "debug": _DEBUG}
+             "site": "the board's site (default: its first, said in the output)", "debug": _DEBUG}
 
 
 def _ssh_help(*leave_out: str, **more: str) -> dict[str, str]:
     return {**{k: v for k, v in _SSH_HELP.items() if k not in leave_out}, **more}
 
 
-def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None):
+def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, break_lock=False, limit=None):
     from pathlib import Path
 
     from appliance import deploy as d
 
-    names = list(host if isinstance(host, list) else [host] if host else [])
-    names += d.hosts_file(Path(hosts)) if hosts else []
-    if not names:
+    if limit and not hosts:
+        raise OptionError("--limit picks hosts of a --hosts FILE")
+    named = [(None, n) for n in (host if isinstance(host, list) else [host] if host else [])]
+    named += d.hosts_file(Path(hosts), limit) if hosts else []
+    if not named:
         raise OptionError("name the board with --host HOST (or --hosts FILE)")
-    return [d.Target(n, Path(ssh_config) if ssh_config else None, Path(known_hosts) if known_hosts else None,
-                     accept_new) for n in names]
+    return [d.Target(dest, Path(ssh_config) if ssh_config else None, Path(known_hosts) if known_hosts else None,
+                     accept_new, break_lock=break_lock, name=label) for label, dest in named]
 
 
 @command(optional_positional="guest", iterable=["host"],
@@ -260,9 +262,13 @@ def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=No
                "version": "the version (default: name and content hash)",
                "static": "deploy a folder of static files, served by the demo guest's kernel and httpd",
                "parallel": "boards deployed at once (default 4, at most 64)",
-               "recipe": "the recipe --static builds for"})
+               "recipe": "the recipe --static builds for",
+               "break_lock": "end the deploy that holds the site's lock (named in the output; never one mid-step)",
+               "limit": "only these hosts or groups of --hosts (Ansible's --limit: names, globs, ',' between, "
+                        "'!' out)"})
 def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=None, version=None, static=None,
-           accept_new=False, ssh_config=None, known_hosts=None, parallel=None, recipe="booth", debug=False):
+           accept_new=False, ssh_config=None, known_hosts=None, parallel=None, recipe="booth", break_lock=False,
+           limit=None, debug=False):
     """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune.
 
     deploy --host HOST [--host HOST2 …] [--site SITE] [--memory MIB] [--name NAME] [--parallel N] GUEST | --static DIR
@@ -275,7 +281,7 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
     at_once = number("parallel", parallel, maximum=64, default=4)
     if not guest and not static:
         raise OptionError("deploy what? Give GUEST (a bundle, tarball or kernel) or --static DIR")
-    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts, break_lock, limit)
     with d.source(Path(guest or "."), name=name, version=version, memory=mib,
                   static=Path(static) if static else None, recipe=recipe) as g:
         rows = d.fleet(targets, g, site, at_once)
@@ -303,16 +309,27 @@ def rollback(c, version=None, host=None, site=None, accept_new=False, ssh_config
     print(f"{t.host}: {out['site']} {out.get('from') or '-'} -> {out['version']}")
 
 
-@command(help=_ssh_help("hosts", "site", host="the board", json="print the board's JSON"))
-def status(c, host=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, debug=False):
-    """Each site of a board: active version, domain, uptime, health, versions kept, free space."""
+@command(iterable=["host"],
+         help=_ssh_help("site", json="print the whole JSON (one board's object; for several, one per board)",
+                        parallel="boards asked at once (default 4, at most 64)",
+                        limit="only these hosts or groups of --hosts"))
+def status(c, host=None, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, parallel=None,
+           limit=None, debug=False):
+    """Every site of a board (or a fleet), whatever its health: state (asleep shown as asleep), version, health,
+    uptime, previous, versions kept, free space; exits non-zero when one is failing."""
     import json as j
 
     from appliance import deploy as d
 
-    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
-    out = d.status(t)
-    print(j.dumps(out, indent=1) if json else d.status_text(t.host, out))
+    at_once = number("parallel", parallel, maximum=64, default=4)
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts, limit=limit)
+    boards = d.fleet_status(targets, at_once)
+    print(j.dumps(next(iter(boards.values())) if len(boards) == 1 else boards, indent=1) if json
+          else d.status_table(boards))
+    failing = [h for h, out in boards.items() if not out.get("ok")]
+    if failing:
+        raise Exit(f"appliance: ERROR: {len(failing)} of {len(boards)} boards have a failing site: "
+                   f"{', '.join(failing)}", code=1)
 
 
 @command(help=_ssh_help("hosts", host="the board"))

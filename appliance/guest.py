@@ -20,6 +20,39 @@ from .manager import manifest
 from .manager.errors import Error as ManagerError
 
 STORE = "var/lib/appliance/sites"
+MAX_YAML = 64 << 10           # bytes of guest.yaml read: a manifest is a few hundred
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML without anchors or aliases: a few hundred bytes of nested aliases expand to gigabytes (the "billion
+    laughs"), and a manifest has no use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (& and *) are not allowed in a "
+                                              "guest.yaml", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: Path) -> Any:
+    """guest.yaml, parsed: at most MAX_YAML bytes, UTF-8, no anchors or aliases; GuestError naming it otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML + 1)
+    except OSError as exc:
+        raise GuestError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_YAML:
+        raise GuestError(f"{path}: more than {MAX_YAML >> 10} KiB; a guest.yaml is a few lines")
+    try:
+        return yaml.load(raw.decode("utf-8"), Loader=_PlainLoader)  # noqa: S506 - a SafeLoader without aliases
+    except UnicodeDecodeError:
+        raise GuestError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None)
+        raise GuestError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")
+                         + (f": {problem}" if problem and "alias" in problem else "")) from None
 
 
 def defaults(site: SiteSpec) -> dict[str, Any]:
@@ -43,15 +76,7 @@ def bundle_data(path: Path, name: str | None = None, version: str | None = None)
                      "sha256": {path.name: digest}}
         return data, str(path), path.parent
     where = str(path / "guest.yaml")
-    try:
-        data = yaml.safe_load((path / "guest.yaml").read_text())
-    except OSError as exc:
-        raise GuestError(f"{where}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise GuestError(f"{where}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise GuestError(f"{where}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    data = read_yaml(path / "guest.yaml")
     if version is not None and isinstance(data, dict):
         data = {**data, "version": version}
     return data, where, path

@@ -1,7 +1,7 @@
-"""The one SSH layer for deploy, emulate and the tests: Fabric's Connection (ssh_config's HostName, User, Port,
-IdentityFile and ProxyJump; ssh-agent and the usual key files) with OpenSSH's host-key policy on top, which
-Fabric leaves out (it trusts every key): an unknown key is refused unless accept-new, a changed one always is,
-naming the known_hosts line. Commands give a Result; `Process` is a command to talk to line by line, and
+"""The one SSH layer for deploy, emulate and the tests: Fabric's Connection, configured as OpenSSH resolves the
+host (`ssh -G`: Include, Match, User, IdentityFile in order, missing ones skipped, ProxyJump hops each resolved),
+with OpenSSH's host-key policy on top, which Fabric leaves out (it trusts every key): an unknown key is refused
+unless accept-new, a changed one always is, naming the hop and its own known_hosts line; failures in plain words. Commands give a Result; `Process` is a command to talk to line by line, and
 `Tunnel` a local port carried to an address behind the host.
 """
 
@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import shutil
 import socket
+import subprocess
 import threading
+import time
 from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +98,87 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
                            f"refused", hint="check the fingerprint on the board's console, then use --accept-new")
 
 
+KEYS = ("hostname", "port", "user", "identityfile", "identitiesonly", "proxyjump", "proxycommand",
+        "userknownhostsfile", "stricthostkeychecking", "hostkeyalias")   # what we take from `ssh -G`
+
+
+def openssh_config(host: str, ssh_config: Path | None) -> paramiko.SSHConfig | None:
+    """OpenSSH's own resolution of host (`ssh -G`: Include, Match, its defaults), and of each ProxyJump hop, as a
+    paramiko config with one block a host; None where no ssh client is installed (paramiko reads the files)."""
+    exe = shutil.which("ssh")
+    if exe is None:
+        return None
+    blocks: list[str] = []
+    todo, seen = [host], set[str]()
+    while todo and len(seen) < 8:                     # a jump's own ProxyJump, at most a few hops
+        spec = todo.pop(0)
+        if spec in seen:
+            continue
+        seen.add(spec)
+        dest, port = spec, None
+        if spec.count(":") == 1 and spec.rsplit(":", 1)[1].isdigit():   # fabric's host:port, which ssh lacks
+            dest, port = spec.rsplit(":", 1)
+        cmd = [exe, "-G", *(["-F", str(ssh_config)] if ssh_config else []), *(["-p", port] if port else []),
+               "--", dest]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "LC_ALL": "C"}, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if p.returncode != 0:
+            err = " / ".join(p.stderr.strip().splitlines()[-2:])
+            raise SshError(f"{spec}: ssh -G cannot read the SSH settings for it: {err or 'exit ' + str(p.returncode)}")
+        lines = [line.split(" ", 1) for line in p.stdout.splitlines() if " " in line]
+        kept = [(k.lower(), v) for k, v in lines if k.lower() in KEYS]
+        name = dest.rsplit("@", 1)[-1]
+        blocks.append(f"Host {name}\n" + "".join(f"  {k} {v}\n" for k, v in kept if k != "proxyjump"
+                                                 or v.lower() != "none"))
+        for k, v in kept:
+            if k == "proxyjump" and v.lower() != "none":
+                todo += v.split(",")
+    return paramiko.SSHConfig.from_text("".join(blocks))
+
+
+def _existing_keys(c: fabric.Connection) -> None:
+    """Identity files that do not exist are skipped, as OpenSSH skips them (paramiko would stop at the first)."""
+    keys = c.connect_kwargs.get("key_filename")
+    if isinstance(keys, (list, str)):
+        files = [keys] if isinstance(keys, str) else keys
+        c.connect_kwargs["key_filename"] = [k for k in files if Path(k).expanduser().is_file()]
+
+
+def plain(exc: BaseException, spec: str, name: str, user: str, timeout: float, *, greeted: bool = True,
+          waited: float = 0.0) -> SshError:
+    """A connection failure in plain words with a hint, instead of the Python exception's name. greeted: the
+    server sent an SSH version line; waited: seconds the attempt took."""
+    text = str(exc)
+    errors = [exc, exc.__context__, *getattr(exc, "errors", {}).values()]
+    if not greeted and not any(isinstance(e, (OSError, socket.gaierror)) for e in errors if e is not None):
+        if waited >= timeout * 0.9 or any(isinstance(e, TimeoutError) for e in errors):
+            return SshError(f"{spec}: {name} did not answer within {timeout:g} s (no SSH greeting)",
+                            hint="is the board up, and is this its SSH port?")
+        return SshError(f"{spec}: {name} does not speak SSH (no SSH greeting from it)",
+                        hint="is this the board's SSH port?")
+    if any(isinstance(e, socket.gaierror) for e in errors):
+        return SshError(f"{spec}: no such host: {name} does not resolve",
+                        hint="check the name, or the HostName in your ssh_config")
+    if any(isinstance(e, ConnectionRefusedError) for e in errors) or "Unable to connect" in text:
+        return SshError(f"{spec}: {name} refused the connection (nothing listens for SSH there)",
+                        hint="is the board up, and is this its address and port?")
+    if any(isinstance(e, (TimeoutError, socket.timeout)) for e in errors) or "timed out" in text.lower():
+        return SshError(f"{spec}: {name} did not answer within {timeout:g} s",
+                        hint="is the board on this network?")
+    if "protocol banner" in text or "Incompatible ssh" in text:
+        return SshError(f"{spec}: {name} does not speak SSH (no SSH greeting from it)",
+                        hint="is this the board's SSH port?")
+    if isinstance(exc, paramiko.AuthenticationException) or "No existing session" in text or \
+            "No authentication methods" in text:
+        return SshError(f"{spec}: SSH login as {user} refused: no key it accepts",
+                        hint="is your key in ssh-agent or an IdentityFile, and in the board's authorized_keys? "
+                             "The board has only root: root@HOST or User root")
+    return SshError(f"{spec}: cannot connect over SSH to {name}: {text.splitlines()[0] if text else 'failed'}")
+
+
 class Connection:
     """One SSH connection, opened on first use: host is whatever OpenSSH accepts (user@name, an ssh_config alias).
 
@@ -107,9 +192,11 @@ class Connection:
                  ssh_config: Path | None = None, host_keys: Policy | None = None,
                  known_hosts: Path | None = None, timeout: float = 30) -> None:
         self.spec, self.timeout = host, timeout
-        config = fabric.Config(runtime_ssh_path=str(ssh_config)) if ssh_config else fabric.Config()
         if ssh_config and not Path(ssh_config).is_file():
             raise SshError(f"{ssh_config}: no such ssh_config file")
+        resolved = openssh_config(host, ssh_config)
+        config = (fabric.Config(ssh_config=resolved) if resolved is not None else
+                  fabric.Config(runtime_ssh_path=str(ssh_config)) if ssh_config else fabric.Config())
         kwargs: dict[str, object] = {"banner_timeout": timeout, "auth_timeout": timeout}
         if key is not None:
             kwargs.update(key_filename=[str(key)], look_for_keys=False, allow_agent=False)
@@ -120,11 +207,16 @@ class Connection:
             raise SshError(f"{host}: cannot read the SSH settings for it: {exc}") from None
         self.name = key_name(self.fabric.host, int(self.fabric.port))
         self.known_hosts: list[Path] = []
+        self.hops: dict[str, list[Path]] = {}         # each hop's key name: its known_hosts files
         hop: object = self.fabric
         while isinstance(hop, fabric.Connection):    # ProxyJump hops are checked the same way
             files = self._arm(hop, host_keys, known_hosts)
+            _existing_keys(hop)
+            if key is not None and hop is self.fabric:
+                hop.connect_kwargs["key_filename"] = [str(key)]     # only this key, whatever the config lists
             if hop is self.fabric:
                 self.known_hosts = files
+            self.hops.setdefault(key_name(hop.host, int(hop.port)), files)
             hop = hop.gateway
         self._lock = threading.Lock()
 
@@ -145,7 +237,7 @@ class Connection:
                 except (OSError, paramiko.SSHException) as exc:
                     raise HostKeyError(f"{f}: cannot read the known hosts: {exc}") from None
         chosen = policy or str(cfg.get("stricthostkeychecking", "yes")).lower()
-        c.client.set_missing_host_key_policy(_HostKeyPolicy("no" if chosen in ("no", "off") else
+        c.client.set_missing_host_key_policy(_HostKeyPolicy("no" if chosen in ("no", "off", "false") else
                                                             "accept-new" if chosen == "accept-new" else "yes",
                                                             files))
         return files
@@ -153,29 +245,43 @@ class Connection:
     def open(self) -> Connection:
         if self.fabric.is_connected:
             return self
+        t0 = time.monotonic()
         try:
             self.fabric.open()
         except paramiko.BadHostKeyException as exc:
-            at = find_line(self.known_hosts, self.name, exc.key.get_name())
-            line = f"{at[0]}:{at[1]}" if at else " or ".join(map(str, self.known_hosts))
+            name = self._hop_of(exc)                 # the hop that failed, with its own known_hosts files
+            files = self.hops.get(name, self.known_hosts)
+            at = find_line(files, name, exc.key.get_name())
+            line = f"{at[0]}:{at[1]}" if at else " or ".join(map(str, files))
+            what = "the board" if name == self.name else f"the ProxyJump host on the way to {self.spec}"
             self.close()
-            raise HostKeyError(f"{self.name}: the host key has CHANGED ({exc.key.get_name()} {fingerprint(exc.key)}"
-                               f", {line} has {fingerprint(exc.expected_key)}); refused, as it could be another "
-                               f"machine", hint=f"if the board was re-flashed, delete line {at[1] if at else '?'} "
-                               f"of {at[0] if at else 'known_hosts'}") from None
+            raise HostKeyError(f"{name}: the host key of {what} has CHANGED ({exc.key.get_name()} "
+                               f"{fingerprint(exc.key)}, {line} has {fingerprint(exc.expected_key)}); refused, as it "
+                               f"could be another machine", hint=f"if {name} was re-installed, delete line "
+                               f"{at[1] if at else '?'} of {at[0] if at else 'known_hosts'}") from None
         except HostKeyError:
             self.close()
             raise
-        except paramiko.AuthenticationException as exc:
-            self.close()
-            raise SshError(f"{self.spec}: SSH login as {self.fabric.user} refused ({exc})",
-                           hint="is your key in the board's authorized_keys, or in ssh-agent?") from None
         except (*FAILURES, ValueError) as exc:
+            t = self.fabric.client.get_transport()
+            greeted = bool(t is not None and t.remote_version) or isinstance(exc, paramiko.AuthenticationException)
             self.close()
-            raise SshError(f"{self.spec}: cannot connect over SSH to {self.name} "
-                           f"({type(exc).__name__}: {exc})") from None
+            raise plain(exc, self.spec, self.name, self.fabric.user, self.timeout, greeted=greeted,
+                        waited=time.monotonic() - t0) from None
         self.transport.set_keepalive(15)
         return self
+
+    def _hop_of(self, exc: paramiko.BadHostKeyException) -> str:
+        """Which hop's key changed: the one whose known_hosts hold the key that was expected (paramiko's name for
+        a hop reached through a jump is not always the hop's own)."""
+        for name, files in self.hops.items():
+            at = find_line(files, name, exc.expected_key.get_name())
+            if at is None:
+                continue
+            entry = HostKeyEntry.from_line(at[0].read_text(errors="replace").splitlines()[at[1] - 1])
+            if entry is not None and entry.key == exc.expected_key:
+                return name
+        return self.name
 
     @property
     def transport(self) -> paramiko.Transport:

@@ -1,16 +1,19 @@
 """Real OpenSSH servers on loopback for the ssh tier: each with a temporary host key, an authorized client key,
-a random port and its own config (`sshd -D -e -f`), and a bin directory on its sessions' PATH where a test puts
-its `appliance-guest`. A test can drop every connection (SIGKILL of the per-connection sshd processes).
+a random port and its own config (`sshd -D -e -f`, with extra lines a test adds), and a bin directory on its sessions' PATH where a test puts
+its `appliance-guest`. A test can drop every connection (SIGKILL of the per-connection sshd processes), or
+reach the server through a Link it cuts (silence, as a wifi drop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +110,51 @@ class Sshd:
             self.proc.wait(10)
 
 
-def start(dir: Path, client_key: Path, log_level: str = "INFO") -> Sshd:
+class Link:
+    """A TCP path to a server through which a link can die: `cut()` stops carrying bytes either way but keeps
+    both sockets open (a wifi drop: no FIN, no RST, the server sees only silence). Its server-side sockets come
+    from `source`, so the server sees the client at another address than a direct connection's."""
+
+    def __init__(self, port: int, source: str = "127.0.0.2") -> None:
+        self.server, self.source = ("127.0.0.1", port), source
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self._cut = threading.Event()
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.server, source_address=(self.source, 0))
+            self._socks += [client, up]
+            for a, b in ((client, up), (up, client)):
+                threading.Thread(target=self._carry, args=(a, b), daemon=True).start()
+
+    def _carry(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while (data := a.recv(65536)) and not self._cut.is_set():
+                b.sendall(data)
+        except OSError:
+            return
+        if not self._cut.is_set():
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def close(self) -> None:
+        self._cut.set()
+        self._sock.close()
+        for s in self._socks:
+            s.close()
+
+
+def start(dir: Path, client_key: Path, log_level: str = "INFO", extra: str = "") -> Sshd:
     dir.mkdir(parents=True, exist_ok=True)
     host_key = keygen(dir / "host_key")
     bin_dir = dir / "bin"
@@ -129,7 +176,7 @@ AllowTcpForwarding yes
 LogLevel {log_level}
 SetEnv PATH={bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 Subsystem sftp internal-sftp
-""")
+{extra}""")
         log = open(dir / "sshd.log", "wb")
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(dir / "sshd_config")], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL)

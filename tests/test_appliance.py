@@ -39,6 +39,8 @@ def test_sshd_refuses_passwords(host):
     assert settings["kbdinteractiveauthentication"] == "no"
     assert settings["permitemptypasswords"] == "no"
     assert settings["permitrootlogin"] in ("without-password", "prohibit-password")
+    assert (settings["clientaliveinterval"], settings["clientalivecountmax"]) == ("15", "4"), \
+        "a dead client's session (and its deploy lock) ends within 60 s"
 
 
 def test_ssh_host_keys_are_made_on_the_board(host):

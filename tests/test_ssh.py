@@ -82,7 +82,8 @@ def test_a_changed_host_key_is_refused_naming_the_line(sshd: Sshd, tmp_path: Pat
     known = tmp_path / "known_hosts"
     known.write_text(f"# boards\nbooth-1.local {kind} {b64}\n[127.0.0.1]:{sshd.port} {kind} {b64}\n")
     for policy in ("yes", "accept-new", "no"):     # whatever the policy for unknown keys
-        with pytest.raises(HostKeyError, match=rf"the host key has CHANGED .* {known}:3 has SHA256:.*refused"):
+        with pytest.raises(HostKeyError, match=rf"the host key of the board has CHANGED .* {known}:3 has SHA256:"
+                                               rf".*refused"):
             conn(sshd, known_hosts=known, host_keys=policy).open()
     assert known.read_text().count("\n") == 3, "a changed key is never written"
 
@@ -93,7 +94,7 @@ def test_an_ssh_config_alias(sshd: Sshd, tmp_path: Path):
     assert c.name == f"[127.0.0.1]:{sshd.port}"
     assert c.run("id -un; echo $SSH_CONNECTION").out.split()[0] == "root"
     c.close()
-    with pytest.raises(SshError, match=r"^booth-other: cannot connect over SSH"):
+    with pytest.raises(SshError, match=r"^booth-other: no such host: booth-other does not resolve \(check the name"):
         ssh.Connection("booth-other", ssh_config=cfg, timeout=5).open()   # no such alias: a name that fails
 
 
@@ -178,3 +179,88 @@ def test_a_client_that_goes_away_mid_answer_ends_only_its_own_connection(sshd: S
         t.close()
         server.shutdown()
         c.close()
+
+
+def test_a_changed_jump_host_key_is_the_jump_hosts_with_its_own_file_and_line(sshd: Sshd, tmp_path: Path,
+                                                                             client_key: Path):
+    jump = start(tmp_path / "jump", client_key)
+    try:
+        cfg = jump.ssh_config("jump")
+        sshd.ssh_config("booth-behind", cfg, ProxyJump="jump")
+        kind, b64 = keygen(tmp_path / "other").with_suffix(".pub").read_text().split()[:2]
+        jump_known = jump.dir / "known_hosts"
+        jump_known.write_text(f"# the jump host\n[127.0.0.1]:{jump.port} {kind} {b64}\n")
+        board_known = sshd.dir / "known_hosts"
+        before = board_known.read_text()
+        with pytest.raises(HostKeyError) as err:
+            ssh.Connection("booth-behind", ssh_config=cfg).open()
+        assert str(err.value).startswith(f"[127.0.0.1]:{jump.port}: the host key of the ProxyJump host on the way "
+                                         f"to booth-behind has CHANGED (")
+        assert f"{jump_known}:2 has SHA256:" in str(err.value) and str(err.value).endswith(
+            f"(if [127.0.0.1]:{jump.port} was re-installed, delete line 2 of {jump_known})")
+        assert board_known.read_text() == before
+    finally:
+        jump.stop()
+
+
+def test_ssh_config_include_and_a_missing_identity_file_as_openssh_reads_them(sshd: Sshd, tmp_path: Path):
+    included = sshd.ssh_config("booth-inc", tmp_path / "included.conf")
+    text = included.read_text().replace(f"  IdentityFile {sshd.client_key}\n",
+                                        f"  IdentityFile {tmp_path}/no-such-key\n  IdentityFile {sshd.client_key}\n")
+    included.write_text(text)
+    cfg = tmp_path / "config"
+    cfg.write_text(f"Include {included}\n")
+    c = ssh.Connection("booth-inc", ssh_config=cfg)
+    assert c.run("echo in").out == "in\n", "the alias from the Included file, the missing key skipped"
+    c.close()
+    g = ssh.openssh_config("booth-inc", cfg)
+    assert g is not None and g.lookup("booth-inc")["identityfile"][:2] == [f"{tmp_path}/no-such-key",
+                                                                        str(sshd.client_key)]
+
+
+def _server(reply: bytes | None) -> tuple[socket.socket, threading.Thread]:
+    """A loopback server that answers each connection with reply (None: says nothing, holds it open)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            held.append(c)
+            if reply is not None:
+                c.sendall(reply)
+                c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv, t
+
+
+def test_connection_errors_in_plain_words(sshd: Sshd, tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    web, _ = _server(b"HTTP/1.0 400 Bad Request\r\n\r\n" * 40)
+    silent, _ = _server(None)
+    stranger = keygen(tmp_path / "stranger")
+    try:
+        cases = [
+            (dict(host="root@nosuch.invalid"), r"^root@nosuch\.invalid: no such host: nosuch\.invalid does not "
+                                               r"resolve \(check the name"),
+            (dict(host="root@127.0.0.1", port=closed), rf"127\.0\.0\.1\]:{closed} refused the connection \(nothing "
+                                                       r"listens for SSH there\) \(is the board up"),
+            (dict(host="root@127.0.0.1", port=web.getsockname()[1]), r"does not speak SSH \(no SSH greeting from it\)"),
+            (dict(host="root@127.0.0.1", port=silent.getsockname()[1], timeout=2), r"did not answer within 2 s"),
+            (dict(host="root@127.0.0.1", port=sshd.port, key=stranger, known_hosts=sshd.known_hosts()),
+             r"SSH login as root refused: no key it accepts \(is your key in ssh-agent"),
+        ]
+        for kw, message in cases:
+            with pytest.raises(SshError, match=message) as err:
+                ssh.Connection(**kw).open()  # type: ignore[arg-type]
+            assert "Error" not in str(err.value) and "Exception" not in str(err.value), str(err.value)
+    finally:
+        web.close()
+        silent.close()

@@ -56,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
     od.add_argument("site")
     od.add_argument("--idle", type=float)
     od.add_argument("--stop", choices=("destroy", "pause"))
-    sub.add_parser("session", help="a deploy: hold SITE's deploy lock, one JSON request a line on stdin"
-                   ).add_argument("site", nargs="?")
+    se = sub.add_parser("session", help="a deploy: hold SITE's deploy lock, one JSON request a line on stdin")
+    se.add_argument("site", nargs="?")
+    se.add_argument("--break-lock", action="store_true", help="end the deploy that holds the lock (not mid-step)")
     return ap
 
 
@@ -152,7 +153,7 @@ def uploads(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
     if args.cmd == "session":
         try:
-            staging.session(ctx, args.site)
+            staging.session(ctx, args.site, args.break_lock)
             return {"ok": True, "quiet": True}
         except Error as exc:     # before the first answer: one line, as every answer of a session
             staging.reply({"ok": False, "error": str(exc)})

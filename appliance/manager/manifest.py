@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Error
-from .names import check_file, check_site, check_version
+from .names import check_file, check_site, check_version, cut
 
 ZIMAGE_MAGIC = 0x016F2818   # little-endian at 0x24 of every ARM zImage: Linux, Mini-OS, MirageOS .xen
 MAX_MEMORY = 2048           # MiB: more than any supported board has; the board checks `xl info` free memory too
@@ -57,29 +57,29 @@ class Manifest:
         """The kernel command line with the slot's values; refused if a value would break the xl config."""
         text = self.cmdline.format_map({k: values[k] for k in PLACEHOLDERS})
         if UNSAFE.search(text) or not text.isascii():
-            raise Error(f"{where}: {text!r} must not hold quotes, backslashes, control or non-ASCII characters")
+            raise Error(f"{where}: {cut(text)} must not hold quotes, backslashes, control or non-ASCII characters")
         return text
 
 
 def _int(data: dict[str, Any], key: str, where: str, low: int, high: int, what: str) -> int:
     value = data[key]
     if type(value) is not int or not low <= value <= high:
-        raise Error(f"{where}: {key}: {value!r} must be {what} from {low} to {high}")
+        raise Error(f"{where}: {key}: {cut(value)} must be {what} from {low} to {high}")
     return value
 
 
 def _cmdline(value: object, where: str) -> str:
     if not isinstance(value, str):
-        raise Error(f"{where}: cmdline: {value!r} must be a string")
+        raise Error(f"{where}: cmdline: {cut(value)} must be a string")
     if len(value) > MAX_CMDLINE:
         raise Error(f"{where}: cmdline: {len(value)} characters, more than {MAX_CMDLINE}")
     try:
         parts = list(string.Formatter().parse(value))
     except ValueError as exc:
-        raise Error(f"{where}: cmdline: {value!r}: {exc} (write a brace as '{{{{' or '}}}}')") from None
+        raise Error(f"{where}: cmdline: {cut(value)}: {exc} (write a brace as '{{{{' or '}}}}')") from None
     for literal, name, spec, conv in parts:
         if UNSAFE.search(literal) or not literal.isascii():
-            raise Error(f"{where}: cmdline: {value!r} must not hold quotes, backslashes, control or non-ASCII "
+            raise Error(f"{where}: cmdline: {cut(value)} must not hold quotes, backslashes, control or non-ASCII "
                         f"characters")
         if name is not None and (name not in PLACEHOLDERS or spec or conv):
             raise Error(f"{where}: cmdline: unknown placeholder {{{name}{'!' + conv if conv else ''}"
@@ -88,21 +88,26 @@ def _cmdline(value: object, where: str) -> str:
 
 
 def _health(value: object, where: str, default: object) -> Health | None:
+    """A version's health check: the site's, with the path or deadline a bundle changes. A bundle can never switch
+    it off (`health: null` is refused where the site has one): a guest that never answers must not replace one."""
     if value is None:
+        if isinstance(default, dict):
+            raise Error(f"{where}: health: null would switch off the site's health check; a bundle may change its "
+                        f"path or deadline, never switch it off")
         return None
     if not isinstance(value, dict):
-        raise Error(f"{where}: health: {value!r} must be null or a mapping with path and deadline")
+        raise Error(f"{where}: health: {cut(value)} must be null or a mapping with path and deadline")
     base = default if isinstance(default, dict) else {}
     for key in value:
         if key not in ("path", "deadline"):
-            raise Error(f"{where}: health: unknown key {key!r} (known: path, deadline)")
+            raise Error(f"{where}: health: unknown key {cut(key)} (known: path, deadline)")
     h = {**base, **value}
     for key in ("path", "deadline"):
         if key not in h:
             raise Error(f"{where}: health: {key} is missing")
     path = h["path"]
     if not isinstance(path, str) or not HEALTH_PATH.fullmatch(path):
-        raise Error(f"{where}: health: path: {path!r} must be a URL path: '/' then up to 255 printable ASCII "
+        raise Error(f"{where}: health: path: {cut(path)} must be a URL path: '/' then up to 255 printable ASCII "
                     f"characters, no spaces")
     return Health(path, _int(h, "deadline", where + ": health", 5, 3600, "a whole number of seconds"))
 
@@ -115,7 +120,7 @@ def validate(data: object, where: str, defaults: dict[str, Any] | None = None, *
         raise Error(f"{where}: must be a JSON object of {', '.join(KEYS)}")
     for key in data:
         if key not in KEYS:
-            raise Error(f"{where}: unknown key {key!r} (known: {', '.join(KEYS)})")
+            raise Error(f"{where}: unknown key {cut(key)} (known: {', '.join(KEYS)})")
     d = {"cmdline": DEFAULT_CMDLINE, "ramdisk": None, **(defaults or {}), **data}
     for key in KEYS:
         if key not in d:
@@ -125,20 +130,20 @@ def validate(data: object, where: str, defaults: dict[str, Any] | None = None, *
     kernel = check_file(d["kernel"], f"{where}: kernel")
     ramdisk = None if d["ramdisk"] is None else check_file(d["ramdisk"], f"{where}: ramdisk")
     if ramdisk == kernel:
-        raise Error(f"{where}: ramdisk: {ramdisk!r} is the kernel's file too")
+        raise Error(f"{where}: ramdisk: {cut(ramdisk)} is the kernel's file too")
     sums = d["sha256"]
     if not isinstance(sums, dict):
-        raise Error(f"{where}: sha256: {sums!r} must be a mapping of file name to sha256")
+        raise Error(f"{where}: sha256: {cut(sums)} must be a mapping of file name to sha256")
     for fname in sums:
         if fname not in (kernel, ramdisk):
-            raise Error(f"{where}: sha256: {fname!r} is neither the kernel nor the ramdisk")
+            raise Error(f"{where}: sha256: {cut(fname)} is neither the kernel nor the ramdisk")
     for fname in (kernel, ramdisk):
         if fname is None:
             continue
         if fname not in sums:
-            raise Error(f"{where}: sha256: no sha256 for {fname!r}")
+            raise Error(f"{where}: sha256: no sha256 for {cut(fname)}")
         if not isinstance(sums[fname], str) or not SHA256.fullmatch(sums[fname]):
-            raise Error(f"{where}: sha256: {fname}: {sums[fname]!r} must be 64 lower-case hex digits")
+            raise Error(f"{where}: sha256: {fname}: {cut(sums[fname])} must be 64 lower-case hex digits")
     memory = _int(d, "memory", where, 16, max_memory, "a whole number of MiB")
     vcpus = _int(d, "vcpus", where, 1, max_vcpus, "a whole number of vcpus")
     port = _int(d, "port", where, 1, 65535, "a TCP port")

@@ -12,9 +12,7 @@ from typing import Any
 
 from . import manifest
 from .errors import Error
-from .names import POINTERS, check_version
-
-MANIFEST = "manifest.json"
+from .names import MANIFEST, POINTERS, check_version
 
 
 def sync_dir(path: Path) -> None:
