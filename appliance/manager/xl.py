@@ -102,8 +102,14 @@ class Xl:
         return int(out) if p.returncode == 0 and out.isdigit() else None
 
     def destroy(self, name: str) -> None:
-        if self.domid(name) is not None:
-            self._check(self.run("destroy", name, timeout=60), f"destroy {name}")
+        """Destroy the domain if it is there; one that went meanwhile (a guest powering off as asked) is not an
+        error."""
+        if self.domid(name) is None:
+            return
+        p = self.run("destroy", name, timeout=60)
+        if p.returncode and self.domid(name) is None:
+            return
+        self._check(p, f"destroy {name}")
 
     def shutdown(self, name: str) -> None:
         self.run("shutdown", name, timeout=30)
