@@ -1,0 +1,279 @@
+"""Pull mode in the namespace double of the board: the manager with the xl stand-in and a steady visitor, a release
+channel as a real git repository (a local bare one, or served by `git daemon` on dom0's loopback), commits signed
+with ed25519 keys made here. What the board takes, what it refuses and why, and a power cut at each step of a take.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_switch_double import ENTRY, Board, failures, make_board, pages, sh, wait_for, zimage
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0 or not all(os.path.exists(p) for p in ("/usr/bin/git",
+                                                                                        "/usr/bin/ssh-keygen")),
+                                 reason="needs root (network namespaces), git and ssh-keygen")]
+
+GIT = ["git", "-c", "user.name=CI", "-c", "user.email=ci@example.invalid", "-c", "init.defaultBranch=stable"]
+
+
+@dataclass
+class Channel:
+    """A release channel: a bare repository, and a work tree the tests publish from."""
+
+    tmp: Path
+    bare: Path
+    work: Path
+    keys: dict[str, Path]
+
+    def git(self, *args: str) -> str:
+        return sh(*GIT, "-C", str(self.work), *args).stdout.strip()
+
+    def release(self, serial: Any, version: str, behaviour: str, key: str | None = "alice", deadline: int = 5,
+                push: bool = True) -> str:
+        """One commit that replaces demo/ with a release: release.json, manifest.json, vmlinuz."""
+        d = self.work / "demo"
+        sh("rm", "-rf", str(d))
+        d.mkdir()
+        kernel = zimage(behaviour)
+        (d / "vmlinuz").write_bytes(kernel)
+        (d / "manifest.json").write_text(json.dumps({
+            "version": version, "kernel": "vmlinuz", "sha256": {"vmlinuz": hashlib.sha256(kernel).hexdigest()},
+            "memory": 64, "vcpus": 1, "port": 80, "health": {"path": "/", "deadline": deadline}}))
+        (d / "release.json").write_text(json.dumps({"serial": serial}))
+        self.git("add", "-A", "demo")
+        sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={self.keys[key]}"] if key else []
+        sh(*GIT, *sign, "-C", str(self.work), "commit", "-q", *(["-S"] if key else []), "--allow-empty", "-m",
+           f"demo {version} (serial {serial})")
+        if push:
+            self.git("push", "-q", "--force", "origin", "HEAD:stable")
+        return self.git("rev-parse", "HEAD")
+
+
+@dataclass
+class Pull:
+    board: Board
+    channel: Channel
+
+    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[int, dict[str, Any]]:
+        p = subprocess.run(["ip", "netns", "exec", self.board.dom0, sys.executable, str(ENTRY), *args],
+                           env={**self.board.env, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+                           check=False)
+        assert "Traceback" not in p.stderr, p.stderr
+        return p.returncode, json.loads(p.stdout) if p.stdout else {"killed": p.returncode}
+
+    def pull(self, **kw: Any) -> dict[str, Any]:
+        return self.run("pull", "demo", **kw)[1]
+
+    def status(self) -> dict[str, Any]:
+        return self.run("status", "demo")[1]
+
+    def state(self) -> dict[str, Any]:
+        return dict(json.loads((self.board.tmp / "store/demo/.pull/state.json").read_text()))
+
+
+def keypair(tmp: Path, name: str) -> Path:
+    key = tmp / f"key-{name}"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key))
+    return key
+
+
+def setup_channel(tmp: Path, board: Board, url: str | None = None, every: int = 60) -> Pull:
+    keys = {n: keypair(tmp, n) for n in ("alice", "mallory")}
+    signers = tmp / "allowed_signers"
+    signers.write_text("alice@ci namespaces=\"git\" " + " ".join(
+        (tmp / "key-alice.pub").read_text().split()[:2]) + "\n")
+    bare, work = tmp / "channel.git", tmp / "work"
+    sh(*GIT, "init", "-q", "--bare", str(bare))
+    sh(*GIT, "init", "-q", str(work))
+    ch = Channel(tmp, bare, work, keys)
+    ch.git("remote", "add", "origin", str(bare))
+    (tmp / "pull.json").write_text(json.dumps({"sites": {"demo": {
+        "url": url or str(bare), "branch": "stable", "every": every, "signers": str(signers)}}}))
+    board.env["APPLIANCE_PULL"] = str(tmp / "pull.json")
+    return Pull(board, ch)
+
+
+@pytest.fixture
+def pulled(tmp_path: Path) -> Iterator[Pull]:
+    with make_board(tmp_path) as b:
+        b.version("1.0", "serve:page one")
+        b.supervise("1.0")
+        yield setup_channel(tmp_path, b)
+
+
+def serving(p: Pull) -> tuple[str, str]:
+    st = p.status()
+    return st["version"], st["current"]
+
+
+def test_a_signed_release_is_taken_with_no_failed_request(pulled: Pull):
+    visitor = pulled.board.visit()
+    wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
+    commit = pulled.channel.release(1, "2.0", "serve:page two")
+    out = pulled.pull()
+    lines = visitor.finish()
+    assert out["ok"] and out["result"].startswith(f"took 2.0 (serial 1) from {commit[:12]}, signed by alice@ci"), out
+    assert failures(lines) == [], failures(lines)[:5]
+    assert pages(lines) == ["ok 200 page one", "ok 200 page two"]
+    assert serving(pulled) == ("2.0", "2.0")
+    st = pulled.status()["pull"]
+    assert st["following"] == f"{pulled.channel.bare}@stable"
+    assert (st["serving"]["commit"], st["serving"]["signer"], st["highest"]) == (commit, "alice@ci", 1)
+    assert st["last_check"]["ok"] and st["last_signed"]["commit"] == commit and 0 <= st["last_signed"]["age_s"] < 60
+    assert pulled.pull()["result"] == f"up to date at {commit[:12]}"
+    print(f"\npull: {len(lines)} requests, {len(failures(lines))} failed")
+
+
+@pytest.mark.parametrize("key, why", [(None, "it is not signed"),
+                                      ("mallory", "it is signed by a key not in the allowed signers")])
+def test_a_commit_not_signed_by_an_allowed_signer_is_refused(pulled: Pull, key: str | None, why: str):
+    commit = pulled.channel.release(1, "2.0", "serve:page two", key=key)
+    out = pulled.pull()
+    assert out["result"] == (f"refused: commit {commit[:12]}: {why} ({pulled.board.tmp}/allowed_signers)"), out
+    assert serving(pulled) == ("1.0", "1.0")
+    st = pulled.status()["pull"]
+    assert st["highest"] == 0 and st["refused"][-1]["commit"] == commit and st["serving"] is None
+    assert not (pulled.board.tmp / "store/demo/2.0").exists() and not (pulled.board.tmp / "staging").exists()
+
+
+def test_a_rewritten_history_and_a_replayed_release_are_refused(pulled: Pull):
+    first = pulled.channel.release(1, "2.0", "serve:page two")
+    assert pulled.pull()["result"].startswith("took 2.0")
+    second = pulled.channel.release(2, "3.0", "serve:page three")
+    assert pulled.pull()["result"].startswith("took 3.0")
+    # the channel forced back to the first release: an older history
+    pulled.channel.git("reset", "-q", "--hard", first)
+    pulled.channel.git("push", "-q", "--force", "origin", "HEAD:stable")
+    out = pulled.pull()
+    assert out["result"] == (f"refused: commit {first[:12]} is not a fast-forward of {second[:12]}, which the board "
+                             f"has (the channel's history was rewritten)"), out
+    # the first release signed again on top of the history the board has: a replay
+    pulled.channel.git("reset", "-q", "--hard", second)
+    replay = pulled.channel.release(1, "2.0", "serve:page two")
+    out = pulled.pull()
+    assert out["result"] == (f"refused: commit {replay[:12]}: demo: serial 1 (2.0) is not higher than 2, the "
+                             f"highest this board has tried (an older release replayed)"), out
+    # a serial that is not a number cannot pass for a higher one
+    crafted = pulled.channel.release("99", "9.0", "serve:page nine")
+    assert pulled.pull()["result"] == (f"refused: commit {crafted[:12]}: demo: release.json: serial: '99' must be "
+                                       f"a whole number from 1 to {1 << 53}")
+    assert serving(pulled) == ("3.0", "3.0")
+    assert [r["commit"] for r in pulled.status()["pull"]["refused"]] == [first, replay, crafted]
+
+
+def test_a_version_that_never_answers_is_marked_bad_and_never_retried(pulled: Pull):
+    visitor = pulled.board.visit()
+    wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
+    commit = pulled.channel.release(1, "2.0", "never-answer", deadline=5)
+    out = pulled.pull()
+    assert out["result"].startswith("refused: version 2.0 (serial 1) failed its health check and is marked bad: "
+                                    "site demo: version 2.0 in demo.green did not answer"), out
+    assert pulled.pull()["result"] == f"up to date at {commit[:12]}", "not retried"
+    again = pulled.channel.release(2, "2.0", "never-answer")
+    assert pulled.pull()["result"].startswith(f"refused: commit {again[:12]}: demo: version 2.0 failed on this board "
+                                              f"before: ")
+    lines = visitor.finish()
+    assert failures(lines) == [] and pages(lines) == ["ok 200 page one"]
+    assert serving(pulled) == ("1.0", "1.0")
+    assert list(pulled.status()["pull"]["bad"]) == ["2.0"]
+    pulled.channel.release(3, "3.0", "serve:page three")
+    assert pulled.pull()["result"].startswith("took 3.0 (serial 3)")
+
+
+def test_an_unreachable_channel_backs_off_and_status_says_so(tmp_path: Path):
+    with make_board(tmp_path) as b:
+        b.version("1.0", "serve:page one")
+        b.supervise("1.0")
+        p = setup_channel(tmp_path, b, url=str(tmp_path / "nowhere.git"), every=60)
+        out = p.pull()
+        assert not out["ok"] and out["result"].startswith("failed: git fetch: "), out
+        assert (out["failures"], out["next_in_s"]) == (1, 120)
+        out = p.pull()
+        assert (out["failures"], out["next_in_s"]) == (2, 240)
+        rc, out = p.run("pull", "--timer")
+        assert rc == 0 and out["sites"]["demo"]["result"].startswith("not due for "), out
+        st = p.status()["pull"]
+        assert st["failures"] == 2 and st["last_check"]["result"].startswith("failed: git fetch: ")
+        assert not st["last_check"]["ok"] and 200 < st["next_in_s"] <= 264
+        assert serving(p) == ("1.0", "1.0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_channel_served_by_git_daemon(tmp_path: Path):
+    with make_board(tmp_path) as b:
+        b.version("1.0", "serve:page one")
+        b.supervise("1.0")
+        port = free_port()
+        p = setup_channel(tmp_path, b, url=f"git://127.0.0.1:{port}/channel.git")
+        daemon = subprocess.Popen(["ip", "netns", "exec", b.dom0, "git", "daemon", "--reuseaddr", "--export-all",
+                                   f"--base-path={tmp_path}", "--listen=127.0.0.1", f"--port={port}",
+                                   str(tmp_path)], stderr=subprocess.DEVNULL)
+        b.procs.append(daemon)   # type: ignore[arg-type]
+        commit = p.channel.release(1, "2.0", "serve:page two")
+        wait_for(lambda: p.pull()["result"] != "failed", 10, "git daemon")
+        assert serving(p) == ("2.0", "2.0")
+        assert p.status()["pull"]["serving"]["commit"] == commit
+        forged = p.channel.release(2, "3.0", "serve:page three", key="mallory")
+        assert p.pull()["result"].startswith(f"refused: commit {forged[:12]}: it is signed by a key not in the "
+                                             f"allowed signers")
+
+
+@pytest.mark.parametrize("step", ["verified", "staged", "committed", "in-switch", "switched"])
+def test_a_power_cut_at_each_step_of_a_take(pulled: Pull, step: str):
+    visitor = pulled.board.visit()
+    wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
+    commit = pulled.channel.release(1, "2.0", "slow-start:1:page two")
+    if step == "in-switch":    # killed while the new guest boots: the take is in the switch
+        p = subprocess.Popen(["ip", "netns", "exec", pulled.board.dom0, sys.executable, str(ENTRY), "pull", "demo"],
+                             env=pulled.board.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        wait_for(lambda: (pulled.board.tmp / "xl/demo.green.json").exists(), 30, "the new guest's domain")
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    else:
+        rc, out = pulled.run("pull", "demo", env={"APPLIANCE_PULL_CRASH": step})
+        assert rc == -9, out
+    assert serving(pulled)[0] in ("1.0", "2.0")
+    job = pulled.state()["job"]
+    assert pulled.state()["highest"] == 1 and job["commit"] == commit
+    out = pulled.pull()
+    assert out["ok"] and out["result"] == (f"took 2.0 (serial 1) from {commit[:12]}, signed by alice@ci"), out
+    lines = visitor.finish()
+    assert failures(lines) == [], failures(lines)[:5]
+    assert pages(lines)[-1] == "ok 200 page two"
+    assert serving(pulled) == ("2.0", "2.0") and pulled.state()["job"] is None
+    assert pulled.pull()["result"] == f"up to date at {commit[:12]}"
+
+
+def test_a_push_deploy_to_a_following_site_is_refused_unless_forced(pulled: Pull):
+    rc, out = pulled.run("session", "demo")
+    assert rc == 1 and out["error"] == (f"site demo follows {pulled.channel.bare}@stable (pull mode): a push deploy "
+                                        f"is refused; give --force to deploy anyway (the site then stops following "
+                                        f"until `appliance-guest follow demo`)")
+    rc, out = pulled.run("session", "--force", "demo")
+    assert rc == 0 and out["site"] == "demo", out          # the session's hello; stdin ends it
+    st = pulled.status()["pull"]
+    assert st["following"] is None and st["last_check"]["result"] == "stopped following: a push deploy with --force"
+    pulled.channel.release(1, "2.0", "serve:page two")
+    assert pulled.pull()["result"] == "not following"
+    rc, out = pulled.run("follow", "demo")
+    assert rc == 0 and out["following"] == f"{pulled.channel.bare}@stable"
+    assert pulled.pull()["result"].startswith("took 2.0")
