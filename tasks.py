@@ -168,10 +168,11 @@ def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=No
             "memory": "MiB for a bare kernel (default: the site's)", "name": "a bare kernel's name",
             "version": "the version (default: name and content hash)",
             "static": "deploy a folder of static files, served by the demo guest's kernel and httpd",
-            "parallel": "boards deployed at once (default 4)", "recipe": "the recipe --static builds for"})
+            "parallel": "boards deployed at once (default 4)", "recipe": "the recipe --static builds for",
+            "force": "deploy to a site that follows a release channel (it stops following; README, Pull mode)"})
 @_cli
 def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=None, version=None, static=None,
-           accept_new=False, ssh_config=None, known_hosts=None, parallel=4, recipe="booth", debug=False):
+           accept_new=False, ssh_config=None, known_hosts=None, parallel=4, recipe="booth", force=False, debug=False):
     """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune."""
     from pathlib import Path
 
@@ -182,7 +183,7 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
     targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
     with d.source(Path(guest or "."), name=name, version=version, memory=int(memory) if memory else None,
                   static=Path(static) if static else None, recipe=recipe) as g:
-        rows = d.fleet(targets, g, site, int(parallel))
+        rows = d.fleet(targets, g, site, int(parallel), force=force)
     print(d.table(rows))
     failed = [r for r in rows if not r.ok]
     if len(rows) == 1 and failed:
@@ -190,6 +191,32 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
     if failed:
         raise Exit(f"appliance: ERROR: {len(failed)} of {len(rows)} boards failed: "
                    f"{', '.join(r.host for r in failed)}", code=1)
+
+
+@task(auto_shortflags=False, help={
+    "channel": "the release channel: a git URL or a local repository", "site": "the recipe's site (default: its first)",
+    "branch": "the channel's branch (default: stable)", "key": "the SSH private key to sign with (default: ssh-agent's)",
+    "serial": "the release's serial (default: the channel's last for the site + 1)",
+    "signers": "check the signature with this allowed_signers file before pushing (default: the site's pull: signers)",
+    "static": "release a folder of static files, served by the demo guest", "recipe": "the recipe (default: booth)",
+    "name": "a bare kernel's name", "version": "the version (default: name and content hash)",
+    "debug": "show commands and tracebacks"})
+@_cli
+def release(c, guest=None, channel=None, site=None, branch="stable", key=None, serial=None, signers=None, static=None,
+            recipe="booth", name=None, version=None, debug=False):
+    """Publish a guest to a release channel (pull mode): one signed commit, pushed; boards following it take it."""
+    from pathlib import Path
+
+    from appliance import release as r
+
+    if not channel or not (guest or static):
+        raise Exit("appliance: ERROR: give --channel DIR_OR_GIT_URL and GUEST (a bundle) or --static DIR", code=1)
+    out = r.publish(channel, Path(guest) if guest else None, site=site, static=Path(static) if static else None,
+                    recipe=recipe, branch=branch, key=Path(key) if key else None,
+                    serial=int(serial) if serial else None, signers=Path(signers) if signers else None, name=name,
+                    version=version)
+    print(f"{out['channel']}@{out['branch']}: {out['site']} {out['version']} (serial {out['serial']}) "
+          f"{out['commit'][:12]}")
 
 
 @task(auto_shortflags=False, positional=["version"] if _positional_given("rollback", {
@@ -255,5 +282,5 @@ def _cache(c: Any) -> str | None:
     return c.config.appliance.cache
 
 
-ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, rollback, status, guests)
+ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, release, rollback, status, guests)
 ns.configure({"appliance": {"cache": None}})

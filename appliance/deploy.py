@@ -133,9 +133,10 @@ def _untar(path: Path, dest: Path) -> Path:
 class Session:
     """`appliance-guest session [SITE]` on the board: one JSON request, one JSON answer."""
 
-    def __init__(self, conn: ssh.Connection, site: str | None) -> None:
+    def __init__(self, conn: ssh.Connection, site: str | None, force: bool = False) -> None:
         self.conn = conn
-        cmd = f"{MANAGER} session" + (f" {shlex.quote(site)}" if site else "")
+        # --force: a site that follows a release channel (pull mode) takes the push and stops following
+        cmd = f"{MANAGER} session" + (" --force" if force else "") + (f" {shlex.quote(site)}" if site else "")
         self.proc = conn.process(cmd)
         self.hello = self._answer(60, "session")
 
@@ -222,7 +223,8 @@ def upload(conn: ssh.Connection, m: manifest.Manifest, folder: Path, staged: dic
 
 
 def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Callable[[int], None] | None = None,
-           tty: bool | None = None, prune: bool = True, row: Row | None = None, cold: bool = False) -> Row:
+           tty: bool | None = None, prune: bool = True, row: Row | None = None, cold: bool = False,
+           force: bool = False) -> Row:
     """Deploy g to one board: stage, upload, verify, commit, switch, prune. Raises DeployError (and SshError);
     row, if given, holds what was known when it did. cold: destroy the old guest before the new one starts (the
     old way, kept for the benchmark)."""
@@ -230,7 +232,7 @@ def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Calla
     row = row or Row(target.host, site or "?")
     conn = target.connect()
     try:
-        s = Session(conn, site)
+        s = Session(conn, site, force)
         row.site, row.old = s.hello["site"], s.hello.get("current")
         m = check(g, row.site, s.hello["defaults"])
         row.new = m.version
@@ -251,7 +253,8 @@ def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Calla
     return row
 
 
-def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: int = PARALLEL) -> list[Row]:
+def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: int = PARALLEL,
+          force: bool = False) -> list[Row]:
     """Deploy to every board, a bounded number at once; one board's failure is its own row, nothing more."""
     many = len(targets) > 1
     printing = threading.Lock()
@@ -259,7 +262,7 @@ def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: in
     def one(t: Target) -> Row:
         t0, row = time.monotonic(), Row(t.host, site or "?")
         try:
-            return deploy(t, g, site, tty=False if many else None, row=row)
+            return deploy(t, g, site, tty=False if many else None, row=row, force=force)
         except ApplianceError as exc:
             if many:
                 with printing:
@@ -366,6 +369,10 @@ def status_text(host: str, out: dict[str, Any]) -> str:
                      f"{up}, {health}; previous {st.get('previous') or '-'}; kept "
                      f"{', '.join(st.get('versions', [])) or 'none'} (keep {st.get('keep')}); "
                      f"{'?' if free is None else free >> 20} MiB free" + (f"; {st['error']}" if st.get("error") else ""))
+        if st.get("pull"):
+            from .manager.pull import summary_text
+
+            lines.append(f"{host} {name}: {summary_text(st['pull'])}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from pathlib import Path
 from typing import Any
 
 from .config import Recipe
@@ -54,6 +55,27 @@ def board_settings(rec: Recipe) -> dict[str, Any]:
 
 def board_json(rec: Recipe) -> str:
     return json.dumps(board_settings(rec), indent=1) + "\n"
+
+
+def pull_settings(rec: Recipe, recipe_path: Path) -> dict[str, Any]:
+    """What /etc/appliance/pull.json says: each site that follows a release channel, with its allowed signers'
+    lines (read from the file the recipe names, relative to the recipe)."""
+    from .config import pull_signers
+
+    return {"sites": {s.name: {"url": s.pull.url, "branch": s.pull.branch, "every": s.pull.every,
+                               "signers": pull_signers(s.pull, recipe_path, f"sites[{i}].pull")}
+                      for i, s in enumerate(rec.sites) if s.pull}}
+
+
+def pull_json(rec: Recipe, recipe_path: Path) -> str:
+    """pull.json's text; empty when no site follows a channel (the pull timer's condition)."""
+    data = pull_settings(rec, recipe_path)
+    return json.dumps(data, indent=1) + "\n" if data["sites"] else ""
+
+
+def pull_tick(rec: Recipe) -> int:
+    """How often the pull timer wakes: the shortest `every` (each site's own is kept by the manager)."""
+    return min([s.pull.every for s in rec.sites if s.pull] or [300])
 
 
 def template_context(rec: Recipe) -> dict[str, Any]:

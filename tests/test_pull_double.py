@@ -101,7 +101,8 @@ def setup_channel(tmp: Path, board: Board, url: str | None = None, every: int = 
     ch = Channel(tmp, bare, work, keys)
     ch.git("remote", "add", "origin", str(bare))
     (tmp / "pull.json").write_text(json.dumps({"sites": {"demo": {
-        "url": url or str(bare), "branch": "stable", "every": every, "signers": str(signers)}}}))
+        "url": url or str(bare), "branch": "stable", "every": every,
+        "signers": ["# who may publish", *signers.read_text().splitlines()]}}}))
     board.env["APPLIANCE_PULL"] = str(tmp / "pull.json")
     return Pull(board, ch)
 
@@ -142,7 +143,7 @@ def test_a_signed_release_is_taken_with_no_failed_request(pulled: Pull):
 def test_a_commit_not_signed_by_an_allowed_signer_is_refused(pulled: Pull, key: str | None, why: str):
     commit = pulled.channel.release(1, "2.0", "serve:page two", key=key)
     out = pulled.pull()
-    assert out["result"] == (f"refused: commit {commit[:12]}: {why} ({pulled.board.tmp}/allowed_signers)"), out
+    assert out["result"] == f"refused: commit {commit[:12]}: {why}", out
     assert serving(pulled) == ("1.0", "1.0")
     st = pulled.status()["pull"]
     assert st["highest"] == 0 and st["refused"][-1]["commit"] == commit and st["serving"] is None
@@ -277,3 +278,23 @@ def test_a_push_deploy_to_a_following_site_is_refused_unless_forced(pulled: Pull
     rc, out = pulled.run("follow", "demo")
     assert rc == 0 and out["following"] == f"{pulled.channel.bare}@stable"
     assert pulled.pull()["result"].startswith("took 2.0")
+
+
+def test_invoke_release_then_the_board_takes_it(pulled: Pull):
+    from appliance import release
+
+    d = pulled.board.tmp / "bundle"
+    d.mkdir()
+    kernel = zimage("serve:page released")
+    (d / "vmlinuz").write_bytes(kernel)
+    (d / "guest.yaml").write_text(json.dumps({"version": "2.0", "kernel": "vmlinuz", "memory": 64,
+                                              "sha256": {"vmlinuz": hashlib.sha256(kernel).hexdigest()}}))
+    visitor = pulled.board.visit()
+    wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
+    out = release.publish(str(pulled.channel.bare), d, site="demo", key=pulled.channel.keys["alice"],
+                          signers=pulled.board.tmp / "allowed_signers")
+    assert (out["serial"], out["version"]) == (1, "2.0")
+    took = pulled.pull()
+    lines = visitor.finish()
+    assert took["result"] == f"took 2.0 (serial 1) from {out['commit'][:12]}, signed by alice@ci", took
+    assert failures(lines) == [] and pages(lines) == ["ok 200 page one", "ok 200 page released"]

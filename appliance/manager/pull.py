@@ -39,6 +39,7 @@ PACK_MAX = 1 << 30                             # bytes any one file git writes m
 EVERY_MIN, EVERY_MAX = 10, 7 * 86400
 BACKOFF_MAX = 86400                            # seconds: the longest wait after failed checks
 REFUSED_KEPT = 10
+SIGNERS_MAX = 100
 PROTOCOLS = "file:git:http:https:ssh"          # never ext:: or fd:: (they run commands)
 URL = re.compile(r"(https?|ssh|git|file)://[^\s'\"\\]{1,400}|/[^\s'\"\\]{0,400}|[\w.-]{1,64}@[\w.-]{1,253}:[^\s'\"\\]{1,400}")
 BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
@@ -76,11 +77,27 @@ def check_every(value: object, where: str) -> int:
     return value
 
 
+def check_signers(lines: object, where: str) -> list[str]:
+    """An allowed_signers file's entries (comments and blank lines dropped): at least one, bounded."""
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise Error(f"{where}: signers: must be the lines of an OpenSSH allowed_signers file")
+    keep = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
+    if not 1 <= len(keep) <= SIGNERS_MAX:
+        raise Error(f"{where}: signers: {len(keep)} entries; an allowed_signers file needs 1 to {SIGNERS_MAX}")
+    for x in keep:
+        if len(x) > 4096 or not x.isascii() or not x.isprintable() or len(x.split()) < 2:
+            raise Error(f"{where}: signers: {x[:40]!r}... is not an allowed_signers entry (PRINCIPALS [OPTIONS] "
+                        f"KEYTYPE KEY, printable ASCII)")
+    return keep
+
+
 def settings() -> dict[str, dict[str, Any]]:
-    """pull.json: {"sites": {SITE: {url, branch, every, signers}}}; none when the file is absent."""
+    """pull.json: {"sites": {SITE: {url, branch, every, signers: [allowed_signers lines]}}}; none when the file
+    is absent or empty (no site follows a channel)."""
     path = config_path()
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text) if text.strip() else {"sites": {}}
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
@@ -92,10 +109,8 @@ def settings() -> dict[str, dict[str, Any]]:
         where = f"{path}: sites.{name}"
         if not isinstance(d, dict) or sorted(d) != ["branch", "every", "signers", "url"]:
             raise Error(f"{where}: must have exactly url, branch, every, signers")
-        if not isinstance(d["signers"], str) or not d["signers"].startswith("/"):
-            raise Error(f"{where}: signers: {d['signers']!r} must be an absolute path on the board")
         out[name] = {"url": check_url(d["url"], where), "branch": check_branch(d["branch"], where),
-                     "every": check_every(d["every"], where), "signers": d["signers"]}
+                     "every": check_every(d["every"], where), "signers": check_signers(d["signers"], where)}
     return out
 
 
@@ -241,10 +256,22 @@ def fetch(r: Path, url: str, branch: str) -> str:
     return git(r, "rev-parse", "--verify", "refs/channel/tip^{commit}").stdout.decode().strip()
 
 
+def signers_file(ctx: Context, site: Site, lines: list[str]) -> str:
+    """pull.json's allowed signers as the file git hands to ssh-keygen (rewritten when they change)."""
+    path = pull_dir(ctx, site) / "allowed_signers"
+    text = "".join(x + "\n" for x in lines)
+    try:
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_name(".allowed_signers.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise Error(f"{path}: cannot write the allowed signers: {exc.strerror}") from None
+    return str(path)
+
+
 def verify(r: Path, commit: str, signers: str) -> dict[str, Any]:
     """The commit's SSH signature against the allowed signers, before anything it signs is read."""
-    if not os.path.isfile(signers):
-        raise Error(f"{signers}: no allowed signers file; nothing can be taken")
     sign = ("-c", f"gpg.ssh.allowedSignersFile={signers}")
     p = git(r, *sign, "verify-commit", commit, check=False)
     fmt = git(r, *sign, "log", "-1", "--format=%G?%x00%GS%x00%GF%x00%ct", commit).stdout.decode().strip()
@@ -252,7 +279,7 @@ def verify(r: Path, commit: str, signers: str) -> dict[str, Any]:
     if p.returncode or good != "G":
         why = {"N": "it is not signed", "U": "it is signed by a key not in the allowed signers"}.get(
             good, "its signature does not verify")
-        raise Refused(f"commit {commit[:12]}: {why} ({signers})")
+        raise Refused(f"commit {commit[:12]}: {why}")
     return {"signer": signer, "key": key, "date": int(date)}
 
 
@@ -353,7 +380,7 @@ def _check(ctx: Context, site: Site, conf: dict[str, Any], st: dict[str, Any]) -
         if st["base"] and git(r, "merge-base", "--is-ancestor", st["base"], tip, check=False).returncode:
             raise Refused(f"commit {tip[:12]} is not a fast-forward of {st['base'][:12]}, which the board has "
                           f"(the channel's history was rewritten)")
-        sig = verify(r, tip, conf["signers"])                  # nothing the commit signs is read before this
+        sig = verify(r, tip, signers_file(ctx, site, conf["signers"]))                  # nothing the commit signs is read before this
         st["last_signed"] = {"commit": tip, "date": sig["date"], "signer": sig["signer"]}
         files = tree(r, tip, site)
         where = f"commit {tip[:12]}: {site.name}"
@@ -465,3 +492,25 @@ def summary(ctx: Context, site: Site) -> dict[str, Any] | None:
             "next_in_s": max(0, round(st["next"] - now)) if st["following"] else None,
             "last_signed": signed and {**signed, "age_s": round(now - signed["date"])},
             "bad": st["bad"], "refused": st["refused"]}
+
+
+def _age(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f} {unit}"
+    return f"{round(seconds)} s"
+
+
+def summary_text(p: dict[str, Any]) -> str:
+    """status's line for a site's pull mode (the host's `invoke status` prints it too)."""
+    serving = p.get("serving") or {}
+    check = p.get("last_check") or {}
+    signed = p.get("last_signed") or {}
+    parts = [f"following {p['following']}" if p.get("following") else "not following",
+             f"serving {serving['version']} (serial {serving['serial']}, {serving['commit'][:12]}, signed by "
+             f"{serving['signer']})" if serving else "serving nothing it pulled",
+             f"last check {_age(time.time() - check['at'])} ago: {check['result']}" if check else "never checked",
+             f"last signed commit {signed['commit'][:12]} dated {_age(signed['age_s'])} ago" if signed else "",
+             f"refused {len(p['refused'])}: {p['refused'][-1]['reason']}" if p.get("refused") else "",
+             f"bad: {', '.join(p['bad'])}" if p.get("bad") else ""]
+    return "; ".join(x for x in parts if x)
