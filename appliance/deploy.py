@@ -373,6 +373,8 @@ def status_text(host: str, out: dict[str, Any]) -> str:
             from .manager.pull import summary_text
 
             lines.append(f"{host} {name}: {summary_text(st['pull'])}")
+    if out.get("pull_key"):
+        lines.append(f"{host}: its key for release channels over ssh (give it read access): {out['pull_key']}")
     return "\n".join(lines)
 
 

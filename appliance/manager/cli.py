@@ -113,8 +113,10 @@ def site_status(ctx: Context, site: Site) -> dict[str, Any]:
 def status(ctx: Context, name: str | None) -> dict[str, Any]:
     if name:
         return {"site": name, **site_status(ctx, ctx.settings.site(name))}
+    from . import pull
+
     sites = {s.name: site_status(ctx, s) for s in ctx.settings.sites.values()}
-    return {"ok": all(s["ok"] for s in sites.values()), "sites": sites}
+    return {"ok": all(s["ok"] for s in sites.values()), "sites": sites, "pull_key": pull.public_key(ctx)}
 
 
 def listing(ctx: Context, name: str | None) -> dict[str, Any]:

@@ -218,14 +218,50 @@ def _limits() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (PACK_MAX, PACK_MAX))   # a hostile channel cannot fill the disk
 
 
-def git(repo: Path, *args: str, timeout: float = 60, stdout: Any = subprocess.PIPE, check: bool = True
-        ) -> subprocess.CompletedProcess[bytes]:
-    """git with none of the board's or a user's config, no prompts, and only the protocols the channel may use."""
+def is_ssh(url: str) -> bool:
+    return url.startswith("ssh://") or ("@" in url.split(":", 1)[0] and "://" not in url)
+
+
+def board_key(ctx: Context, make: bool = True) -> Path | None:
+    """The board's own SSH key for channels fetched over ssh (give the channel's server its public half, read-only),
+    made at the first need; None when it is not there and make is False."""
+    key = ctx.store_root.parent / "pull-key" / "id_ed25519"
+    if key.exists() or not make:
+        return key if key.exists() else None
+    try:
+        key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = key.with_name(f".id_ed25519.{os.getpid()}")
+        for f in (tmp, tmp.with_suffix(tmp.suffix + ".pub")):
+            f.unlink(missing_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"appliance-pull@{os.uname().nodename}",
+                        "-f", str(tmp)], check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+        os.replace(tmp.with_suffix(tmp.suffix + ".pub"), key.with_suffix(".pub"))
+        os.replace(tmp, key)               # the private half last: it is what says the pair is whole
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise Error(f"{key}: cannot make the board's pull key: {exc}") from None
+    return key
+
+
+def public_key(ctx: Context) -> str | None:
+    """The board's pull key's public half, for `status` (made if a site follows a channel over ssh)."""
+    try:
+        need = any(is_ssh(c["url"]) for c in settings().values())
+        key = board_key(ctx, make=need)
+        return key.with_suffix(".pub").read_text().strip() if key else None
+    except (Error, OSError):
+        return None
+
+
+def git(repo: Path, *args: str, timeout: float = 60, stdout: Any = subprocess.PIPE, check: bool = True,
+        key: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """git with none of the board's or a user's config, no prompts, and only the protocols the channel may use.
+    Over ssh: the board's own key only, and the server's host key trusted at the first fetch (kept per site)."""
+    ident = f"-i {key} -o IdentitiesOnly=yes " if key else ""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(repo),
            "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_TERMINAL_PROMPT": "0",
            "GIT_ALLOW_PROTOCOL": PROTOCOLS,
-           "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=20 -o StrictHostKeyChecking=accept-new "
-                              f"-o UserKnownHostsFile={repo}/known_hosts"}
+           "GIT_SSH_COMMAND": f"ssh {ident}-F /dev/null -o BatchMode=yes -o ConnectTimeout=20 "
+                              f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={repo}/known_hosts"}
     try:
         p = subprocess.run(["git", f"--git-dir={repo}", *args], stdin=subprocess.DEVNULL, stdout=stdout,
                            stderr=subprocess.PIPE, env=env, timeout=timeout, check=False, preexec_fn=_limits)
@@ -249,10 +285,10 @@ def repo(ctx: Context, site: Site) -> Path:
     return r
 
 
-def fetch(r: Path, url: str, branch: str) -> str:
+def fetch(r: Path, url: str, branch: str, key: Path | None = None) -> str:
     """The branch's tip as the channel says now (any history: the fast-forward rule is ours, after)."""
     git(r, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", url,
-        f"+refs/heads/{branch}:refs/channel/tip", timeout=FETCH_S)
+        f"+refs/heads/{branch}:refs/channel/tip", timeout=FETCH_S, key=key)
     return git(r, "rev-parse", "--verify", "refs/channel/tip^{commit}").stdout.decode().strip()
 
 
@@ -373,7 +409,7 @@ def _check(ctx: Context, site: Site, conf: dict[str, Any], st: dict[str, Any]) -
     r = repo(ctx, site)
     if st["job"]:                                   # a power cut in the middle of a take: finish it first
         return _take(ctx, site, r, st)
-    tip = fetch(r, conf["url"], conf["branch"])
+    tip = fetch(r, conf["url"], conf["branch"], board_key(ctx) if is_ssh(conf["url"]) else None)
     if tip == st["base"]:
         return f"up to date at {tip[:12]}"
     try:
