@@ -42,7 +42,7 @@ class Channel:
         return sh(*GIT, "-C", str(self.work), *args).stdout.strip()
 
     def release(self, serial: Any, version: str, behaviour: str, key: str | None = "alice", deadline: int = 5,
-                push: bool = True) -> str:
+                push: bool = True, lie: bool = False) -> str:
         """One commit that replaces demo/ with a release: release.json, manifest.json, vmlinuz."""
         d = self.work / "demo"
         sh("rm", "-rf", str(d))
@@ -50,7 +50,8 @@ class Channel:
         kernel = zimage(behaviour)
         (d / "vmlinuz").write_bytes(kernel)
         (d / "manifest.json").write_text(json.dumps({
-            "version": version, "kernel": "vmlinuz", "sha256": {"vmlinuz": hashlib.sha256(kernel).hexdigest()},
+            "version": version, "kernel": "vmlinuz",
+            "sha256": {"vmlinuz": hashlib.sha256(kernel + (b"x" if lie else b"")).hexdigest()},
             "memory": 64, "vcpus": 1, "port": 80, "health": {"path": "/", "deadline": deadline}}))
         (d / "release.json").write_text(json.dumps({"serial": serial}))
         self.git("add", "-A", "demo")
@@ -104,6 +105,7 @@ def setup_channel(tmp: Path, board: Board, url: str | None = None, every: int = 
         "url": url or str(bare), "branch": "stable", "every": every,
         "signers": ["# who may publish", *signers.read_text().splitlines()]}}}))
     board.env["APPLIANCE_PULL"] = str(tmp / "pull.json")
+    board.env["APPLIANCE_STAGING"] = str(tmp / "staging")     # a take stages as a deploy does: never the host's
     return Pull(board, ch)
 
 
@@ -192,6 +194,19 @@ def test_a_version_that_never_answers_is_marked_bad_and_never_retried(pulled: Pu
     assert list(pulled.status()["pull"]["bad"]) == ["2.0"]
     pulled.channel.release(3, "3.0", "serve:page three")
     assert pulled.pull()["result"].startswith("took 3.0 (serial 3)")
+
+
+def test_a_signed_release_whose_files_do_not_match_its_manifest_is_marked_bad(pulled: Pull):
+    commit = pulled.channel.release(1, "2.0", "serve:page two", lie=True)
+    why = (f"{pulled.board.tmp}/staging/demo/2.0/manifest.json: vmlinuz: sha256 does not match the manifest (a broken "
+           f"or changed copy)")
+    for n in (1, 2):
+        out = pulled.pull()
+        assert (out["ok"], out["result"], out["failures"]) == (False, f"failed: {why}", n), out
+    out = pulled.pull()
+    assert out["result"] == f"refused: version 2.0 (serial 1) failed 3 times at its stage step and is marked bad: {why}"
+    assert pulled.pull()["result"] == f"up to date at {commit[:12]}"
+    assert serving(pulled) == ("1.0", "1.0") and pulled.status()["pull"]["bad"] == {"2.0": why}
 
 
 def test_an_unreachable_channel_backs_off_and_status_says_so(tmp_path: Path):

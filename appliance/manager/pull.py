@@ -43,7 +43,7 @@ SIGNERS_MAX = 100
 PROTOCOLS = "file:git:http:https:ssh"          # never ext:: or fd:: (they run commands)
 URL = re.compile(r"(https?|ssh|git|file)://[^\s'\"\\]{1,400}|/[^\s'\"\\]{0,400}|[\w.-]{1,64}@[\w.-]{1,253}:[^\s'\"\\]{1,400}")
 BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
-STEPS = ("stage", "commit", "switch", "done")  # a job's steps, in order; a job resumes at the one it names
+TRIES = 3                                      # checks in a row a job's step may fail before its version is bad
 
 
 class Refused(Error):
@@ -408,7 +408,7 @@ def _check(ctx: Context, site: Site, conf: dict[str, Any], st: dict[str, Any]) -
     """Fetch, verify, then resume or start a job. st is updated in place (and written at each step)."""
     r = repo(ctx, site)
     if st["job"]:                                   # a power cut in the middle of a take: finish it first
-        return _take(ctx, site, r, st)
+        return _resume(ctx, site, r, st)
     tip = fetch(r, conf["url"], conf["branch"], board_key(ctx) if is_ssh(conf["url"]) else None)
     if tip == st["base"]:
         return f"up to date at {tip[:12]}"
@@ -416,7 +416,7 @@ def _check(ctx: Context, site: Site, conf: dict[str, Any], st: dict[str, Any]) -
         if st["base"] and git(r, "merge-base", "--is-ancestor", st["base"], tip, check=False).returncode:
             raise Refused(f"commit {tip[:12]} is not a fast-forward of {st['base'][:12]}, which the board has "
                           f"(the channel's history was rewritten)")
-        sig = verify(r, tip, signers_file(ctx, site, conf["signers"]))                  # nothing the commit signs is read before this
+        sig = verify(r, tip, signers_file(ctx, site, conf["signers"]))   # nothing the commit signs is read before
         st["last_signed"] = {"commit": tip, "date": sig["date"], "signer": sig["signer"]}
         files = tree(r, tip, site)
         where = f"commit {tip[:12]}: {site.name}"
@@ -447,7 +447,27 @@ def _check(ctx: Context, site: Site, conf: dict[str, Any], st: dict[str, Any]) -
                                    "files": {f: files[f] for f in m.files}, "manifest": data, **sig})
     write(ctx, site, st)
     _crash("verified")
-    return _take(ctx, site, r, st)
+    return _resume(ctx, site, r, st)
+
+
+def _resume(ctx: Context, site: Site, r: Path, st: dict[str, Any]) -> str:
+    """The job's steps; one that fails TRIES checks in a row (a release whose files do not match its manifest, a
+    kernel that is not a zImage, a store that stays full) marks the version bad, and the job is dropped."""
+    job = st["job"]
+    try:
+        return _take(ctx, site, r, st)
+    except Refused:
+        raise
+    except Error as exc:
+        job["tries"] = job.get("tries", 0) + 1
+        if job["tries"] < TRIES:
+            write(ctx, site, st)
+            raise
+        st["bad"][job["version"]] = str(exc)[:500]
+        st.update(base=job["commit"], job=None)
+        write(ctx, site, st)
+        raise _refuse(job["commit"], Refused(f"version {job['version']} (serial {job['serial']}) failed {TRIES} "
+                                             f"times at its {job['step']} step and is marked bad: {exc}")) from None
 
 
 def _take(ctx: Context, site: Site, r: Path, st: dict[str, Any]) -> str:
