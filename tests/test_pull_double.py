@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class Channel:
         return sh(*GIT, "-C", str(self.work), *args).stdout.strip()
 
     def release(self, serial: Any, version: str, behaviour: str, key: str | None = "alice", deadline: int = 5,
-                push: bool = True, lie: bool = False) -> str:
+                push: bool = True, lie: bool = False, tamper: Callable[[Path], object] | None = None) -> str:
         """One commit that replaces demo/ with a release: release.json, manifest.json, vmlinuz."""
         d = self.work / "demo"
         sh("rm", "-rf", str(d))
@@ -54,6 +55,8 @@ class Channel:
             "sha256": {"vmlinuz": hashlib.sha256(kernel + (b"x" if lie else b"")).hexdigest()},
             "memory": 64, "vcpus": 1, "port": 80, "health": {"path": "/", "deadline": deadline}}))
         (d / "release.json").write_text(json.dumps({"serial": serial}))
+        if tamper:
+            tamper(d)
         self.git("add", "-A", "demo")
         sign = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={self.keys[key]}"] if key else []
         sh(*GIT, *sign, "-C", str(self.work), "commit", "-q", *(["-S"] if key else []), "--allow-empty", "-m",
@@ -175,6 +178,29 @@ def test_a_rewritten_history_and_a_replayed_release_are_refused(pulled: Pull):
                                        f"a whole number from 1 to {1 << 53}")
     assert serving(pulled) == ("3.0", "3.0")
     assert [r["commit"] for r in pulled.status()["pull"]["refused"]] == [first, replay, crafted]
+
+
+def _big(d: Path) -> None:
+    (d / "manifest.json").write_text((d / "manifest.json").read_text() + " " * 70000)
+
+
+@pytest.mark.parametrize("tamper, why", [
+    (lambda d: (d / "vmlinuz").unlink() or (d / "vmlinuz").symlink_to("/etc/shadow"),
+     "demo/vmlinuz: a site's folder holds plain files only"),
+    (lambda d: (d / "sub").mkdir() or (d / "sub/x").write_text("x"), "demo/sub: a site's folder holds plain files only"),
+    (lambda d: (d / "extra.txt").write_text("x"),
+     "demo: holds extra.txt, manifest.json, release.json, vmlinuz; a release is release.json, manifest.json and vmlinuz"),
+    (_big, "demo: manifest.json: 70XXX bytes, more than 65536"),
+    (lambda d: (d / "release.json").write_text('{"serial": 1, "serial2": 2}'), 'demo: release.json: must be {"serial": N}'),
+    (lambda d: (d / "release.json").unlink(), "demo/ has no release.json and manifest.json"),
+])
+def test_a_signed_release_of_the_wrong_shape_is_refused_before_it_is_staged(pulled: Pull, tamper: Any, why: str):
+    commit = pulled.channel.release(1, "2.0", "serve:page two", tamper=tamper)
+    out = pulled.pull()
+    pattern = re.escape(f"refused: commit {commit[:12]}: {why}").replace("XXX", r"\d{3}")
+    assert re.fullmatch(pattern, out["result"]), out
+    assert serving(pulled) == ("1.0", "1.0") and not (pulled.board.tmp / "staging").exists()
+    assert pulled.state()["highest"] == 0 and pulled.state()["job"] is None
 
 
 def test_a_version_that_never_answers_is_marked_bad_and_never_retried(pulled: Pull):
