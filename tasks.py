@@ -193,7 +193,12 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
                    f"{', '.join(r.host for r in failed)}", code=1)
 
 
-@task(auto_shortflags=False, help={
+@task(auto_shortflags=False,
+      positional=["guest"] if _positional_given("release", {"--channel", "--site", "--branch", "--key", "--serial",
+                                                            "--signers", "--static", "--recipe", "--name",
+                                                            "--version"}) else [],
+      help={
+    "guest": "a bundle directory, a .tar/.tar.gz of one, or a bare zImage / .xen kernel",
     "channel": "the release channel: a git URL or a local repository", "site": "the recipe's site (default: its first)",
     "branch": "the channel's branch (default: stable)", "key": "the SSH private key to sign with (default: ssh-agent's)",
     "serial": "the release's serial (default: the channel's last for the site + 1)",
@@ -233,17 +238,25 @@ def rollback(c, version=None, host=None, site=None, accept_new=False, ssh_config
     print(f"{t.host}: {out['site']} {out.get('from') or '-'} -> {out['version']}")
 
 
-@task(auto_shortflags=False, help=_ssh_help("hosts", "site", host="the board", json="print the board's JSON"))
+@task(auto_shortflags=False, help=_ssh_help("site", host="the board", json="print the board's JSON"))
 @_cli
-def status(c, host=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, debug=False):
-    """Each site of a board: active version, domain, uptime, health, versions kept, free space."""
+def status(c, host=None, hosts=None, accept_new=False, ssh_config=None, known_hosts=None, json=False, debug=False):
+    """Each site of a board (or of each board of --hosts): active version, domain, uptime, health, versions kept,
+    free space, and the release channel it follows (which commit serves)."""
     import json as j
 
     from appliance import deploy as d
 
-    (t,) = _targets(host, None, accept_new, ssh_config, known_hosts)
-    out = d.status(t)
-    print(j.dumps(out, indent=1) if json else d.status_text(t.host, out))
+    targets = _targets(host, hosts, accept_new, ssh_config, known_hosts)
+    for t in targets:
+        try:
+            out = d.status(t)
+        except ApplianceError as exc:
+            if len(targets) == 1:
+                raise
+            print(f"{t.host}: {exc}")
+            continue
+        print(j.dumps(out, indent=1) if json else d.status_text(t.host, out))
 
 
 @task(auto_shortflags=False, help=_ssh_help("hosts", host="the board"))

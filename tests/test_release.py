@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,20 @@ def test_status_says_what_a_following_site_does():
     assert text == ("following /srv/booth.git@stable; serving 2.0 (serial 2, aaaaaaaaaaaa, signed by alice@ci); last "
                     "check 30 s ago: up to date at aaaaaaaaaaaa; last signed commit aaaaaaaaaaaa dated 2.0 h ago; "
                     "refused 1: commit b: it is not signed; bad: 1.5")
+
+
+def test_invoke_release_prints_one_line_and_errors_are_one_line(tmp_path: Path, channel: Path):
+    alice = keypair(tmp_path, "alice")
+    m, d = bundle(tmp_path, "1.0")
+    (d / "guest.yaml").write_text(json.dumps({"version": "1.0", "kernel": "vmlinuz", "sha256": m.sha256,
+                                              "memory": 64}))
+    invoke = [str(Path(sys.executable).parent / "invoke"), "release"]
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    p = subprocess.run([*invoke, "--channel", str(channel), "--site", "demo", "--key", str(alice), str(d)],
+                       cwd=config.ROOT, capture_output=True, text=True, check=False, env=env)
+    commit = run("git", f"--git-dir={channel}", "rev-parse", "stable")
+    assert (p.returncode, p.stdout) == (0, f"{channel}@stable: demo 1.0 (serial 1) {commit[:12]}\n"), p.stderr
+    p = subprocess.run([*invoke, "--channel", str(channel), "--site", "demo", "--serial", "1", "--key", str(alice),
+                        str(d)], cwd=config.ROOT, capture_output=True, text=True, check=False, env=env)
+    assert (p.returncode, p.stderr) == (1, f"appliance: ERROR: {channel}@stable: serial 1 must be higher than 1, the "
+                                           f"channel's last for demo (and at most {1 << 53})\n")
