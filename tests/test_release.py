@@ -224,3 +224,24 @@ def test_invoke_release_prints_one_line_and_errors_are_one_line(tmp_path: Path, 
                         str(d)], cwd=config.ROOT, capture_output=True, text=True, check=False, env=env)
     assert (p.returncode, p.stderr) == (1, f"appliance: ERROR: {channel}@stable: serial 1 must be higher than 1, the "
                                            f"channel's last for demo (and at most {1 << 53})\n")
+
+
+def test_status_shows_a_broken_pull_state_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from appliance.manager.context import Context
+    from appliance.manager.settings import Site, Slot
+
+    (tmp_path / "pull.json").write_text(json.dumps({"sites": {"demo": {
+        "url": "/srv/c.git", "branch": "stable", "every": 60, "signers": ["a@b ssh-ed25519 AAAA"]}}}))
+    monkeypatch.setenv(pull.ENV_CONFIG, str(tmp_path / "pull.json"))
+    ctx = Context.from_env({"APPLIANCE_STORE": str(tmp_path / "store")})
+    slot = Slot("blue", "10.42.100.10", "00:16:3e:2a:64:0a", "demo.blue")
+    site = Site("demo", ("demo.booth",), "10.42.0.2", 80, 64, 1, "/", 120, 3, (slot, slot))
+    assert pull.summary(ctx, site)["following"] == "/srv/c.git@stable"
+    (tmp_path / "store/demo/.pull").mkdir(parents=True)
+    (tmp_path / "store/demo/.pull/state.json").write_text("{broken")
+    out = pull.summary(ctx, site)
+    assert out["error"].startswith(f"{tmp_path}/store/demo/.pull/state.json: cannot read the site's pull state: ")
+    assert pull.summary_text(out).startswith("pull mode: ")
+    with pytest.raises(pull.Error) as e:       # a check never starts from a broken state: it holds the highest serial
+        pull.read(ctx, site)
+    assert "remove it only if no older release may be replayed meanwhile" in str(e.value)

@@ -535,11 +535,14 @@ def check_all(ctx: Context, name: str | None, timer: bool) -> dict[str, Any]:
 
 
 def summary(ctx: Context, site: Site) -> dict[str, Any] | None:
-    """What status shows of a site's pull mode."""
-    conf = site_settings(site)
-    if conf is None:
-        return None
-    st = read(ctx, site)
+    """What status shows of a site's pull mode (a broken pull.json or pull state is shown, not raised)."""
+    try:
+        conf = site_settings(site)
+        if conf is None:
+            return None
+        st = read(ctx, site)
+    except Error as exc:
+        return {"error": str(exc)}
     now = time.time()
     signed = st["last_signed"]
     return {"following": f"{conf['url']}@{st['branch'] or conf['branch']}" if st["following"] else None,
@@ -559,6 +562,8 @@ def _age(seconds: float) -> str:
 
 def summary_text(p: dict[str, Any]) -> str:
     """status's line for a site's pull mode (the host's `invoke status` prints it too)."""
+    if p.get("error"):
+        return f"pull mode: {p['error']}"
     serving = p.get("serving") or {}
     check = p.get("last_check") or {}
     signed = p.get("last_signed") or {}
