@@ -251,6 +251,15 @@ def test_an_unreachable_channel_backs_off_and_status_says_so(tmp_path: Path):
         assert st["failures"] == 2 and st["last_check"]["result"].startswith("failed: git fetch: ")
         assert not st["last_check"]["ok"] and 200 < st["next_in_s"] <= 264
         assert serving(p) == ("1.0", "1.0")
+        # the channel comes back: the next check takes its release and the interval is the plain one again
+        conf = json.loads((tmp_path / "pull.json").read_text())
+        conf["sites"]["demo"]["url"] = str(p.channel.bare)
+        (tmp_path / "pull.json").write_text(json.dumps(conf))
+        p.channel.release(1, "2.0", "serve:page two")
+        out = p.pull()
+        assert out["result"].startswith("took 2.0") and (out["failures"], out["next_in_s"]) == (0, 60), out
+        rc, out = p.run("pull", "--timer")
+        assert out["sites"]["demo"]["result"].startswith("not due for "), out
 
 
 def free_port() -> int:
