@@ -1,10 +1,12 @@
 # ruff: noqa: F811 - the tests take the namespace double's `board` fixture, imported from its module
-"""ssh tier: `invoke deploy` and pull mode agree. A push to a site that follows a release channel is refused with the
-board's line; with --force it is deployed and the site stops following (invoke status says so).
+"""ssh tier: pull mode and OpenSSH. A push deploy to a site that follows a release channel is refused with the
+board's line, and with --force it is deployed and the site stops following; a channel fetched over ssh (an sshd on
+dom0's loopback) with the board's own key.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -12,8 +14,8 @@ from pathlib import Path
 import pytest
 from sshd_fixtures import keygen, needs_sshd, start
 from test_deploy import bundle, target
-from test_pull_double import setup_channel
-from test_switch_double import Board, board  # noqa: F401
+from test_pull_double import serving, setup_channel
+from test_switch_double import Board, board, make_board  # noqa: F401
 
 from appliance import deploy as d
 from appliance.errors import DeployError
@@ -46,3 +48,27 @@ def test_a_push_deploy_to_a_following_site_is_refused_unless_forced(board: Board
                          r"following: a push deploy with --force$", text, re.M), text
     finally:
         s.stop()
+
+
+def test_a_channel_over_ssh_with_the_boards_own_key(tmp_path: Path):
+    with make_board(tmp_path) as b:
+        b.version("1.0", "serve:page one")
+        b.supervise("1.0")
+        p = setup_channel(tmp_path, b, url="ssh://root@127.0.0.1:1/nowhere.git")
+        rc, out = p.run("status")
+        key = tmp_path / "pull-key/id_ed25519"
+        assert out["pull_key"] == key.with_suffix(".pub").read_text().strip(), "status makes and shows the key"
+        assert (key.stat().st_mode & 0o777, key.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+        sshd = start(tmp_path / "sshd", key, netns=b.dom0)
+        try:
+            conf = json.loads((tmp_path / "pull.json").read_text())
+            conf["sites"]["demo"]["url"] = f"ssh://root@127.0.0.1:{sshd.port}{p.channel.bare}"
+            (tmp_path / "pull.json").write_text(json.dumps(conf))
+            commit = p.channel.release(1, "2.0", "serve:page two")
+            out = p.pull()
+            assert out["result"] == f"took 2.0 (serial 1) from {commit[:12]}, signed by alice@ci", out
+            assert serving(p) == ("2.0", "2.0") and "Accepted publickey for root" in sshd.log()
+            known = (tmp_path / "store/demo/.pull/channel.git/known_hosts").read_text()
+            assert sshd.host_key_line.split(" ", 1)[1].strip() in known, "the server's key, trusted at first use"
+        finally:
+            sshd.stop()

@@ -348,30 +348,3 @@ def test_invoke_release_then_the_board_takes_it(pulled: Pull):
     lines = visitor.finish()
     assert took["result"] == f"took 2.0 (serial 1) from {out['commit'][:12]}, signed by alice@ci", took
     assert failures(lines) == [] and pages(lines) == ["ok 200 page one", "ok 200 page released"]
-
-
-@pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"), reason="needs openssh-server")
-def test_a_channel_over_ssh_with_the_boards_own_key(tmp_path: Path):
-    from tests import sshd_fixtures
-
-    with make_board(tmp_path) as b:
-        b.version("1.0", "serve:page one")
-        b.supervise("1.0")
-        p = setup_channel(tmp_path, b, url="ssh://root@127.0.0.1:1/nowhere.git")
-        rc, out = p.run("status")
-        key = tmp_path / "pull-key/id_ed25519"
-        assert out["pull_key"] == key.with_suffix(".pub").read_text().strip(), "status makes and shows the key"
-        assert (key.stat().st_mode & 0o777, key.parent.stat().st_mode & 0o777) == (0o600, 0o700)
-        sshd = sshd_fixtures.start(tmp_path / "sshd", key, netns=b.dom0)
-        try:
-            conf = json.loads((tmp_path / "pull.json").read_text())
-            conf["sites"]["demo"]["url"] = f"ssh://root@127.0.0.1:{sshd.port}{p.channel.bare}"
-            (tmp_path / "pull.json").write_text(json.dumps(conf))
-            commit = p.channel.release(1, "2.0", "serve:page two")
-            out = p.pull()
-            assert out["result"] == f"took 2.0 (serial 1) from {commit[:12]}, signed by alice@ci", out
-            assert "Accepted publickey for root" in sshd.log()
-            known = (tmp_path / "store/demo/.pull/channel.git/known_hosts").read_text()
-            assert sshd.host_key_line.split(" ", 1)[1].strip() in known, "the server's key, trusted at first use"
-        finally:
-            sshd.stop()

@@ -1,12 +1,6 @@
-"""Pull mode, the board's side: a site follows a branch of a signed release channel (a git repository). One check
-fetches it into the site's own bare repository, takes a new commit only when it is signed by an allowed signer, is a
-fast-forward of what the board has and carries a higher serial than any the board ever tried, and applies its files
-through the deploy's staging, the one validator and the blue-green switch. Every step is re-runnable.
-
-The channel holds, for each site, `<site>/release.json` ({"serial": N}), `<site>/manifest.json` and the files it
-names. Serials are JSON integers (1 to 2**53) compared as numbers: the only ordering, and a string cannot pass.
-The board keeps what it has seen in <store>/<site>/.pull/state.json (fsynced): the highest serial, the commit it
-follows from, the job in progress, versions marked bad, refusals, and the last check.
+"""Pull mode, the board's side: a site follows a branch of a signed release channel (git). A check takes the tip only
+if an allowed signer signed it, it fast-forwards what the board has and its serial beats any tried, and applies it
+through the deploy's staging, the one validator and the blue-green switch; every step is re-runnable (README).
 """
 
 from __future__ import annotations
@@ -28,6 +22,10 @@ from .lock import Busy
 from .settings import Site
 from .store import sync_dir
 
+# A channel holds, for each site, <site>/release.json ({"serial": N}), <site>/manifest.json and the files it names.
+# Serials are JSON integers compared as numbers, the only order (a crafted string cannot pass for a higher one).
+# What the board has seen is in <store>/<site>/.pull/state.json (fsynced): the highest serial, the commit it follows
+# from, the job in progress, the versions marked bad, the refusals and the last check.
 ENV_CONFIG = "APPLIANCE_PULL"                  # the board's pull.json, rendered from the recipe's `pull:`
 DEFAULT_CONFIG = "/etc/appliance/pull.json"
 RELEASE = "release.json"
