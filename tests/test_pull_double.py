@@ -43,17 +43,21 @@ class Channel:
         return sh(*GIT, "-C", str(self.work), *args).stdout.strip()
 
     def release(self, serial: Any, version: str, behaviour: str, key: str | None = "alice", deadline: int = 5,
-                push: bool = True, lie: bool = False, tamper: Callable[[Path], object] | None = None) -> str:
+                push: bool = True, lie: bool = False, tamper: Callable[[Path], object] | None = None,
+                ramdisk: int = 0) -> str:
         """One commit that replaces demo/ with a release: release.json, manifest.json, vmlinuz."""
         d = self.work / "demo"
         sh("rm", "-rf", str(d))
         d.mkdir()
         kernel = zimage(behaviour)
         (d / "vmlinuz").write_bytes(kernel)
+        sums = {"vmlinuz": hashlib.sha256(kernel + (b"x" if lie else b"")).hexdigest()}
+        if ramdisk:
+            (d / "initrd.gz").write_bytes(os.urandom(ramdisk))
+            sums["initrd.gz"] = hashlib.sha256((d / "initrd.gz").read_bytes()).hexdigest()
         (d / "manifest.json").write_text(json.dumps({
-            "version": version, "kernel": "vmlinuz",
-            "sha256": {"vmlinuz": hashlib.sha256(kernel + (b"x" if lie else b"")).hexdigest()},
-            "memory": 64, "vcpus": 1, "port": 80, "health": {"path": "/", "deadline": deadline}}))
+            "version": version, "kernel": "vmlinuz", **({"ramdisk": "initrd.gz"} if ramdisk else {}),
+            "sha256": sums, "memory": 64, "vcpus": 1, "port": 80, "health": {"path": "/", "deadline": deadline}}))
         (d / "release.json").write_text(json.dumps({"serial": serial}))
         if tamper:
             tamper(d)
@@ -233,6 +237,31 @@ def test_a_signed_release_whose_files_do_not_match_its_manifest_is_marked_bad(pu
     assert out["result"] == f"refused: version 2.0 (serial 1) failed 3 times at its stage step and is marked bad: {why}"
     assert pulled.pull()["result"] == f"up to date at {commit[:12]}"
     assert serving(pulled) == ("1.0", "1.0") and pulled.status()["pull"]["bad"] == {"2.0": why}
+
+
+def objects_bytes(repo: Path) -> int:
+    return sum(f.stat().st_size for f in (repo / "objects").rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("server_filters", [True, False])
+def test_the_board_fetches_only_the_release_it_takes(pulled: Pull, server_filters: bool):
+    """A channel keeps every release in its history; the board downloads the files of the tip it takes (when the
+    server allows git's partial fetch, as GitHub's and GitLab's do) and every release when it does not."""
+    MiB = 1 << 20
+    pulled.channel.git("--git-dir", str(pulled.channel.bare), "config", "uploadpack.allowFilter",
+                       "true" if server_filters else "false")
+    for serial in (1, 2, 3):
+        pulled.channel.release(serial, f"{serial + 1}.0", "serve:page new", ramdisk=MiB)
+    channel = objects_bytes(pulled.channel.bare)
+    assert pulled.pull()["result"].startswith("took 4.0 (serial 3)")
+    fetched = objects_bytes(pulled.board.tmp / "store/demo/.pull/channel.git")
+    assert (MiB < fetched < 2 * MiB) if server_filters else fetched > 3 * MiB, (fetched, channel)
+    pulled.channel.release(4, "5.0", "serve:page newer", ramdisk=MiB)
+    assert pulled.pull()["result"].startswith("took 5.0 (serial 4)")
+    more = objects_bytes(pulled.board.tmp / "store/demo/.pull/channel.git") - fetched
+    assert MiB < more < 2 * MiB, more
+    print(f"\nchannel of 3 releases {channel} bytes; the board fetched {fetched} bytes for the third, {more} for "
+          f"the next (server filters: {server_filters})")
 
 
 def test_an_unreachable_channel_backs_off_and_status_says_so(tmp_path: Path):

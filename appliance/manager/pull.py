@@ -284,8 +284,14 @@ def repo(ctx: Context, site: Site) -> Path:
 
 
 def fetch(r: Path, url: str, branch: str, key: Path | None = None) -> str:
-    """The branch's tip as the channel says now (any history: the fast-forward rule is ours, after)."""
-    git(r, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", url,
+    """The branch's tip as the channel says now (any history: the fast-forward rule is ours, after). A partial
+    fetch: commits and trees only, and a file's bytes when a verified tip's folder is read (git fetches them then
+    from the same remote), so the board never downloads old releases; a server that cannot filter sends it all."""
+    for k, v in (("core.repositoryformatversion", "1"), ("extensions.partialClone", "channel"),
+                 ("remote.channel.url", url), ("remote.channel.promisor", "true"),
+                 ("remote.channel.partialclonefilter", "blob:none")):
+        git(r, "config", k, v)
+    git(r, "fetch", "--quiet", "--filter=blob:none", "--no-tags", "--no-write-fetch-head", "channel",
         f"+refs/heads/{branch}:refs/channel/tip", timeout=FETCH_S, key=key)
     return git(r, "rev-parse", "--verify", "refs/channel/tip^{commit}").stdout.decode().strip()
 
@@ -317,9 +323,10 @@ def verify(r: Path, commit: str, signers: str) -> dict[str, Any]:
     return {"signer": signer, "key": key, "date": int(date)}
 
 
-def tree(r: Path, commit: str, site: Site) -> dict[str, tuple[str, int]]:
+def tree(r: Path, commit: str, site: Site, key: Path | None) -> dict[str, tuple[str, int]]:
     """The site's folder in a verified commit: plain files only, name -> (blob, size)."""
-    out = git(r, "ls-tree", "-l", "-z", "--full-tree", commit, "--", f"{site.name}/").stdout.decode()
+    out = git(r, "ls-tree", "-l", "-z", "--full-tree", commit, "--", f"{site.name}/", timeout=FETCH_S,
+              key=key).stdout.decode()
     files = {}
     for entry in filter(None, out.split("\0")):
         meta, _, path = entry.partition("\t")
@@ -333,12 +340,12 @@ def tree(r: Path, commit: str, site: Site) -> dict[str, tuple[str, int]]:
     return files
 
 
-def small_json(r: Path, files: dict[str, tuple[str, int]], name: str, where: str) -> Any:
+def small_json(r: Path, files: dict[str, tuple[str, int]], name: str, where: str, key: Path | None) -> Any:
     oid, size = files[name]
     if size > SMALL:
         raise Refused(f"{where}: {name}: {size} bytes, more than {SMALL}")
     try:
-        return json.loads(git(r, "cat-file", "blob", oid).stdout.decode("utf-8"))
+        return json.loads(git(r, "cat-file", "blob", oid, timeout=FETCH_S, key=key).stdout.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise Refused(f"{where}: {name}: not UTF-8 JSON: {exc}") from None
 
@@ -407,7 +414,8 @@ def _check(ctx: Context, site: Site, conf: dict[str, Any], st: dict[str, Any]) -
     r = repo(ctx, site)
     if st["job"]:                                   # a power cut in the middle of a take: finish it first
         return _resume(ctx, site, r, st)
-    tip = fetch(r, conf["url"], conf["branch"], board_key(ctx) if is_ssh(conf["url"]) else None)
+    key = board_key(ctx) if is_ssh(conf["url"]) else None
+    tip = fetch(r, conf["url"], conf["branch"], key)
     if tip == st["base"]:
         return f"up to date at {tip[:12]}"
     try:
@@ -416,10 +424,10 @@ def _check(ctx: Context, site: Site, conf: dict[str, Any], st: dict[str, Any]) -
                           f"(the channel's history was rewritten)")
         sig = verify(r, tip, signers_file(ctx, site, conf["signers"]))   # nothing the commit signs is read before
         st["last_signed"] = {"commit": tip, "date": sig["date"], "signer": sig["signer"]}
-        files = tree(r, tip, site)
+        files = tree(r, tip, site, key)
         where = f"commit {tip[:12]}: {site.name}"
-        serial = serial_of(small_json(r, files, RELEASE, where), where)
-        data = small_json(r, files, MANIFEST, where)
+        serial = serial_of(small_json(r, files, RELEASE, where, key), where)
+        data = small_json(r, files, MANIFEST, where, key)
         m = manifest.validate({**data, "name": site.name} if isinstance(data, dict) else data,
                               f"{where}/{MANIFEST}", site.defaults())
         taken = st["taken"] or {}
@@ -483,7 +491,7 @@ def _take(ctx: Context, site: Site, r: Path, st: dict[str, Any]) -> str:
             d = Path(staged["staging"])
             for f, state in staged["files"].items():
                 if state["state"] != "intact":
-                    _extract(r, job["files"][f][0], d / f)
+                    _extract(r, job["files"][f][0], d / f, board_key(ctx, make=False))
         _crash("staged")
         staging.commit(ctx, site, version)
         _step(ctx, site, st, "switch")
@@ -514,11 +522,11 @@ def _step(ctx: Context, site: Site, st: dict[str, Any], step: str) -> None:
     write(ctx, site, st)
 
 
-def _extract(r: Path, oid: str, dest: Path) -> None:
+def _extract(r: Path, oid: str, dest: Path, key: Path | None) -> None:
     """A blob into the staging directory as the deploy's upload would leave it: .part, then the whole file."""
     part = dest.with_name(dest.name + ".part")
     with open(part, "wb") as f:
-        git(r, "cat-file", "blob", oid, stdout=f, timeout=FETCH_S)
+        git(r, "cat-file", "blob", oid, stdout=f, timeout=FETCH_S, key=key)   # fetched now if it is not yet
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, dest)
