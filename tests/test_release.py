@@ -245,3 +245,24 @@ def test_status_shows_a_broken_pull_state_instead_of_failing(tmp_path: Path, mon
     with pytest.raises(pull.Error) as e:       # a check never starts from a broken state: it holds the highest serial
         pull.read(ctx, site)
     assert "remove it only if no older release may be replayed meanwhile" in str(e.value)
+
+
+def rendered(cfg: config.Config) -> dict[str, bytes]:
+    from appliance.build import configure
+    from appliance.identity import derive
+
+    ctx = configure.context(cfg, derive(cfg.digest), need_secrets=False)
+    return {f.rel: f.data for f in configure.render_overlays(cfg, ctx) if f.data is not None}
+
+
+def test_the_image_carries_pull_json_and_a_timer_only_a_following_site_starts(tmp_path: Path):
+    files = rendered(config.load("booth"))
+    assert files["etc/appliance/pull.json"] == b"", "empty: the timer's ConditionFileNotEmpty keeps it stopped"
+    assert b"ConditionFileNotEmpty=/etc/appliance/pull.json" in files["etc/systemd/system/appliance-pull.timer"]
+    cfg = config.load(str(recipe(tmp_path, {"url": "/srv/booth.git", "signers": "allowed_signers", "every": 40})))
+    files = rendered(cfg)
+    assert json.loads(files["etc/appliance/pull.json"])["sites"]["demo"]["every"] == 40
+    timer = files["etc/systemd/system/appliance-pull.timer"].decode()
+    assert "OnUnitInactiveSec=40s\n" in timer and "RandomizedDelaySec=10s\n" in timer
+    service = files["etc/systemd/system/appliance-pull.service"].decode()
+    assert "ExecStart=/usr/local/sbin/appliance-guest pull --timer\n" in service
