@@ -377,3 +377,21 @@ def test_invoke_release_then_the_board_takes_it(pulled: Pull):
     lines = visitor.finish()
     assert took["result"] == f"took 2.0 (serial 1) from {out['commit'][:12]}, signed by alice@ci", took
     assert failures(lines) == [] and pages(lines) == ["ok 200 page one", "ok 200 page released"]
+
+
+def test_a_canary_board_follows_another_branch_and_comes_back(pulled: Pull):
+    ch = pulled.channel
+    ch.release(1, "2.0", "serve:page two")
+    assert pulled.pull()["result"].startswith("took 2.0 (serial 1)")
+    rc, out = pulled.run("follow", "demo", "--branch", "canary")
+    assert rc == 0 and out["following"] == f"{ch.bare}@canary", out
+    assert pulled.pull()["result"].startswith("failed: git fetch: "), "no canary branch yet"
+    canary = ch.release(2, "3.0", "serve:page three", push=False)
+    ch.git("push", "-q", "origin", "HEAD:canary")
+    assert pulled.pull()["result"].startswith(f"took 3.0 (serial 2) from {canary[:12]}")
+    assert pulled.status()["pull"]["following"] == f"{ch.bare}@canary"
+    ch.git("push", "-q", "origin", "HEAD:stable")          # the canary release merged into stable
+    rc, out = pulled.run("follow", "demo", "--branch", "stable")
+    assert rc == 0 and out["following"] == f"{ch.bare}@stable"
+    assert pulled.pull()["result"] == f"up to date at {canary[:12]} (serial 2, 3.0)"
+    assert serving(pulled) == ("3.0", "3.0")
