@@ -82,7 +82,7 @@ class Pull:
         assert "Traceback" not in p.stderr, p.stderr
         return p.returncode, json.loads(p.stdout) if p.stdout else {"killed": p.returncode}
 
-    def pull(self, **kw: Any) -> dict[str, Any]:
+    def pull(self, **kw: Any) -> dict[str, Any]:   # env=: more environment for this one command
         return self.run("pull", "demo", **kw)[1]
 
     def status(self) -> dict[str, Any]:
@@ -262,6 +262,17 @@ def test_the_board_fetches_only_the_release_it_takes(pulled: Pull, server_filter
     assert MiB < more < 2 * MiB, more
     print(f"\nchannel of 3 releases {channel} bytes; the board fetched {fetched} bytes for the third, {more} for "
           f"the next (server filters: {server_filters})")
+
+
+def test_a_channel_that_sends_more_than_a_file_may_hold_is_refused(pulled: Pull):
+    """The bound on what a hostile channel (or anyone between) can write: each file git writes is capped (1 GiB on
+    the board; 256 KiB here), and the fetch that reaches it fails as one line, before any signature is looked at."""
+    pulled.channel.release(1, "2.0", "serve:page two", ramdisk=1 << 20)
+    out = pulled.pull(env={"APPLIANCE_PULL_FILE_MAX": str(256 << 10)})
+    assert out["result"] == f"failed: git fetch: a file it wrote reached {256 << 10} bytes, the limit of one file; " \
+                            f"refused", out
+    assert serving(pulled) == ("1.0", "1.0")
+    assert pulled.pull()["result"].startswith("took 2.0"), "under the board's own limit it is taken"
 
 
 def test_an_unreachable_channel_backs_off_and_status_says_so(tmp_path: Path):

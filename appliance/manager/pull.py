@@ -10,6 +10,7 @@ import os
 import random
 import re
 import resource
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ SERIAL_MAX = 1 << 53                           # a JSON integer every reader agr
 SMALL = 64 << 10                               # bytes: release.json and manifest.json at most
 FETCH_S = 300                                  # seconds a fetch may take
 PACK_MAX = 1 << 30                             # bytes any one file git writes may reach (RLIMIT_FSIZE)
+ENV_PACK_MAX = "APPLIANCE_PULL_FILE_MAX"       # the same, in bytes, where a test or a small board says so
 EVERY_MIN, EVERY_MAX = 10, 7 * 86400
 BACKOFF_MAX = 86400                            # seconds: the longest wait after failed checks
 REFUSED_KEPT = 10
@@ -212,8 +214,14 @@ def push_allowed(ctx: Context, site: Site, force: bool) -> None:
 # ---------------------------------------------------------------- git
 
 
+def file_max() -> int:
+    text = os.environ.get(ENV_PACK_MAX, "")
+    return int(text) if text.isdigit() else PACK_MAX
+
+
 def _limits() -> None:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (PACK_MAX, PACK_MAX))   # a hostile channel cannot fill the disk
+    n = file_max()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))       # a hostile channel cannot fill the disk in one file
 
 
 def is_ssh(url: str) -> bool:
@@ -267,6 +275,8 @@ def git(repo: Path, *args: str, timeout: float = 60, stdout: Any = subprocess.PI
         raise Error(f"git {args[0]}: took more than {timeout:g} s") from None
     except OSError as exc:
         raise Error(f"git: cannot run it: {exc.strerror}") from None
+    if check and (p.returncode == -signal.SIGXFSZ or f"died of signal {int(signal.SIGXFSZ)}".encode() in p.stderr):
+        raise Error(f"git {args[0]}: a file it wrote reached {file_max()} bytes, the limit of one file; refused")
     if check and p.returncode:
         tail = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
         raise Error(f"git {args[0]}: {tail[0][:300]}")
