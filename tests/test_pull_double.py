@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +274,36 @@ def test_a_channel_that_sends_more_than_a_file_may_hold_is_refused(pulled: Pull)
                             f"refused", out
     assert serving(pulled) == ("1.0", "1.0")
     assert pulled.pull()["result"].startswith("took 2.0"), "under the board's own limit it is taken"
+
+
+HOLD = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8); print("listening", flush=True)
+held = []
+while True:
+    held.append(s.accept()[0])
+"""
+
+
+def test_a_channel_that_never_answers_is_given_up_in_time(tmp_path: Path):
+    """The bound on time: a server that accepts and says nothing; git and all it started are killed at the limit."""
+    with make_board(tmp_path) as b:
+        b.version("1.0", "serve:page one")
+        b.supervise("1.0")
+        port = free_port()
+        p = setup_channel(tmp_path, b, url=f"git://127.0.0.1:{port}/channel.git")
+        hold = subprocess.Popen(["ip", "netns", "exec", b.dom0, sys.executable, "-c", HOLD, str(port)],
+                                stdout=subprocess.PIPE, text=True)
+        b.procs.append(hold)
+        assert hold.stdout and hold.stdout.readline().strip() == "listening"
+        t0 = time.monotonic()
+        out = p.pull(env={"APPLIANCE_PULL_FETCH_S": "3"})
+        assert out["result"] == "failed: git fetch: took more than 3 s", out
+        assert time.monotonic() - t0 < 30
+        left = sh("pgrep", "-f", f"--git-dir={tmp_path}", check=False).stdout.split()
+        assert left == [], "no git left behind"
+        assert serving(p) == ("1.0", "1.0")
 
 
 def test_an_unreachable_channel_backs_off_and_status_says_so(tmp_path: Path):

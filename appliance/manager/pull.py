@@ -12,6 +12,7 @@ import re
 import resource
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ MANIFEST = "manifest.json"
 SERIAL_MAX = 1 << 53                           # a JSON integer every reader agrees on
 SMALL = 64 << 10                               # bytes: release.json and manifest.json at most
 FETCH_S = 300                                  # seconds a fetch may take
+ENV_FETCH_S = "APPLIANCE_PULL_FETCH_S"         # the same, where a test or a slow uplink says so
 PACK_MAX = 1 << 30                             # bytes any one file git writes may reach (RLIMIT_FSIZE)
 ENV_PACK_MAX = "APPLIANCE_PULL_FILE_MAX"       # the same, in bytes, where a test or a small board says so
 EVERY_MIN, EVERY_MAX = 10, 7 * 86400
@@ -214,6 +216,11 @@ def push_allowed(ctx: Context, site: Site, force: bool) -> None:
 # ---------------------------------------------------------------- git
 
 
+def fetch_s() -> float:
+    text = os.environ.get(ENV_FETCH_S, "")
+    return float(text) if text.isdigit() else FETCH_S
+
+
 def file_max() -> int:
     text = os.environ.get(ENV_PACK_MAX, "")
     return int(text) if text.isdigit() else PACK_MAX
@@ -269,18 +276,42 @@ def git(repo: Path, *args: str, timeout: float = 60, stdout: Any = subprocess.PI
            "GIT_SSH_COMMAND": f"ssh {ident}-F /dev/null -o BatchMode=yes -o ConnectTimeout=20 "
                               f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={repo}/known_hosts"}
     try:
-        p = subprocess.run(["git", f"--git-dir={repo}", *args], stdin=subprocess.DEVNULL, stdout=stdout,
-                           stderr=subprocess.PIPE, env=env, timeout=timeout, check=False, preexec_fn=_limits)
-    except subprocess.TimeoutExpired:
-        raise Error(f"git {args[0]}: took more than {timeout:g} s") from None
+        proc = subprocess.Popen(["git", f"--git-dir={repo}", *args], stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=subprocess.PIPE, env=env, preexec_fn=_limits, start_new_session=True)
     except OSError as exc:
         raise Error(f"git: cannot run it: {exc.strerror}") from None
+    tail, out = [b""], [b""]
+    readers = [threading.Thread(target=_keep_tail, args=(proc.stderr, tail), daemon=True)]
+    if proc.stdout:       # small: what git prints of a verified commit, or a release.json
+        readers.append(threading.Thread(target=_read_all, args=(proc.stdout, out), daemon=True))
+    for t in readers:
+        t.start()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)                   # git and what it started (ssh, git-remote-https)
+        proc.wait()
+        raise Error(f"git {args[0]}: took more than {timeout:g} s") from None
+    finally:
+        for t in readers:
+            t.join(5)
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out[0], tail[0])
     if check and (p.returncode == -signal.SIGXFSZ or f"died of signal {int(signal.SIGXFSZ)}".encode() in p.stderr):
         raise Error(f"git {args[0]}: a file it wrote reached {file_max()} bytes, the limit of one file; refused")
     if check and p.returncode:
-        tail = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
-        raise Error(f"git {args[0]}: {tail[0][:300]}")
+        last = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
+        raise Error(f"git {args[0]}: {last[0][:300]}")
     return p
+
+
+def _read_all(pipe: Any, out: list[bytes]) -> None:
+    out[0] = pipe.read()
+
+
+def _keep_tail(pipe: Any, tail: list[bytes], keep: int = 4096) -> None:
+    """Read git's stderr to its end, keeping its last bytes (a server's messages are not bounded otherwise)."""
+    while chunk := pipe.read(4096):
+        tail[0] = (tail[0] + chunk)[-keep:]
 
 
 def repo(ctx: Context, site: Site) -> Path:
@@ -302,7 +333,7 @@ def fetch(r: Path, url: str, branch: str, key: Path | None = None) -> str:
                  ("remote.channel.partialclonefilter", "blob:none")):
         git(r, "config", k, v)
     git(r, "fetch", "--quiet", "--filter=blob:none", "--no-tags", "--no-write-fetch-head", "channel",
-        f"+refs/heads/{branch}:refs/channel/tip", timeout=FETCH_S, key=key)
+        f"+refs/heads/{branch}:refs/channel/tip", timeout=fetch_s(), key=key)
     return git(r, "rev-parse", "--verify", "refs/channel/tip^{commit}").stdout.decode().strip()
 
 
@@ -335,7 +366,7 @@ def verify(r: Path, commit: str, signers: str) -> dict[str, Any]:
 
 def tree(r: Path, commit: str, site: Site, key: Path | None) -> dict[str, tuple[str, int]]:
     """The site's folder in a verified commit: plain files only, name -> (blob, size)."""
-    out = git(r, "ls-tree", "-l", "-z", "--full-tree", commit, "--", f"{site.name}/", timeout=FETCH_S,
+    out = git(r, "ls-tree", "-l", "-z", "--full-tree", commit, "--", f"{site.name}/", timeout=fetch_s(),
               key=key).stdout.decode()
     files = {}
     for entry in filter(None, out.split("\0")):
@@ -355,7 +386,7 @@ def small_json(r: Path, files: dict[str, tuple[str, int]], name: str, where: str
     if size > SMALL:
         raise Refused(f"{where}: {name}: {size} bytes, more than {SMALL}")
     try:
-        return json.loads(git(r, "cat-file", "blob", oid, timeout=FETCH_S, key=key).stdout.decode("utf-8"))
+        return json.loads(git(r, "cat-file", "blob", oid, timeout=fetch_s(), key=key).stdout.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise Refused(f"{where}: {name}: not UTF-8 JSON: {exc}") from None
 
@@ -536,7 +567,7 @@ def _extract(r: Path, oid: str, dest: Path, key: Path | None) -> None:
     """A blob into the staging directory as the deploy's upload would leave it: .part, then the whole file."""
     part = dest.with_name(dest.name + ".part")
     with open(part, "wb") as f:
-        git(r, "cat-file", "blob", oid, stdout=f, timeout=FETCH_S, key=key)   # fetched now if it is not yet
+        git(r, "cat-file", "blob", oid, stdout=f, timeout=fetch_s(), key=key)   # fetched now if it is not yet
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, dest)
