@@ -134,7 +134,9 @@ def test_a_signed_release_is_taken_with_no_failed_request(pulled: Pull):
     visitor = pulled.board.visit()
     wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
     commit = pulled.channel.release(1, "2.0", "serve:page two")
+    t0 = time.monotonic()
     out = pulled.pull()
+    took = time.monotonic() - t0
     lines = visitor.finish()
     assert out["ok"] and out["result"].startswith(f"took 2.0 (serial 1) from {commit[:12]}, signed by alice@ci"), out
     assert failures(lines) == [], failures(lines)[:5]
@@ -145,7 +147,10 @@ def test_a_signed_release_is_taken_with_no_failed_request(pulled: Pull):
     assert (st["serving"]["commit"], st["serving"]["signer"], st["highest"]) == (commit, "alice@ci", 1)
     assert st["last_check"]["ok"] and st["last_signed"]["commit"] == commit and 0 <= st["last_signed"]["age_s"] < 60
     assert pulled.pull()["result"] == f"up to date at {commit[:12]}"
-    print(f"\npull: {len(lines)} requests, {len(failures(lines))} failed")
+    t0 = time.monotonic()
+    pulled.pull()
+    print(f"\npull: {len(lines)} requests, {len(failures(lines))} failed; the check that took the release "
+          f"{took:.2f} s (its switch's drain included), a check with nothing new {time.monotonic() - t0:.2f} s")
 
 
 @pytest.mark.parametrize("key, why", [(None, "it is not signed"),
