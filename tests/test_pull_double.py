@@ -363,6 +363,39 @@ def test_a_channel_served_by_git_daemon(tmp_path: Path):
                                              f"allowed signers")
 
 
+HTTP = """
+import http.server, os, sys
+class Handler(http.server.CGIHTTPRequestHandler):
+    have_fork = False       # run the CGI as this user (forked, it would become nobody)
+    def log_message(self, *args): pass
+os.chdir(sys.argv[1])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), Handler)
+print("listening", flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_channel_served_over_http_by_git_http_backend(tmp_path: Path):
+    with make_board(tmp_path) as b:
+        b.version("1.0", "serve:page one")
+        b.supervise("1.0")
+        port = free_port()
+        p = setup_channel(tmp_path, b, url=f"http://127.0.0.1:{port}/cgi-bin/git/channel.git")
+        cgi = tmp_path / "www/cgi-bin/git"
+        cgi.parent.mkdir(parents=True)
+        cgi.write_text(f"#!/bin/sh\nexport GIT_PROJECT_ROOT={tmp_path} GIT_HTTP_EXPORT_ALL=1\nexec git http-backend\n")
+        cgi.chmod(0o755)
+        server = subprocess.Popen(["ip", "netns", "exec", b.dom0, sys.executable, "-c", HTTP, str(tmp_path / "www"),
+                                   str(port)], stdout=subprocess.PIPE, text=True)
+        b.procs.append(server)
+        assert server.stdout and server.stdout.readline().strip() == "listening"
+        commit = p.channel.release(1, "2.0", "serve:page two")
+        assert p.pull()["result"] == f"took 2.0 (serial 1) from {commit[:12]}, signed by alice@ci"
+        forged = p.channel.release(2, "3.0", "serve:page three", key="mallory")
+        assert p.pull()["result"] == f"refused: commit {forged[:12]}: it is signed by a key not in the allowed signers"
+        assert serving(p) == ("2.0", "2.0")
+
+
 @pytest.mark.parametrize("step", ["verified", "staged", "committed", "in-switch", "switched"])
 def test_a_power_cut_at_each_step_of_a_take(pulled: Pull, step: str):
     visitor = pulled.board.visit()
