@@ -265,10 +265,11 @@ def _targets(host, hosts=None, accept_new=False, ssh_config=None, known_hosts=No
                "recipe": "the recipe --static builds for",
                "break_lock": "end the deploy that holds the site's lock (named in the output; never one mid-step)",
                "limit": "only these hosts or groups of --hosts (Ansible's --limit: names, globs, ',' between, "
-                        "'!' out)"})
+                        "'!' out)",
+               "force": "deploy to a site that follows a release channel (it stops following; README, Pull mode)"})
 def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=None, version=None, static=None,
            accept_new=False, ssh_config=None, known_hosts=None, parallel=None, recipe="booth", break_lock=False,
-           limit=None, debug=False):
+           limit=None, force=False, debug=False):
     """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune.
 
     deploy --host HOST [--host HOST2 …] [--site SITE] [--memory MIB] [--name NAME] [--parallel N] GUEST | --static DIR
@@ -284,7 +285,7 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
     targets = _targets(host, hosts, accept_new, ssh_config, known_hosts, break_lock, limit)
     with d.source(Path(guest or "."), name=name, version=version, memory=mib,
                   static=Path(static) if static else None, recipe=recipe) as g:
-        rows = d.fleet(targets, g, site, at_once)
+        rows = d.fleet(targets, g, site, at_once, force=force)
     print(d.table(rows))
     failed = [r for r in rows if not r.ok]
     if len(rows) == 1 and failed:
@@ -292,6 +293,37 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
     if failed:
         raise Exit(f"appliance: ERROR: {len(failed)} of {len(rows)} boards failed: "
                    f"{', '.join(r.host for r in failed)}", code=1)
+
+
+@command(optional_positional="guest",
+         help={"guest": "a bundle directory, a .tar/.tar.gz of one, or a bare zImage / .xen kernel",
+               "channel": "the release channel: a git URL or a local repository",
+               "site": "the recipe's site (default: its first)", "branch": "the channel's branch (default: stable)",
+               "key": "the SSH private key to sign with (default: ssh-agent's)",
+               "serial": "the release's serial (default: the channel's last for the site + 1)",
+               "signers": "check the signature with this allowed_signers file before pushing (default: the site's "
+                          "pull: signers)",
+               "static": "release a folder of static files, served by the demo guest",
+               "recipe": "the recipe (default: booth)", "name": "a bare kernel's name",
+               "version": "the version (default: name and content hash)", "debug": _DEBUG})
+def release(c, guest=None, channel=None, site=None, branch="stable", key=None, serial=None, signers=None, static=None,
+            recipe="booth", name=None, version=None, debug=False):
+    """Publish a guest to a release channel (pull mode): one signed commit, pushed; boards following it take it.
+
+    release --channel DIR_OR_GIT_URL [--site SITE] [--branch B] [--key FILE] [--serial N] GUEST | --static DIR
+    """
+    from pathlib import Path
+
+    from appliance import release as r
+
+    n = number("serial", serial, maximum=2**53)
+    if not channel or not (guest or static):
+        raise OptionError("give --channel DIR_OR_GIT_URL and GUEST (a bundle) or --static DIR")
+    out = r.publish(channel, Path(guest) if guest else None, site=site, static=Path(static) if static else None,
+                    recipe=recipe, branch=branch, key=Path(key) if key else None, serial=n,
+                    signers=Path(signers) if signers else None, name=name, version=version)
+    print(f"{out['channel']}@{out['branch']}: {out['site']} {out['version']} (serial {out['serial']}) "
+          f"{out['commit'][:12]}")
 
 
 @command(optional_positional="version",
@@ -372,5 +404,5 @@ def _cache(c: Any) -> str | None:
     return c.config.appliance.cache
 
 
-ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, rollback, status, guests)
+ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, release, rollback, status, guests)
 ns.configure({"appliance": {"cache": None}})

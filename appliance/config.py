@@ -176,6 +176,17 @@ class OnDemand:
 
 
 @dataclass(frozen=True)
+class Pull:
+    """A site that follows a signed release channel (README, "Pull mode"): the board fetches `branch` of the git
+    repository at `url` every `every` seconds and takes a release only when a key in `signers` signed it."""
+
+    url: str
+    signers: str                       # an OpenSSH allowed_signers file, relative to the recipe
+    branch: str = "stable"
+    every: int = 300                   # seconds between checks (the board adds jitter, and backs off on failures)
+
+
+@dataclass(frozen=True)
 class SiteSpec:
     """What visitors reach: names, a service address owned by dom0, a health check and the guest that serves."""
 
@@ -192,6 +203,7 @@ class SiteSpec:
     drain: int = 30                    # seconds an old guest keeps its connections after a switch
     keep: int = 3                      # versions a deploy keeps in the board's store (current, previous, newest)
     on_demand: OnDemand | None = None  # None: always on
+    pull: Pull | None = None           # None: updated by push (`invoke deploy`) only
 
 
 @dataclass(frozen=True)
@@ -494,6 +506,30 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
         if s.on_demand and not idle[0] <= s.on_demand.idle <= idle[1]:
             raise _fail(path, f"{key}.on_demand.idle", f"{s.on_demand.idle} must be {idle[0]} to {idle[1]} "
                                                       f"(seconds)")
+        if s.pull:
+            pull_signers(s.pull, path, f"{key}.pull")
+
+
+def pull_signers(p: Pull, recipe: Path, key: str) -> list[str]:
+    """A site's pull: checked with the board's own rules; its allowed_signers file's lines (relative to the
+    recipe), each one an OpenSSH allowed_signers entry, checked by ssh-keygen on the board when it verifies."""
+    from .manager import pull
+
+    try:
+        pull.check_url(p.url, key)
+        pull.check_branch(p.branch, key)
+        pull.check_every(p.every, key)
+    except names.Error as exc:
+        raise _fail(recipe, "", str(exc)) from None
+    path = recipe.parent / p.signers
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(recipe, f"{key}.signers", f"cannot read {rel(path)}: {exc}") from None
+    try:
+        return pull.check_signers(text.splitlines(), f"{rel(path)}")
+    except names.Error as exc:
+        raise _fail(recipe, f"{key}.signers", str(exc)) from None
 
 
 def _passphrase(w: Wifi, base: Path, recipe: Path | None, *, required: bool) -> str | None:

@@ -166,9 +166,11 @@ def _untar(path: Path, dest: Path) -> Path:
 class Session:
     """`appliance-guest session [SITE]` on the board: one JSON request, one JSON answer."""
 
-    def __init__(self, conn: ssh.Connection, site: str | None, break_lock: bool = False) -> None:
+    def __init__(self, conn: ssh.Connection, site: str | None, break_lock: bool = False, force: bool = False) -> None:
         self.conn = conn
-        cmd = f"{MANAGER} session" + (" --break-lock" if break_lock else "") + (f" {shlex.quote(site)}" if site else "")
+        # --force: a site that follows a release channel (pull mode) takes the push and stops following
+        cmd = (f"{MANAGER} session" + (" --break-lock" if break_lock else "") + (" --force" if force else "")
+               + (f" {shlex.quote(site)}" if site else ""))
         self.proc = conn.process(cmd)
         self.hello = self._answer(60, "session")
         for note in self.hello.get("notes") or []:     # a lock taken over or broken: said, never silent
@@ -291,11 +293,13 @@ def place(s: Session, sftp: paramiko.SFTPClient, version: str, d: str, f: str, s
 
 
 def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Callable[[int], None] | None = None,
-           tty: bool | None = None, prune: bool = True, row: Row | None = None, cold: bool = False) -> Row:
+           tty: bool | None = None, prune: bool = True, row: Row | None = None, cold: bool = False,
+           force: bool = False) -> Row:
     """Deploy g to one board: stage, upload, verify, commit, switch, prune, each step said as it begins. Raises
     DeployError (and SshError); row, if given, holds what was known when it did. A connection cut during the
     switch asks the board (a new connection) what it did before calling the deploy failed. cold: destroy the old
-    guest before the new one starts (the old way, kept for the benchmark)."""
+    guest before the new one starts (the old way, kept for the benchmark); force: a site that follows a release
+    channel takes the push (and stops following)."""
     t0 = time.monotonic()
     row = row or Row(target.label, site or "?")
 
@@ -305,7 +309,7 @@ def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Calla
     say(f"connecting to {target.host}")
     conn = target.connect()
     try:
-        s = Session(conn, site, target.break_lock)
+        s = Session(conn, site, target.break_lock, force)
         row.site, row.old = s.hello["site"], s.hello.get("current")
         sites = s.hello.get("sites") or [row.site]
         if site is None and len(sites) > 1:
@@ -375,14 +379,15 @@ def _after_cut(target: Target, site: str, version: str, cut: SshError) -> dict[s
     return {"changed": True, "asked_after_cut": True}
 
 
-def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: int = PARALLEL) -> list[Row]:
+def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: int = PARALLEL,
+          force: bool = False) -> list[Row]:
     """Deploy to every board, a bounded number at once; one board's failure is its own row, nothing more."""
     many = len(targets) > 1
 
     def one(t: Target) -> Row:
         t0, row = time.monotonic(), Row(t.label, site or "?")
         try:
-            return deploy(t, g, site, tty=False if many else None, row=row)
+            return deploy(t, g, site, tty=False if many else None, row=row, force=force)
         except ApplianceError as exc:
             row.result, row.seconds, row.detail["error"] = "failed", round(time.monotonic() - t0, 1), str(exc)
             row.detail["destination"] = t.host
@@ -486,9 +491,12 @@ def _state(st: dict[str, Any]) -> str:
 
 def status_table(boards: dict[str, dict[str, Any]]) -> str:
     """One row a site of every board, whatever its health: host, site, state, version, health, uptime, previous,
-    versions kept, free space; then one line per failure with its reason."""
+    versions kept, free space; then a line per site that follows a release channel (pull mode), and one line per
+    failure with its reason."""
+    from .manager.pull import summary_text as pull_summary
+
     head = ("host", "site", "state", "version", "health", "up", "previous", "kept", "free")
-    rows, why = [head], []
+    rows, why, pulls = [head], [], []
     for host, out in boards.items():
         if not out.get("sites"):
             rows.append((host, "-", "FAILING", "-", "-", "-", "-", "-", "-"))
@@ -504,9 +512,13 @@ def status_table(boards: dict[str, dict[str, Any]]) -> str:
             if state == "FAILING" or st.get("error"):
                 why.append(f"{host} {name}: " + names.cut(st.get("error") or st.get("note") or "not serving", 200)
                            .strip("'\""))
+            if st.get("pull"):
+                pulls.append(f"{host} {name}: {pull_summary(st['pull'])}")
+        if out.get("pull_key"):
+            pulls.append(f"{host}: its key for release channels over ssh (give it read access): {out['pull_key']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     table = "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(len(head))).rstrip() for r in rows)
-    return "\n".join([table, *why])
+    return "\n".join([table, *pulls, *why])
 
 
 def guests(target: Target, site: str | None = None) -> dict[str, Any]:

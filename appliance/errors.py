@@ -66,3 +66,7 @@ class HostKeyError(SshError):
 
 class GuestError(ApplianceError):
     """Building or checking a guest bundle failed."""
+
+
+class ReleaseError(ApplianceError):
+    """Publishing a version to a release channel (pull mode) failed."""

@@ -77,6 +77,27 @@ def max_stations(rec: Recipe) -> int:
     return max(1, min(MAX_STATIONS, dhcp_pool(rec) // (2 * rec.network.leases_per_station)))
 
 
+def pull_settings(rec: Recipe, recipe_path: Path) -> dict[str, Any]:
+    """What /etc/appliance/pull.json says: each site that follows a release channel, with its allowed signers'
+    lines (read from the file the recipe names, relative to the recipe)."""
+    from .config import pull_signers
+
+    return {"sites": {s.name: {"url": s.pull.url, "branch": s.pull.branch, "every": s.pull.every,
+                               "signers": pull_signers(s.pull, recipe_path, f"sites[{i}].pull")}
+                      for i, s in enumerate(rec.sites) if s.pull}}
+
+
+def pull_json(rec: Recipe, recipe_path: Path) -> str:
+    """pull.json's text; empty when no site follows a channel (the pull timer's condition)."""
+    data = pull_settings(rec, recipe_path)
+    return json.dumps(data, indent=1) + "\n" if data["sites"] else ""
+
+
+def pull_tick(rec: Recipe) -> int:
+    """How often the pull timer wakes: the shortest `every` (each site's own is kept by the manager)."""
+    return min([s.pull.every for s in rec.sites if s.pull] or [300])
+
+
 def template_context(rec: Recipe) -> dict[str, Any]:
     """What the overlays' templates see of the sites and networks (see configure.context)."""
     all_sites, net = resolved(rec), visitors(rec)

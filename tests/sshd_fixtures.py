@@ -154,7 +154,8 @@ class Link:
             s.close()
 
 
-def start(dir: Path, client_key: Path, log_level: str = "INFO", extra: str = "") -> Sshd:
+def start(dir: Path, client_key: Path, log_level: str = "INFO", extra: str = "", netns: str | None = None) -> Sshd:
+    """An sshd on 127.0.0.1 (of the network namespace netns, if given); extra: more sshd_config lines."""
     dir.mkdir(parents=True, exist_ok=True)
     host_key = keygen(dir / "host_key")
     bin_dir = dir / "bin"
@@ -178,7 +179,8 @@ SetEnv PATH={bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 Subsystem sftp internal-sftp
 {extra}""")
         log = open(dir / "sshd.log", "wb")
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(dir / "sshd_config")], stdout=log, stderr=log,
+        proc = subprocess.Popen([*(["ip", "netns", "exec", netns] if netns else []), SSHD, "-D", "-e", "-f",
+                                 str(dir / "sshd_config")], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL)
         end = time.monotonic() + 10
         while time.monotonic() < end and proc.poll() is None:

@@ -20,7 +20,7 @@ STORE = f"/var/lib/appliance/sites/{SITE.name}"
 
 
 @pytest.mark.parametrize("package", ["hostapd", "dnsmasq", "nftables", "avahi-daemon", "iw", "wireless-regdb",
-                                     "fake-hwclock", "python3", "conntrack", "firmware-realtek", "firmware-atheros",
+                                     "fake-hwclock", "python3", "conntrack", "git", "firmware-realtek", "firmware-atheros",
                                      "firmware-misc-nonfree", "firmware-brcm80211", "fdisk", "e2fsprogs"])
 def test_package_installed(host, package):
     assert host.package(package).is_installed
@@ -30,7 +30,7 @@ def test_package_installed(host, package):
                                   "systemd-networkd.service", "appliance-guest.service",
                                   "appliance-growroot.service", "appliance-hostname.service",
                                   "appliance-ssh-hostkeys.service", "fake-hwclock.service",
-                                  "appliance-clock-save.timer", "appliance-resolv.path",
+                                  "appliance-clock-save.timer", "appliance-resolv.path", "appliance-pull.timer",
                                   "xenstored.service", "xenconsoled.service"])
 def test_unit_enabled(host, unit):
     assert host.service(unit).is_enabled

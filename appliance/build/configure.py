@@ -49,6 +49,7 @@ def context(cfg: Config, ident: Identity, *, need_secrets: bool = True) -> dict[
         "recipe": rec, "board": cfg.board, "boards": (cfg.board, *cfg.also), "identity": ident,
         "hostname": rec.hostname or rec.name,
         **sites.template_context(rec),   # net, gnet, sites, dom0_addresses, guest_macs, sites_json
+        "pull_json": sites.pull_json(rec, cfg.recipe_path), "pull_tick": sites.pull_tick(rec),
         "wifi_passphrase": passphrase,
     }
 

@@ -59,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
     se = sub.add_parser("session", help="a deploy: hold SITE's deploy lock, one JSON request a line on stdin")
     se.add_argument("site", nargs="?")
     se.add_argument("--break-lock", action="store_true", help="end the deploy that holds the lock (not mid-step)")
+    se.add_argument("--force", action="store_true", help="deploy to a site that follows a channel (it stops)")
+    pl = sub.add_parser("pull", help="one check of SITE's (or every following site's) release channel")
+    pl.add_argument("site", nargs="?")
+    pl.add_argument("--timer", action="store_true", help="only the sites that are due (the systemd timer's)")
+    fo = sub.add_parser("follow", help="SITE follows its release channel again (or another --branch of it)")
+    fo.add_argument("site")
+    fo.add_argument("--branch")
+    sub.add_parser("unfollow", help="SITE stops following its release channel").add_argument("site")
     return ap
 
 
@@ -98,14 +106,19 @@ def site_status(ctx: Context, site: Site) -> dict[str, Any]:
     serving = running and st.get("state") == "serving" and isinstance(st.get("since"), (int, float))
     out.update(uptime_s=round(time.time() - st["since"]) if serving else None, keep=site.keep,
                versions=store.versions(), free_bytes=staging.free_bytes(store.root))
+    from . import pull  # pull mode: not imported by `run` either
+
+    out["pull"] = pull.summary(ctx, site)
     return out
 
 
 def status(ctx: Context, name: str | None) -> dict[str, Any]:
     if name:
         return {"site": name, **site_status(ctx, ctx.settings.site(name))}
+    from . import pull
+
     sites = {s.name: site_status(ctx, s) for s in ctx.settings.sites.values()}
-    return {"ok": all(s["ok"] for s in sites.values()), "sites": sites}
+    return {"ok": all(s["ok"] for s in sites.values()), "sites": sites, "pull_key": pull.public_key(ctx)}
 
 
 def listing(ctx: Context, name: str | None) -> dict[str, Any]:
@@ -149,10 +162,11 @@ def _stdin_json() -> object:
 
 def uploads(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     """A deploy's commands (staging.py), imported only for them: not by `run`, on the way to the first guest."""
-    from . import staging
+    from . import pull, staging
 
     if args.cmd == "session":
         try:
+            pull.push_allowed(ctx, staging.pick_site(ctx, args.site), args.force)
             staging.session(ctx, args.site, args.break_lock)
             return {"ok": True, "quiet": True}
         except Error as exc:     # before the first answer: one line, as every answer of a session
@@ -167,6 +181,18 @@ def uploads(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         return staging.prune(ctx, site, args.keep)
 
 
+def following(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    """Pull mode's commands (pull.py)."""
+    from . import pull
+
+    if args.cmd == "pull":
+        return pull.check_all(ctx, args.site, args.timer)
+    site = ctx.settings.site(args.site)
+    if args.cmd == "follow":
+        return pull.follow(ctx, site, args.branch)
+    return pull.unfollow(ctx, site)
+
+
 def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any]
     try:
@@ -176,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             out = run(ctx)
         elif args.cmd in ("stage", "commit", "prune", "session"):
             out = uploads(ctx, args)
+        elif args.cmd in ("pull", "follow", "unfollow"):
+            out = following(ctx, args)
         elif args.cmd == "status":
             out = status(ctx, args.site)
         elif args.cmd == "list":
