@@ -272,7 +272,7 @@ def deploy(c, guest=None, host=None, hosts=None, site=None, memory=None, name=No
            limit=None, force=False, debug=False):
     """Replace a board's (or a fleet's) served guest: upload (resumable), verify, blue-green switch, prune.
 
-    deploy --host HOST [--host HOST2 …] [--site SITE] [--memory MIB] [--name NAME] [--parallel N] GUEST | --static DIR
+    deploy --host HOST [--host HOST2 …] | --hosts FILE [--limit L] [--site SITE] [--memory MIB] [--name NAME] [--parallel N] [--break-lock] [--force] GUEST | --static DIR
     """
     from pathlib import Path
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest
-from .context import Context, GuestFailed, log
+from .context import Context, log
 from .errors import Error
+from .launch import GuestFailed
 from .lock import Busy
 from .settings import Site
 from .store import sync_dir
