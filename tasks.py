@@ -40,13 +40,32 @@ def _cli(fn: Callable[..., Any]) -> Callable[..., Any]:
 @task(help={"recipe": "recipe name under recipes/ or a path (default: booth)",
             "dry_run": "check recipe, board, overlays, templates and host tools; build nothing",
             "authorized_keys": "an SSH public key file to install for root",
+            "output_dir": "where the image goes (default: build/ in the checkout, or build/ beside a recipe "
+                          "elsewhere)",
             "debug": "show commands and tracebacks"})
 @_cli
-def build(c, recipe="booth", dry_run=False, authorized_keys=None, debug=False):
+def build(c, recipe="booth", dry_run=False, authorized_keys=None, output_dir=None, debug=False):
     """Build the SD-card image of a recipe (default: booth) into build/."""
+    from pathlib import Path
+
     from appliance import build as b
 
-    b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c))
+    b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c),
+            out_dir=Path(output_dir).absolute() if output_dir else None)
+
+
+@task(positional=["dir"], help={"dir": "the folder to make (absent or empty)",
+                                 "debug": "show commands and tracebacks"})
+@_cli
+def init(c, dir, debug=False):
+    """Write a booth folder of your own: a recipe naming the shipped sites, a static site to edit, a README."""
+    from pathlib import Path
+
+    from appliance import starter
+
+    recipe = starter.init(Path(dir))
+    print(f"wrote {recipe.parent}/ (booth.yaml, site/index.html, README.md); check it with: "
+          f"invoke build --recipe {recipe} --dry-run")
 
 
 @task(help={"all": "also drop downloaded packages and built images"})
@@ -255,5 +274,5 @@ def _cache(c: Any) -> str | None:
     return c.config.appliance.cache
 
 
-ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, rollback, status, guests)
+ns = Collection(build, init, clean, test, flash, emulate, bench, guest, deploy, rollback, status, guests)
 ns.configure({"appliance": {"cache": None}})

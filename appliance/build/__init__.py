@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from .. import ROOT, log
-from ..config import Config, load
+from ..config import Config, default_out_dir, load
 from ..errors import ToolError
 from ..identity import derive
 from .bootfiles import BootFiles
@@ -67,8 +67,9 @@ def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | N
     missing = [t for t in host_tools(steps) if not shutil.which(t, path=log.clean_env()["PATH"])]
     if missing:
         raise ToolError(f"host tools missing: {', '.join(missing)}", hint="run ./setup.sh")
-    ctx = Context(cfg, derive(cfg.digest), source_date_epoch(cfg), out_dir or cfg.root / "build", workspace(cfg),
-                  time.monotonic(), authorized_keys=authorized_keys, native=native)
+    out = out_dir or default_out_dir(cfg.recipe_path, cfg.root)
+    ctx = Context(cfg, derive(cfg.digest), source_date_epoch(cfg), out, workspace(cfg), time.monotonic(),
+                  authorized_keys=authorized_keys, native=native)
     for s in steps:
         s.verify(ctx)
     return ctx

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 
 from .. import sites
-from ..config import Config, rel, wifi_passphrase
+from ..config import Config, overlay_dir, rel, wifi_passphrase
 from ..errors import BuildError, RecipeError
 from ..identity import Identity
 from .mirror import Source
@@ -54,13 +54,8 @@ def context(cfg: Config, ident: Identity, *, need_secrets: bool = True) -> dict[
 
 
 def overlay_dirs(cfg: Config) -> list[Path]:
-    dirs = []
-    for name in cfg.recipe.overlays:
-        d = Path(name) if "/" in name else cfg.root / "overlays" / name
-        if not d.is_dir():
-            raise RecipeError(f"{rel(cfg.recipe_path)}: overlays: no overlay directory {rel(d)}")
-        dirs.append(d)
-    return dirs
+    return [overlay_dir(name, cfg.recipe_path, cfg.root, f"overlays[{i}]")
+            for i, name in enumerate(cfg.recipe.overlays)]
 
 
 def render_overlays(cfg: Config, ctx: dict[str, Any]) -> list[Rendered]:

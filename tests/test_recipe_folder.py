@@ -1,0 +1,115 @@
+"""Unit tier: a recipe anywhere finds its overlays, static sites, bundles and passphrase file in its own folder
+(the tool's by name); the benchmark's recipe and a folder `init` writes pass the build's checks (--dry-run)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from appliance import ROOT, build, config
+from appliance.bench import build as bench_build
+from appliance.build import configure
+from appliance.errors import RecipeError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)     # the user is not in the checkout
+    monkeypatch.delenv("APPLIANCE_WIFI_PASSPHRASE", raising=False)
+
+
+def booth_folder(top: Path) -> Path:
+    """A booth of one's own: the shipped recipe with an overlay of its own, a static site of its own and WPA2
+    with a passphrase file, all beside the recipe."""
+    (top / "overlays/mine/etc").mkdir(parents=True)
+    (top / "overlays/mine/etc/motd").write_text("my booth\n")
+    (top / "mysite").mkdir()
+    (top / "mysite/index.html").write_text("<h1>mine</h1>\n")
+    (top / "wifi-passphrase").write_text("a passphrase of mine\n")
+    data = config.read_yaml(ROOT / "recipes/booth.yaml")
+    data.update(name="mine", overlays=["base", "booth", "mine"])
+    data["wifi"].update(open=False, passphrase_file="wifi-passphrase")
+    data["sites"][1]["static"] = "./mysite"
+    (top / "booth.yaml").write_text(config.yaml.safe_dump(data))
+    return top / "booth.yaml"
+
+
+def test_a_booth_folder_outside_the_checkout_passes_the_dry_run(tmp_path: Path) -> None:
+    recipe = booth_folder(tmp_path / "my booth")
+    assert build.build(str(recipe), dry_run=True) is None
+    ctx = build.verify(str(recipe))
+    assert configure.overlay_dirs(ctx.cfg) == [ROOT / "overlays/base", ROOT / "overlays/booth",
+                                               recipe.parent / "overlays/mine"]
+    assert any(r.rel == "etc/motd" and r.data == b"my booth\n" for r in ctx.rendered)
+    from appliance.build.guest import static_dir
+    assert static_dir(ctx.cfg, 1) == recipe.parent / "mysite"
+    assert static_dir(ctx.cfg, 2) == ROOT / "guest/make"          # a bare name: the site the tool ships
+    assert config.wifi_passphrase(ctx.cfg.recipe, recipe) == "a passphrase of mine"
+    assert ctx.out_dir == recipe.parent / "build"                 # ./build beside a recipe elsewhere
+
+
+def test_a_recipe_in_the_checkout_builds_into_its_build_folder() -> None:
+    assert build.verify("booth").out_dir == ROOT / "build"
+    assert build.verify("booth", out_dir=Path("/tmp/x")).out_dir == Path("/tmp/x")
+
+
+def test_the_recipe_folders_overlay_of_a_shipped_name_wins(tmp_path: Path) -> None:
+    recipe = booth_folder(tmp_path)
+    (tmp_path / "overlays/base/etc").mkdir(parents=True)
+    assert configure.overlay_dirs(config.load(str(recipe)))[0] == tmp_path / "overlays/base"
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["elsewhere", "in-build"])
+def test_the_benchmarks_recipe_passes_the_dry_run(tmp_path: Path, inside: bool) -> None:
+    """`invoke bench` copies the booth recipe into a folder of its own (build/bench/): it must still check out."""
+    (ROOT / "build").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "build" if inside else tmp_path, prefix="bench-") as d:
+        path, stamp = bench_build.recipe(Path(d))
+        ctx = build.verify(str(path), authorized_keys=None)
+        assert stamp.parent.parent in configure.overlay_dirs(ctx.cfg)
+        assert any(r.rel == "etc/bench-stamp" for r in ctx.rendered)
+
+
+@pytest.mark.parametrize("overlay, message", [
+    ("../../etc", "overlays[2]: '../../etc' leaves the recipe's folder (an overlay is copied into the image, as "
+                  "root's)"),
+    ("/etc", "overlays[2]: '/etc' leaves the recipe's folder (an overlay is copied into the image, as root's)"),
+    ("./nothing", "overlays[2]: no overlay directory nothing"),
+    ("boot", "overlays[2]: no overlay 'boot' beside the recipe (overlays/boot/) or among the tool's (base, booth, "
+             "emulated-h3); did you mean 'booth'?"),
+])
+def test_an_overlay_that_leaves_the_folder_or_is_not_there_is_one_line(tmp_path: Path, overlay: str,
+                                                                       message: str) -> None:
+    (tmp_path / "r.yaml").write_text(f"name: r\nboard: cubieboard2\noverlays: [base, booth, {overlay}]\n"
+                                     "wifi: {open: true}\n")
+    with pytest.raises(RecipeError) as err:
+        build.verify(str(tmp_path / "r.yaml"))
+    assert str(err.value) == "r.yaml: " + message
+
+
+def test_a_symlink_out_of_the_folder_is_refused_too(tmp_path: Path) -> None:
+    (tmp_path / "etc").symlink_to("/etc")
+    (tmp_path / "r.yaml").write_text("name: r\nboard: cubieboard2\noverlays: [./etc]\n")
+    with pytest.raises(RecipeError, match=r"^r.yaml: overlays\[0\]: './etc' leaves the recipe's folder "):
+        config.load(str(tmp_path / "r.yaml"))
+
+
+def test_an_unknown_recipe_name_lists_the_recipes() -> None:
+    with pytest.raises(RecipeError) as err:
+        config.load("boot")
+    assert str(err.value) == ("no such recipe 'boot'; did you mean 'booth'? (recipes: booth, booth-orangepi-pc; "
+                              "or a path to a .yaml file)")
+    with pytest.raises(RecipeError) as err:
+        config.load("xyzzy")
+    assert str(err.value) == "no such recipe 'xyzzy' (recipes: booth, booth-orangepi-pc; or a path to a .yaml file)"
+
+
+def test_a_key_written_twice_on_one_line_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("name: r\nboard: cubieboard2\nimage: {boot_size: 64MiB, boot_size: 1GiB}\n")
+    with pytest.raises(RecipeError) as err:
+        config.load(str(tmp_path / "r.yaml"))
+    assert str(err.value) == "r.yaml: line 3: key 'boot_size' is already set at line 3 (a key may appear once)"
