@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import ROOT, build, config
+from appliance import ROOT, build, config, starter
 from appliance.bench import build as bench_build
 from appliance.build import configure
 from appliance.errors import RecipeError
@@ -113,3 +113,30 @@ def test_a_key_written_twice_on_one_line_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as err:
         config.load(str(tmp_path / "r.yaml"))
     assert str(err.value) == "r.yaml: line 3: key 'boot_size' is already set at line 3 (a key may appear once)"
+
+
+def test_init_writes_a_folder_that_passes_the_dry_run(tmp_path: Path) -> None:
+    recipe = starter.init(Path("My Booth"))           # relative to where the user is
+    assert recipe == tmp_path / "My Booth" / "booth.yaml"
+    assert sorted(str(p.relative_to(recipe.parent)) for p in recipe.parent.rglob("*")) == [
+        "README.md", "booth.yaml", "site", "site/index.html"]
+    assert build.build(str(recipe), dry_run=True) is None
+    ctx = build.verify(str(recipe))
+    assert ctx.cfg.image_name == "cubieboard2-my-booth"
+    assert [s.name for s in ctx.cfg.recipe.sites] == ["home", "demo", "about", "make"]
+    from appliance.build.guest import static_dir
+    assert [static_dir(ctx.cfg, i) for i in range(4)] == [recipe.parent / "site", None, ROOT / "guest/about",
+                                                         ROOT / "guest/make"]
+    assert not list(tmp_path.glob(".*"))              # no working folder left beside it
+
+
+def test_init_takes_an_empty_folder_and_refuses_one_with_files(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert starter.init(tmp_path / "empty").is_file()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine\n")
+    with pytest.raises(RecipeError) as err:
+        starter.init(tmp_path / "used")
+    assert str(err.value) == f"{tmp_path}/used: already exists and is not an empty folder (init writes a new booth " \
+                             "folder)"
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["notes.txt"]
