@@ -39,19 +39,21 @@ def _cli(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @task(help={"recipe": "recipe name under recipes/ or a path (default: booth)",
             "dry_run": "check recipe, board, overlays, templates and host tools; build nothing",
-            "authorized_keys": "an SSH public key file to install for root",
+            "authorized_keys": "an SSH public key file for root (default: the recipe's, else your own key: "
+                               "ssh-agent's first, else ~/.ssh/id_*.pub)",
             "output_dir": "where the image goes (default: build/ in the checkout, or build/ beside a recipe "
                           "elsewhere)",
+            "no_login": "trust no SSH key: an image nobody can log in to, on purpose (default: your own key)",
             "debug": "show commands and tracebacks"})
 @_cli
-def build(c, recipe="booth", dry_run=False, authorized_keys=None, output_dir=None, debug=False):
+def build(c, recipe="booth", dry_run=False, authorized_keys=None, output_dir=None, no_login=False, debug=False):
     """Build the SD-card image of a recipe (default: booth) into build/."""
     from pathlib import Path
 
     from appliance import build as b
 
     b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c),
-            out_dir=Path(output_dir).absolute() if output_dir else None)
+            out_dir=Path(output_dir).absolute() if output_dir else None, login=not no_login)
 
 
 @task(positional=["dir"], help={"dir": "the folder to make (absent or empty)",
@@ -117,7 +119,8 @@ def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file
 @task(help={"image": "the .img to boot (default: build/latest, the last built)",
             "board": "qemu-virt or orangepi-pc (default: what the image's manifest says QEMU can boot)",
             "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
-            "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key)",
+            "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key, else "
+                   "yours in ~/.ssh that the image's manifest lists)",
             "timeout": "power off after this many seconds (with --log/--check: also the deadline for SSH)",
             "check": "boot to a log, wait for dom0's SSH, print the milestones and power off",
             "debug": "show commands and tracebacks"})
@@ -133,7 +136,7 @@ def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=F
     secs = float(timeout) if timeout else None
     if not log and not check:
         raise Exit(code=e.interactive(img, board=board, timeout=secs))
-    k = Path(key) if key else e.default_key()
+    k = Path(key) if key else e.default_key(img)
     if k is None:
         raise Exit("appliance: ERROR: --log and --check need --key, the SSH private key the image trusts", code=1)
     marks = e.headless(img, key=k, log_path=Path(log or "build/emulate-console.log"), board=board,

@@ -466,9 +466,31 @@ _CHANNELS = {"g": range(1, 14), "b": range(1, 15), "a": (36, 40, 44, 48, 149, 15
 _DNS_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
+# The components each Debian suite has (an unknown suite is not checked: its index tells at build time).
+_MODERN = ("main", "contrib", "non-free", "non-free-firmware")
+COMPONENTS = {"bookworm": _MODERN, "trixie": _MODERN, "forky": _MODERN, "sid": _MODERN,
+              "bullseye": ("main", "contrib", "non-free"), "buster": ("main", "contrib", "non-free")}
+# The least a partition can be made with: the boot files (Xen, the dom0 kernel, its initramfs, the DTBs: about
+# 12 MiB) on FAT, and room for the first boot's writes (host keys, the journal) before the root is grown.
+BOOT_MIN, ROOT_FREE_MIN, MiB = Size(16 << 20), Size(16 << 20), 1 << 20
+
+
 def _check_recipe(rec: Recipe, path: Path, root: Path = ROOT) -> None:
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", rec.name):
         raise _fail(path, "name", f"'{rec.name}' must be lower-case letters, digits and '-'")
+    known = COMPONENTS.get(rec.suite)
+    for i, comp in enumerate(rec.components):
+        if known and comp not in known:
+            raise _fail(path, f"components[{i}]", f"'{comp}' is not a component of {rec.suite} "
+                                                  f"({', '.join(known)}){did_you_mean(comp, known)}")
+    for key, size, least in (("boot_size", rec.image.boot_size, BOOT_MIN),
+                             ("root_free", rec.image.root_free, ROOT_FREE_MIN)):
+        if size < least:
+            raise _fail(path, f"image.{key}", f"{_mib(size)} is below the least a partition can be made with "
+                                              f"({_mib(least)})")
+    if rec.image.boot_size % MiB:
+        raise _fail(path, "image.boot_size", f"{_mib(rec.image.boot_size)} is not a whole number of MiB (the root "
+                                             "partition starts after it, aligned)")
     if rec.hostname and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", rec.hostname):
         raise _fail(path, "hostname", f"'{rec.hostname}' is not a valid host name")
     for i, overlay in enumerate(rec.overlays):
@@ -477,6 +499,10 @@ def _check_recipe(rec: Recipe, path: Path, root: Path = ROOT) -> None:
     _check_network(rec, path)
     if rec.mirror is not None and not re.fullmatch(r"(https?|file)://\S+", rec.mirror):
         raise _fail(path, "mirror", f"'{rec.mirror}' must be an http(s):// or file:// URL")
+
+
+def _mib(size: int) -> str:
+    return f"{size >> 20}MiB" if size % MiB == 0 else f"{size} bytes"
 
 
 def _check_wifi(w: Wifi, path: Path) -> None:

@@ -140,3 +140,34 @@ def test_init_takes_an_empty_folder_and_refuses_one_with_files(tmp_path: Path) -
     assert str(err.value) == f"{tmp_path}/used: already exists and is not an empty folder (init writes a new booth " \
                              "folder)"
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["notes.txt"]
+
+
+PACKAGES = """\
+Package: hostapd
+Version: 2:2.10-12
+Architecture: armhf
+
+Package: exim4-daemon-light
+Version: 4.96-15
+Provides: mail-transport-agent, exim4-localscanapi-6.0
+"""
+
+
+def test_a_package_not_in_the_suites_index_is_refused_when_the_index_is_cached(tmp_path: Path) -> None:
+    from appliance.build import rootfs
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nboard: cubieboard2\nmirror: http://mirror.invalid/debian\nwifi: {open: true}\n"
+                      "packages: [hostapd, mail-transport-agent, hostpad]\n")
+    cfg = config.load(str(recipe), cache=tmp_path / "cache")
+    assert not rootfs.check_packages(cfg, rootfs.wanted_sources(cfg))     # never built: nothing to check against
+    index = rootfs.index_dir(cfg, rootfs.wanted_sources(cfg))
+    (index / "lists").mkdir(parents=True)
+    (index / "lists" / "mirror.invalid_debian_dists_bookworm_main_binary-armhf_Packages").write_text(PACKAGES)
+    rootfs.keep_names(index)                     # what the build's probe of the index leaves in the cache
+    with pytest.raises(RecipeError) as err:
+        build.verify(str(recipe), cache=tmp_path / "cache")
+    assert str(err.value) == "r.yaml: packages[2]: 'hostpad' is not in bookworm's armhf index (main); did you mean " \
+                             "'hostapd'?"
+    recipe.write_text(recipe.read_text().replace(", hostpad", ""))
+    assert rootfs.check_packages(config.load(str(recipe), cache=tmp_path / "cache"), rootfs.wanted_sources(cfg))
