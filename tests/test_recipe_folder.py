@@ -171,3 +171,29 @@ def test_a_package_not_in_the_suites_index_is_refused_when_the_index_is_cached(t
                              "'hostapd'?"
     recipe.write_text(recipe.read_text().replace(", hostpad", ""))
     assert rootfs.check_packages(config.load(str(recipe), cache=tmp_path / "cache"), rootfs.wanted_sources(cfg))
+
+
+def test_the_dry_run_ends_with_a_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))        # no key of the user's: the summary says so
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    recipe = booth_folder(tmp_path / "mine")
+    build.build(str(recipe), dry_run=True)
+    err = capsys.readouterr().err.splitlines()
+    n = len(rootfs_packages(recipe))
+    assert err[-8:-1] == [
+        "dry run: the recipe, boards, overlays and templates check out; nothing was built. cubieboard2-mine would be:",
+        "  board:    cubieboard2 (also boots qemu-virt)",
+        f"  suite:    bookworm armhf (main, non-free-firmware), {n} packages (10 of the recipe's)",
+        "  sites:    demo (the demo game, on demand), about (static mine/mysite), make (static "
+        f"{ROOT / 'guest/make'}, on demand)",
+        "  wifi:     'Xen Booth', WPA2, channel 6, DE",
+        "  login:    none (no key of yours was found: none in ssh-agent, no ~/.ssh/id_*.pub)",
+        "  image:    mine/build/cubieboard2-mine.img",
+    ]
+
+
+def rootfs_packages(recipe: Path) -> list[str]:
+    from appliance.build import rootfs
+
+    return rootfs.packages(config.load(str(recipe)))
