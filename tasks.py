@@ -137,6 +137,7 @@ def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=F
     if not log and not check:
         raise Exit(code=e.interactive(img, board=board, timeout=secs))
     k = Path(key) if key else e.default_key(img)
+    e.check_key(e.check_image(img), k)      # a keyless image, or a key it does not trust: said at once
     if k is None:
         raise Exit("appliance: ERROR: --log and --check need --key, the SSH private key the image trusts", code=1)
     marks = e.headless(img, key=k, log_path=Path(log or "build/emulate-console.log"), board=board,

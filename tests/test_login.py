@@ -7,7 +7,9 @@ A real ssh-agent, started by the test and killed after it; HOME is a temporary f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +162,14 @@ def test_emulates_default_key_is_one_the_image_trusts(home: Path, tmp_path: Path
     if (ROOT / "build/test/id_ed25519").exists():
         pytest.skip("the test suite's key exists here and comes first when the image lists it")
     assert emulate.default_key(img) == trusted
+
+
+def test_emulate_check_on_a_keyless_image_is_one_line_at_once(tmp_path: Path, home: Path) -> None:
+    img = image_with(tmp_path, [])
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "invoke", "emulate", "--check", "--image", str(img)], cwd=ROOT,
+                         check=False, capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(home)})
+    assert out.returncode == 1 and time.monotonic() - started < 30
+    assert out.stderr.strip().splitlines() == [
+        "appliance: ERROR: cubieboard2-booth.img trusts no SSH key (its manifest lists none), so nobody can log in "
+        "to it (build it with your key: invoke build, or --authorized-keys FILE)"]

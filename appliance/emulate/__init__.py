@@ -30,8 +30,8 @@ from .images import DEFAULT_BOARD, board_for, check_image, guest_of, manifest, r
 from .qemu import bios, free_port, qemu_argv, scratch_copy, sd_card, spawn
 
 __all__ = ["DEFAULT_BOARD", "FATAL", "GUEST_SERVED", "MILESTONES", "Board", "Console", "EmulateError", "Result",
-           "bios", "board_for", "boot", "default_key", "free_port", "guest_of", "headless", "interactive", "qemu",
-           "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
+           "bios", "board_for", "boot", "check_image", "check_key", "default_key", "free_port", "guest_of",
+           "headless", "interactive", "qemu", "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
 
 
 def _ssh_config(log_path: Path) -> Path:
@@ -147,16 +147,17 @@ def headless(img: Path, *, key: Path, log_path: Path, board: str | None = None, 
         return b.milestones
 
 
-def check_key(img: Path, key: Path) -> None:
+def check_key(img: Path, key: Path | None) -> None:
     """Refuse at once a key the image does not trust (its manifest's fingerprints), rather than waiting out the
-    deadline for a login that cannot succeed. An image whose manifest has no list (built before it had) is let be."""
+    deadline for a login that cannot succeed (key None: only a keyless image is refused). An image whose manifest
+    has no list (built before manifests had one) is let be."""
     trusted = manifest(img).get("authorized_keys")
     if not isinstance(trusted, list):
         return
     if not trusted:
         raise EmulateError(f"{img.name} trusts no SSH key (its manifest lists none), so nobody can log in to it",
                            hint="build it with your key: invoke build, or --authorized-keys FILE")
-    fp = keys.private_fingerprint(key)
+    fp = keys.private_fingerprint(key) if key is not None else None
     if fp is not None and fp not in trusted:
         raise EmulateError(f"{key}: its public key {fp} is not one {img.name} trusts ({', '.join(trusted)})")
 
