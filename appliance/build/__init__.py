@@ -62,16 +62,17 @@ def source_date_epoch(cfg: Config) -> int:
 
 def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | None = None,
            cache: str | Path | None = None, steps: Sequence[Step] = STEPS, native: bool = True,
-           login: bool = True) -> Context:
+           login: bool = True, dry_run: bool = True) -> Context:
     """Check the recipe, board, overlays, templates, bundles and host tools, running every step's verify;
-    build nothing. The context holds what the verifies computed."""
+    build nothing. The context holds what the verifies computed. dry_run=False: checks that a build makes anyway
+    with fresher data are left to it (the packages, against the index it reads)."""
     cfg = load(recipe, cache=Path(cache) if cache else None)
     missing = [t for t in host_tools(steps) if not shutil.which(t, path=log.clean_env()["PATH"])]
     if missing:
         raise ToolError(f"host tools missing: {', '.join(missing)}", hint="run ./setup.sh")
     out = out_dir or default_out_dir(cfg.recipe_path, cfg.root)
     ctx = Context(cfg, derive(cfg.digest), source_date_epoch(cfg), out, workspace(cfg), time.monotonic(),
-                  authorized_keys=authorized_keys, native=native, login=login)
+                  authorized_keys=authorized_keys, native=native, login=login, dry_run=dry_run)
     for s in steps:
         s.verify(ctx)
     return ctx
@@ -100,7 +101,7 @@ def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str 
     with log.timings({}) as durations:
         with log.step(f"Checking recipe {recipe}, its boards, overlays, templates and host tools"):
             ctx = verify(recipe, authorized_keys, out_dir=out_dir, cache=cache, steps=steps, native=native,
-                         login=login)
+                         login=login, dry_run=dry_run)
             ctx.start, ctx.durations = start, durations
             cfg = ctx.cfg
             if ctx.keys is None and ctx.keyless and ctx.login:
