@@ -199,3 +199,19 @@ def rootfs_packages(recipe: Path) -> list[str]:
     from appliance.build import rootfs
 
     return rootfs.packages(config.load(str(recipe)))
+
+
+def test_a_boot_partition_too_small_for_its_files_is_refused_before_mkfs(tmp_path: Path) -> None:
+    from appliance.build.image import check_boot_room
+    from appliance.errors import BuildError
+
+    files = {"xen": tmp_path / "xen", "vmlinuz": tmp_path / "vmlinuz"}
+    with open(files["xen"], "wb") as f:
+        f.truncate(1 << 20)
+    with open(files["vmlinuz"], "wb") as f:
+        f.truncate(14 << 20)
+    check_boot_room(files, 18 << 20, "r.yaml")
+    with pytest.raises(BuildError) as err:
+        check_boot_room(files, 17 << 20, "r.yaml")
+    assert str(err.value) == ("r.yaml: image.boot_size: 17MiB cannot hold the boot files (Xen, the kernel, the "
+                              "initramfs, the DTBs, boot.scr): they need 18MiB")
