@@ -316,7 +316,7 @@ def _build(cls: Any, data: dict[str, Any], path: Path, prefix: str = "") -> Any:
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    """", did you mean 'x'?" for the closest of choices, or nothing when none is close."""
+    """"; did you mean 'x'?" for the closest of choices, or nothing when none is close."""
     close = difflib.get_close_matches(word, sorted(choices), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -352,7 +352,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise RecipeError(f"{rel(path)}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader, stricter)
     except _Duplicate as dup:
         raise RecipeError(f"{rel(path)}: line {dup.line}: key '{dup.key}' is already set at line {dup.first} "
                           "(a key may appear once)") from None
@@ -409,12 +409,14 @@ def overlay_dir(name: str, recipe: Path, root: Path = ROOT, key: str = "overlays
     here = recipe.parent
     if "/" not in name and name not in ("", ".", ".."):
         own = here / "overlays" / name
-        d = own if own.is_dir() else root / "overlays" / name
-        if not d.is_dir():
-            shipped = sorted(p.name for p in (root / "overlays").iterdir() if p.is_dir())
-            raise _fail(recipe, key, f"no overlay '{name}' beside the recipe (overlays/{name}/) or among the "
-                                     f"tool's ({', '.join(shipped)}){did_you_mean(name, shipped)}")
-        return d
+        if not own.is_dir():
+            d = root / "overlays" / name
+            if not d.is_dir():
+                shipped = sorted(p.name for p in (root / "overlays").iterdir() if p.is_dir())
+                raise _fail(recipe, key, f"no overlay '{name}' beside the recipe (overlays/{name}/) or among the "
+                                         f"tool's ({', '.join(shipped)}){did_you_mean(name, shipped)}")
+            return d
+        name = f"overlays/{name}"      # the folder's own, held to the same rule as a path (a symlink out of it)
     d = (here / name).resolve()
     if not d.is_relative_to(here.resolve()):
         raise _fail(recipe, key, f"'{name}' leaves the recipe's folder (an overlay is copied into the image, as "

@@ -215,3 +215,13 @@ def test_a_boot_partition_too_small_for_its_files_is_refused_before_mkfs(tmp_pat
         check_boot_room(files, 17 << 20, "r.yaml")
     assert str(err.value) == ("r.yaml: image.boot_size: 17MiB cannot hold the boot files (Xen, the kernel, the "
                               "initramfs, the DTBs, boot.scr): they need 18MiB")
+
+
+def test_an_overlay_of_the_folder_that_is_a_symlink_out_of_it_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "overlays" / "base").symlink_to("/etc")
+    (tmp_path / "r.yaml").write_text("name: r\nboard: cubieboard2\noverlays: [base]\n")
+    with pytest.raises(RecipeError) as err:
+        config.load(str(tmp_path / "r.yaml"))
+    assert str(err.value) == "r.yaml: overlays[0]: 'overlays/base' leaves the recipe's folder (an overlay is copied " \
+                             "into the image, as root's)"
