@@ -139,14 +139,30 @@ _DEBUG = "show commands and tracebacks"
 
 @command(help={"recipe": "recipe name under recipes/ or a path (default: booth)",
                "dry_run": "check recipe, board, overlays, templates and host tools; build nothing",
-               "authorized_keys": "an SSH public key file to install for root", "debug": _DEBUG})
-def build(c, recipe="booth", dry_run=False, authorized_keys=None, debug=False):
+               "authorized_keys": "an SSH public key file for root (default: the recipe's, else your own key: "
+                                  "ssh-agent's first, else ~/.ssh/id_*.pub)",
+               "output_dir": "where the image goes (default: build/ in the checkout, or build/ beside a recipe "
+                             "elsewhere)",
+               "no_login": "trust no SSH key: an image nobody can log in to, on purpose (default: your own key)",
+               "debug": _DEBUG})
+def build(c, recipe="booth", dry_run=False, authorized_keys=None, output_dir=None, no_login=False, debug=False):
     """Build the SD-card image of a recipe (default: booth) into build/."""
     from appliance import build as b
 
-    out = b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c))
+    out = b.build(recipe, dry_run=dry_run, authorized_keys=authorized_keys, cache=_cache(c),
+                  out_dir=Path(output_dir).absolute() if output_dir else None, login=not no_login)
     if out is not None:
         log.info(next_step(out.img, log.again()))
+
+
+@command(positional=["dir"], help={"dir": "the folder to make (absent or empty)", "debug": _DEBUG})
+def init(c, dir, debug=False):
+    """Write a booth folder of your own: a recipe naming the shipped sites, a static site to edit, a README."""
+    from appliance import starter
+
+    recipe = starter.init(Path(dir))
+    print(f"wrote {recipe.parent}/ (booth.yaml, site/index.html, README.md); check it with: "
+          f"{_program()} build --recipe {recipe} --dry-run")
 
 
 def next_step(img: Path, warnings: list[str], program: str | None = None) -> str:
@@ -195,7 +211,8 @@ def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file
 @command(help={"image": "the .img to boot (default: build/latest, the last built)",
                "board": "qemu-virt or orangepi-pc (default: what the image's manifest says QEMU can boot)",
                "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
-               "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key)",
+               "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key, else "
+                      "yours in ~/.ssh that the image's manifest lists)",
                "timeout": "power off after this many seconds (with --log/--check: also the deadline for SSH)",
                "check": "boot to a log, wait for dom0's SSH, print the milestones and power off", "debug": _DEBUG})
 def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=False, debug=False):
@@ -209,7 +226,8 @@ def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=F
     img = Path(image) if image else f.default_image()
     if not log and not check:
         raise Exit(code=e.interactive(img, board=board, timeout=secs))
-    k = Path(key) if key else e.default_key()
+    k = Path(key) if key else e.default_key(img)
+    e.check_key(e.check_image(img), k)      # a keyless image, or a key it does not trust: said at once
     if k is None:
         raise OptionError("--log and --check need --key, the SSH private key the image trusts")
     marks = e.headless(img, key=k, log_path=Path(log or "build/emulate-console.log"), board=board,
@@ -404,5 +422,5 @@ def _cache(c: Any) -> str | None:
     return c.config.appliance.cache
 
 
-ns = Collection(build, clean, test, flash, emulate, bench, guest, deploy, release, rollback, status, guests)
+ns = Collection(build, init, clean, test, flash, emulate, bench, guest, deploy, release, rollback, status, guests)
 ns.configure({"appliance": {"cache": None}})

@@ -8,6 +8,7 @@ choices is a Literal, checked when the file is loaded, and its error lists the c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import ipaddress
 import json
@@ -312,7 +313,7 @@ def _build(cls: Any, data: dict[str, Any], path: Path, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise _fail(path, f"{prefix}{k}", "unknown key")
+            raise _fail(path, f"{prefix}{k}", "unknown key" + did_you_mean(str(k), names))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in ("root", "digest", "recipe_path"):
@@ -326,6 +327,35 @@ def _build(cls: Any, data: dict[str, Any], path: Path, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest of choices, or nothing when none is close."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _Duplicate(str(key), key_node.start_mark.line + 1, seen[key])
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:
+                continue   # an unhashable key: construct_mapping's own error names it
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -334,7 +364,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise RecipeError(f"{rel(path)}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader, stricter)
+    except _Duplicate as dup:
+        raise RecipeError(f"{rel(path)}: line {dup.line}: key '{dup.key}' is already set at line {dup.first} "
+                          "(a key may appear once)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
@@ -348,8 +381,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def load_board(name: str, root: Path = ROOT) -> Board:
     path = root / "board" / f"{name}.yaml"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in (root / "board").glob("*.yaml")))
-        raise RecipeError(f"{rel(path)}: no such board '{name}'", hint=f"known boards: {known}")
+        known = sorted(p.stem for p in (root / "board").glob("*.yaml"))
+        raise RecipeError(f"{rel(path)}: no such board '{name}'{did_you_mean(name, known)}",
+                          hint=f"known boards: {', '.join(known)}")
     board: Board = _build(Board, read_yaml(path), path)
     if board.name != name:
         raise _fail(path, "name", f"'{board.name}' does not match the file name '{name}'")
@@ -357,10 +391,61 @@ def load_board(name: str, root: Path = ROOT) -> Board:
 
 
 def recipe_path(name_or_path: str, root: Path = ROOT) -> Path:
-    p = Path(name_or_path)
+    """A path (it has a '/' or ends .yaml) relative to where the user is, or the name of a recipe in recipes/."""
+    p = Path(name_or_path).expanduser()
     if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
         return p if p.is_absolute() else Path.cwd() / p
-    return root / "recipes" / f"{name_or_path}.yaml"
+    path = root / "recipes" / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(q.stem for q in (root / "recipes").glob("*.yaml"))
+        raise RecipeError(f"no such recipe '{name_or_path}'{did_you_mean(name_or_path, known)}",
+                          hint=f"recipes: {', '.join(known)}; or a path to a .yaml file")
+    return path
+
+
+def in_checkout(path: Path, root: Path = ROOT) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def default_out_dir(recipe: Path, root: Path = ROOT) -> Path:
+    """Where a build writes its image: build/ in the checkout for a recipe inside it, else build/ beside the
+    recipe (a booth folder of one's own keeps its images)."""
+    return root / "build" if in_checkout(recipe, root) else recipe.parent / "build"
+
+
+# Paths in a recipe are the recipe folder's: a booth folder of one's own can live anywhere. A bare name (no '/')
+# is first looked for there and otherwise names what the tool ships (its overlays, its static sites).
+def overlay_dir(name: str, recipe: Path, root: Path = ROOT, key: str = "overlays") -> Path:
+    """The folder an `overlays:` entry names: NAME is the recipe folder's overlays/NAME if it has one, else the
+    tool's overlays/NAME; a path is relative to the recipe's folder and must stay inside it."""
+    here = recipe.parent
+    if "/" not in name and name not in ("", ".", ".."):
+        own = here / "overlays" / name
+        if not own.is_dir():
+            d = root / "overlays" / name
+            if not d.is_dir():
+                shipped = sorted(p.name for p in (root / "overlays").iterdir() if p.is_dir())
+                raise _fail(recipe, key, f"no overlay '{name}' beside the recipe (overlays/{name}/) or among the "
+                                         f"tool's ({', '.join(shipped)}){did_you_mean(name, shipped)}")
+            return d
+        name = f"overlays/{name}"      # the folder's own, held to the same rule as a path (a symlink out of it)
+    d = (here / name).resolve()
+    if not d.is_relative_to(here.resolve()):
+        raise _fail(recipe, key, f"'{name}' leaves the recipe's folder (an overlay is copied into the image, as "
+                                 "root's)")
+    if not d.is_dir():
+        raise _fail(recipe, key, f"no overlay directory {rel(d)}")
+    return d
+
+
+def static_dir(name: str, recipe: Path, root: Path = ROOT) -> Path:
+    """The folder a site's `static:` names: relative to the recipe's folder; a bare name that is not a folder
+    there names a site the tool ships (guest/about, guest/make)."""
+    p = Path(name).expanduser()
+    own = p if p.is_absolute() else recipe.parent / p
+    if "/" not in name and not own.exists() and (root / "guest" / name / "index.html").is_file():
+        return root / "guest" / name
+    return own.resolve()
 
 
 def load(recipe: str = "booth", root: Path = ROOT, *, cache: Path | None = None, **overrides: Any) -> Config:
@@ -371,7 +456,7 @@ def load(recipe: str = "booth", root: Path = ROOT, *, cache: Path | None = None,
     data.update({k: v for k, v in overrides.items() if v is not None})
     _moved(data, path)
     rec: Recipe = _build(Recipe, data, path)
-    _check_recipe(rec, path)
+    _check_recipe(rec, path, root)
     board = load_board(rec.board, root)
     also = tuple(load_board(b, root) for b in rec.also_boots if b != rec.board)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(rec), sort_keys=True, default=str).encode()).hexdigest()
@@ -395,15 +480,43 @@ _CHANNELS = {"g": range(1, 14), "b": range(1, 15), "a": (36, 40, 44, 48, 149, 15
 _DNS_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
-def _check_recipe(rec: Recipe, path: Path) -> None:
+# The components each Debian suite has (an unknown suite is not checked: its index tells at build time).
+_MODERN = ("main", "contrib", "non-free", "non-free-firmware")
+COMPONENTS = {"bookworm": _MODERN, "trixie": _MODERN, "forky": _MODERN, "sid": _MODERN,
+              "bullseye": ("main", "contrib", "non-free"), "buster": ("main", "contrib", "non-free")}
+# The least a partition can be made with: the boot files (Xen, the dom0 kernel, its initramfs, the DTBs: about
+# 12 MiB) on FAT, and room for the first boot's writes (host keys, the journal) before the root is grown.
+BOOT_MIN, ROOT_FREE_MIN, MiB = Size(16 << 20), Size(16 << 20), 1 << 20
+
+
+def _check_recipe(rec: Recipe, path: Path, root: Path = ROOT) -> None:
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", rec.name):
         raise _fail(path, "name", f"'{rec.name}' must be lower-case letters, digits and '-'")
+    known = COMPONENTS.get(rec.suite)
+    for i, comp in enumerate(rec.components):
+        if known and comp not in known:
+            raise _fail(path, f"components[{i}]", f"'{comp}' is not a component of {rec.suite} "
+                                                  f"({', '.join(known)}){did_you_mean(comp, known)}")
+    for key, size, least in (("boot_size", rec.image.boot_size, BOOT_MIN),
+                             ("root_free", rec.image.root_free, ROOT_FREE_MIN)):
+        if size < least:
+            raise _fail(path, f"image.{key}", f"{_mib(size)} is below the least a partition can be made with "
+                                              f"({_mib(least)})")
+    if rec.image.boot_size % MiB:
+        raise _fail(path, "image.boot_size", f"{_mib(rec.image.boot_size)} is not a whole number of MiB (the root "
+                                             "partition starts after it, aligned)")
     if rec.hostname and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", rec.hostname):
         raise _fail(path, "hostname", f"'{rec.hostname}' is not a valid host name")
+    for i, overlay in enumerate(rec.overlays):
+        overlay_dir(overlay, path, root, f"overlays[{i}]")
     _check_wifi(rec.wifi, path)
     _check_network(rec, path)
     if rec.mirror is not None and not re.fullmatch(r"(https?|file)://\S+", rec.mirror):
         raise _fail(path, "mirror", f"'{rec.mirror}' must be an http(s):// or file:// URL")
+
+
+def _mib(size: int) -> str:
+    return f"{size >> 20}MiB" if size % MiB == 0 else f"{size} bytes"
 
 
 def _check_wifi(w: Wifi, path: Path) -> None:

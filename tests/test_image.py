@@ -197,7 +197,7 @@ def test_bmaptool_accepts_our_bmap(built_image, tmp_path):
     assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(built_image.img.read_bytes()).digest()
 
 
-def test_checksums_and_manifest(built_image):
+def test_checksums_and_manifest(built_image, test_key):
     sums = dict(reversed(line.split("  ")) for line in built_image.sums.read_text().splitlines())
     for name in (built_image.img.name, built_image.bmap.name, built_image.xz.name):
         assert hashlib.sha256((built_image.img.parent / name).read_bytes()).hexdigest() == sums[name]
@@ -208,6 +208,8 @@ def test_checksums_and_manifest(built_image):
     assert set(m["steps"]) and all(v >= 0 for v in m["steps"].values())
     assert m["sizes"]["mapped"] < m["sizes"]["image"]
     assert (built_image.img.parent / "latest").resolve() == built_image.img.resolve()
+    listed = subprocess.run(["ssh-keygen", "-lf", f"{test_key}.pub"], check=True, capture_output=True, text=True)
+    assert m["authorized_keys"] == [listed.stdout.split()[1]]        # the one key it trusts, as ssh-keygen -l
 
 
 def test_the_suite_leaves_the_users_image_alone(built_image, users_outputs):

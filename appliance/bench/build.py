@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .. import ROOT, MiB
+from .. import ROOT, MiB, config
 from .. import build as builder
 from . import timeline
 from .report import combine
@@ -22,13 +22,13 @@ from .report import combine
 
 def recipe(work: Path) -> tuple[Path, Path]:
     """The booth recipe as `bench`, with an overlay of its own whose one file the warm rebuild edits."""
-    overlay = work / "overlay"
+    overlay = work / "overlays" / "bench"     # the recipe folder's own overlay, named as a shipped one is
     (overlay / "etc").mkdir(parents=True, exist_ok=True)
     stamp = overlay / "etc" / "bench-stamp"
     stamp.write_text("0\n")
-    data = yaml.safe_load((ROOT / "recipes/booth.yaml").read_text())
+    data = config.read_yaml(ROOT / "recipes/booth.yaml")
     data["name"] = "bench"
-    data["overlays"] = [*data["overlays"], str(overlay)]
+    data["overlays"] = [*data["overlays"], "bench"]
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(data))
     return path, stamp

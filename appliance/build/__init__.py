@@ -21,10 +21,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from .. import ROOT, default_cache, log
-from ..config import Config, load
+from .. import ROOT, config, default_cache, log
+from ..config import Config, default_out_dir, load
 from ..errors import ToolError
 from ..identity import derive
+from . import rootfs
 from .bootfiles import BootFiles
 from .configure import Configure
 from .context import Context, Outputs, shm_dir, workspace
@@ -60,15 +61,18 @@ def source_date_epoch(cfg: Config) -> int:
 
 
 def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | None = None,
-           cache: str | Path | None = None, steps: Sequence[Step] = STEPS, native: bool = True) -> Context:
+           cache: str | Path | None = None, steps: Sequence[Step] = STEPS, native: bool = True,
+           login: bool = True, dry_run: bool = True) -> Context:
     """Check the recipe, board, overlays, templates, bundles and host tools, running every step's verify;
-    build nothing. The context holds what the verifies computed."""
+    build nothing. The context holds what the verifies computed. dry_run=False: checks that a build makes anyway
+    with fresher data are left to it (the packages, against the index it reads)."""
     cfg = load(recipe, cache=Path(cache) if cache else None)
     missing = [t for t in host_tools(steps) if not shutil.which(t, path=log.clean_env()["PATH"])]
     if missing:
         raise ToolError(f"host tools missing: {', '.join(missing)}", hint="run ./setup.sh")
-    ctx = Context(cfg, derive(cfg.digest), source_date_epoch(cfg), out_dir or cfg.root / "build", workspace(cfg),
-                  time.monotonic(), authorized_keys=authorized_keys, native=native)
+    out = out_dir or default_out_dir(cfg.recipe_path, cfg.root)
+    ctx = Context(cfg, derive(cfg.digest), source_date_epoch(cfg), out, workspace(cfg), time.monotonic(),
+                  authorized_keys=authorized_keys, native=native, login=login, dry_run=dry_run)
     for s in steps:
         s.verify(ctx)
     return ctx
@@ -89,26 +93,59 @@ def exclusive(root: Path) -> Iterator[None]:
 
 def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str | None = None,
           out_dir: Path | None = None, cache: str | Path | None = None,
-          steps: Sequence[Step] = STEPS, native: bool = True) -> Outputs | None:
-    """Build a recipe's image into out_dir (default: build/), using the cache (default: default_cache()). native=False
-    makes a missing base tree the slow way (see rootfs.ensure): the benchmark's baseline."""
+          steps: Sequence[Step] = STEPS, native: bool = True, login: bool = True) -> Outputs | None:
+    """Build a recipe's image into out_dir (default: build/), using the cache (default: default_cache()). The image
+    trusts `authorized_keys`, else the recipe's, else the user's own key; none with login=False. native=False makes
+    a missing base tree the slow way (see rootfs.ensure): the benchmark's baseline."""
     start = time.monotonic()
     with log.timings({}) as durations:
         with log.step(f"Checking recipe {recipe}, its boards, overlays, templates and host tools"):
-            ctx = verify(recipe, authorized_keys, out_dir=out_dir, cache=cache, steps=steps, native=native)
+            ctx = verify(recipe, authorized_keys, out_dir=out_dir, cache=cache, steps=steps, native=native,
+                         login=login, dry_run=dry_run)
             ctx.start, ctx.durations = start, durations
             cfg = ctx.cfg
-            if ctx.keys is None:
-                log.warn("the image will have no SSH authorized key, so nobody can log in to it: give one with "
-                         "--authorized-keys FILE or ssh.authorized_keys in the recipe", again=True)
+            if ctx.keys is None and ctx.keyless and ctx.login:
+                log.warn(f"the image will trust no SSH key ({ctx.keyless}), so nobody can log in to it: give one "
+                         "with --authorized-keys FILE, or make a keyless image on purpose with --no-login")
             log.info(f"{cfg.image_name}: board {cfg.board.name} (+ {', '.join(b.name for b in cfg.also) or 'none'}),"
                      f" {cfg.recipe.suite}/{cfg.board.arch}, SOURCE_DATE_EPOCH={ctx.sde}")
         if dry_run:
-            log.info("dry run: the recipe, boards, overlays and templates check out; nothing was built")
-            return None
-        with exclusive(cfg.root):
-            run(ctx, steps)
-    return ctx.outputs()
+            log.info(f"dry run: the recipe, boards, overlays and templates check out; nothing was built. "
+                     f"{cfg.image_name} would be:")
+            for line in summary(ctx):
+                log.info(f"  {line}")
+        else:
+            with exclusive(cfg.root):
+                run(ctx, steps)
+    if ctx.keys is None and ctx.keyless:        # the last line, where it cannot be missed
+        log.warn(f"{config.rel(ctx.outputs().img)} trusts no SSH key ({ctx.keyless}): nobody can log in to it, "
+                 "so deploy, status and emulate --check cannot reach it", again=True)
+    return None if dry_run else ctx.outputs()
+
+
+def summary(ctx: Context) -> list[str]:
+    """What the build makes, in a few lines (as `mkosi summary`), from what the verifies computed."""
+    from .. import keys
+    from .guest import static_dir
+
+    cfg, rec = ctx.cfg, ctx.cfg.recipe
+    sites = []
+    for i, s in enumerate(rec.sites):
+        folder = static_dir(cfg, i)
+        how = (f"bundle {rec.sites[i].bundle}" if s.bundle else f"static {config.rel(folder)}" if folder
+               else "the demo game")
+        sites.append(f"{s.name} ({how}{', on demand' if s.on_demand else ''})")
+    w = rec.wifi
+    trusted = keys.fingerprints(ctx.keys) if ctx.keys else []
+    return [
+        f"board:    {cfg.board.name}" + (f" (also boots {', '.join(b.name for b in cfg.also)})" if cfg.also else ""),
+        f"suite:    {rec.suite} {cfg.board.arch} ({', '.join(rec.components)}), {len(rootfs.packages(cfg))} "
+        f"packages ({len(rec.packages)} of the recipe's)",
+        f"sites:    {', '.join(sites)}",
+        f"wifi:     '{w.ssid}', " + ("open" if w.open else "WPA2") + f", channel {w.channel}, {w.country}",
+        "login:    " + (f"root by SSH key: {', '.join(trusted)}" if trusted else f"none ({ctx.keyless or 'not checked'})"),
+        f"image:    {config.rel(ctx.outputs().img)}",
+    ]
 
 
 def run(ctx: Context, steps: Sequence[Step] = STEPS) -> None:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from .. import sites
-from ..config import Config, rel, wifi_passphrase
+from .. import keys as keys_mod
+from .. import log, sites
+from ..config import Config, overlay_dir, rel, wifi_passphrase
 from ..errors import BuildError, RecipeError
 from ..identity import Identity
 from .mirror import Source
@@ -27,8 +28,6 @@ from .step import Step
 if TYPE_CHECKING:
     from .context import Context
 
-_KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) "
-                  r"[A-Za-z0-9+/=]+( .*)?$")
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,8 @@ def context(cfg: Config, ident: Identity, *, need_secrets: bool = True) -> dict[
 
 
 def overlay_dirs(cfg: Config) -> list[Path]:
-    dirs = []
-    for name in cfg.recipe.overlays:
-        d = Path(name) if "/" in name else cfg.root / "overlays" / name
-        if not d.is_dir():
-            raise RecipeError(f"{rel(cfg.recipe_path)}: overlays: no overlay directory {rel(d)}")
-        dirs.append(d)
-    return dirs
+    return [overlay_dir(name, cfg.recipe_path, cfg.root, f"overlays[{i}]")
+            for i, name in enumerate(cfg.recipe.overlays)]
 
 
 def render_overlays(cfg: Config, ctx: dict[str, Any]) -> list[Rendered]:
@@ -145,11 +139,34 @@ def authorized_keys(path: str | None, base: Path, where: str = "ssh.authorized_k
         raise RecipeError(f"{where}: cannot read {rel(p)}: {exc.strerror}") from None
     keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     for n, key in enumerate(keys, 1):
-        if not _KEY.match(key):
+        if not keys_mod.LINE.match(key):
             raise RecipeError(f"{p}:{n}: not an SSH public key (a private key or a typo?)")
     if not keys:
         raise RecipeError(f"{p}: holds no SSH public key")
     return "\n".join(keys) + "\n"
+
+
+def trusted_keys(ctx: Context) -> str | None:
+    """The keys root trusts: --authorized-keys, else the recipe's, else the user's own (saying which); none with
+    --no-login, or when the user has no key (then `ctx.keyless` says why)."""
+    cfg = ctx.cfg
+    if not ctx.login:
+        if ctx.authorized_keys:
+            raise RecipeError("--no-login makes an image nobody can log in to: leave out --authorized-keys with it")
+        ctx.keyless = "--no-login"
+        return None
+    if ctx.authorized_keys:  # the command line's path is the user's, relative to where they are
+        return authorized_keys(ctx.authorized_keys, Path.cwd(), "--authorized-keys")
+    if cfg.recipe.ssh.authorized_keys:
+        return authorized_keys(cfg.recipe.ssh.authorized_keys, cfg.recipe_path.parent,
+                               f"{rel(cfg.recipe_path)}: ssh.authorized_keys")
+    own = keys_mod.own_key()
+    if own is None:
+        ctx.keyless = "no key of yours was found: none in ssh-agent, no ~/.ssh/id_*.pub"
+        return None
+    named = f" ({own.comment})" if own.comment else ""
+    log.info(f"root will trust your SSH key {own.fingerprint}{named}, from {own.where}")
+    return own.line + "\n"
 
 
 def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: str | None, sde: int) -> None:
@@ -232,11 +249,7 @@ class Configure(Step):
 
     def verify(self, ctx: Context) -> None:
         cfg = ctx.cfg
-        if ctx.authorized_keys:  # the command line's path is the user's, relative to where they are
-            ctx.keys = authorized_keys(ctx.authorized_keys, Path.cwd(), "--authorized-keys")
-        else:
-            ctx.keys = authorized_keys(cfg.recipe.ssh.authorized_keys, cfg.recipe_path.parent,
-                                       f"{rel(cfg.recipe_path)}: ssh.authorized_keys")
+        ctx.keys = trusted_keys(ctx)
         ctx.rendered = render_overlays(cfg, context(cfg, ctx.ident))
 
     def run(self, ctx: Context) -> None:

@@ -59,7 +59,10 @@ class Context:
     start: float
     authorized_keys: str | None = None                        # --authorized-keys: a file of the user's
     native: bool = True                                       # rootfs.ensure: CPU-independent work on the host
+    login: bool = True                                        # False: --no-login, an image no key opens
+    dry_run: bool = True                                      # False: the steps will run after the verifies
     keys: str | None = None                                   # configure.verify: the keys root trusts
+    keyless: str = ""                                         # configure.verify: why it trusts none
     durations: dict[str, float] = field(default_factory=dict)  # every log.step of this build, in seconds
     sources: list[Source] = field(init=False)                  # rootfs.verify: the image's apt sources
     rendered: list[Rendered] = field(init=False)               # configure.verify: the overlays, rendered

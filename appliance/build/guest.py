@@ -202,8 +202,7 @@ def static_dir(cfg: Config, i: int) -> Path | None:
     spec = cfg.recipe.sites[i].static
     if not spec:
         return None
-    src = Path(spec).expanduser()
-    src = (src if src.is_absolute() else cfg.recipe_path.parent / src).resolve()
+    src = config.static_dir(spec, cfg.recipe_path, cfg.root)
     try:
         static_files(src)
     except GuestError as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import MiB, log
+from ..config import rel
 from ..errors import BuildError
 from ..files import partial
 from ..identity import Identity
@@ -99,6 +100,15 @@ def fix_times(tree: Path, fs: Path, sde: int) -> None:
     script.unlink()
 
 
+def check_boot_room(files: dict[str, Path], size: int, recipe: str) -> None:
+    """Refuse, before mkfs, a boot partition too small for its files (with FAT's tables and each file's last
+    cluster), naming the recipe's setting: mcopy's own error would say only "disk full"."""
+    need = sum(p.stat().st_size for p in files.values()) + 2 * MiB + len(files) * 4096
+    if need > size:
+        raise BuildError(f"{recipe}: image.boot_size: {size >> 20}MiB cannot hold the boot files (Xen, the kernel, "
+                         f"the initramfs, the DTBs, boot.scr): they need {-(-need // MiB)}MiB")
+
+
 def make_boot_fs(files: dict[str, Path], out: Path, size: int, ident: Identity, sde: int) -> None:
     out.unlink(missing_ok=True)
     run(["mkfs.vfat", "--invariant", "-i", ident.boot_volid, "-n", "BOOT", "-C", out, str(size // 1024)],
@@ -173,6 +183,7 @@ class Image(Step):
         lay = ctx.layout = layout(cfg.recipe.image.boot_size, ctx.tree, cfg.recipe.image.root_free)
         log.info(f"{n} files; boot {lay.boot_size >> 20} MiB at 1 MiB, root {lay.root_size >> 20} MiB")
         boot = {**ctx.boot_files, "boot.cmd": ctx.boot_files["boot.scr"].with_name("boot.cmd")}
+        check_boot_room(boot, lay.boot_size, rel(cfg.recipe_path))
         make_boot_fs(boot, work / "boot.vfat", lay.boot_size, ctx.ident, ctx.sde)
         make_root_fs(ctx.tree, work / "root.ext4", lay.root_size, ctx.ident, ctx.sde)
         ctx.tmp_img = partial(ctx.outputs().img)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import bmap, log
+from .. import bmap, keys, log
 from ..files import partial, sha256, write_atomic
 from ..log import step
 from . import compress
@@ -73,6 +73,7 @@ def manifest(ctx: Context, out: Outputs, sums: dict[str, str], mapped: int) -> d
                    "root_size": lay.root_size, "spl_offset": cfg.board.uboot.offset},
         "sizes": {"image": out.img.stat().st_size, "mapped": mapped, "xz": out.xz.stat().st_size},
         "sha256": sums,
+        "authorized_keys": keys.fingerprints(ctx.keys or ""),   # SHA256:… of each key root trusts
         "packages": meta["packages"],
         "steps": dict(ctx.durations), "total_seconds": round(time.monotonic() - ctx.start, 1),
     }

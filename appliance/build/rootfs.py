@@ -12,15 +12,16 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import log
-from ..config import Config
-from ..errors import BuildError
+from ..config import Config, did_you_mean, rel
+from ..errors import BuildError, RecipeError
+from ..files import write_atomic
 from ..log import run, step
 from .mirror import Source, sources
 from .step import Step
@@ -41,6 +42,7 @@ EXTRA_DEBS = ("busybox-static",)
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*", "/usr/share/doc/*",
                  "/usr/share/lintian/*")
 HOOKS = Path("/usr/share/mmdebstrap/hooks")
+APT_HELPER = "/usr/lib/apt/apt-helper"
 _DIVERT = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs && '
            'printf "#!/bin/sh\\n# diverted while the image is built; the initramfs is made once at the end\\nexit 0\\n"'
            ' > "$1/usr/sbin/update-initramfs" && chmod 755 "$1/usr/sbin/update-initramfs"')
@@ -150,7 +152,8 @@ def _ensure(cfg: Config, srcs: list[Source], native: bool) -> Base:
     if (base.path / "meta.json").exists():
         log.info(f"base rootfs from cache ({base.path.name})")
         return base
-    usable, missing = probe(srcs, cfg.board.arch)
+    usable, missing = probe(srcs, cfg.board.arch, index_dir(cfg, srcs))
+    check_packages(cfg, srcs)     # the index is fresh now: a misspelt package is refused before mmdebstrap
     tmp = base.path.with_name(base.path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "debs").mkdir(parents=True)
@@ -215,21 +218,66 @@ def installed(tree: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in out.decode().splitlines() if "\t" in line)
 
 
-def probe(srcs: list[Source], arch: str, tries: int = 3) -> tuple[list[Source], list[Source]]:
+def index_dir(cfg: Config, srcs: list[Source]) -> Path:
+    """Where the build keeps the package indexes of these sources for the board's architecture (probe's)."""
+    shape = json.dumps({"arch": cfg.board.arch, "sources": [s.line() for s in srcs]}, sort_keys=True)
+    return cfg.cache / "indexes" / f"{cfg.board.arch}-{hashlib.sha256(shape.encode()).hexdigest()[:16]}"
+
+
+def index_names(lists: Path) -> set[str]:
+    """Every package name (and every name a package provides) in the Packages files of an apt lists folder."""
+    names: set[str] = set()
+    for f in sorted(lists.glob("*_Packages*")):
+        # as apt stored it (plain, or compressed when the host sets Acquire::GzipIndexes): apt's own reader
+        proc = subprocess.run([APT_HELPER, "cat-file", str(f)], capture_output=True, check=False)
+        if proc.returncode:
+            raise BuildError(f"{f}: apt cannot read this index: {proc.stderr.decode(errors='replace').strip()}")
+        text = proc.stdout
+        names.update(m.decode() for m in re.findall(rb"^Package: (\S+)", text, flags=re.M))
+        for line in re.findall(rb"^Provides: (.*)$", text, flags=re.M):
+            names.update(p.split()[0].decode() for p in line.split(b",") if p.strip())
+    return names
+
+
+def keep_names(index: Path) -> None:
+    """The names in an index folder's lists, one a line, for the recipe's checks (`names`, read in a blink)."""
+    write_atomic(index / "names", "".join(f"{n}\n" for n in sorted(index_names(index / "lists"))).encode())
+
+
+def check_packages(cfg: Config, srcs: list[Source]) -> bool:
+    """Refuse a recipe package that is in none of its sources' indexes (as the build last read them); False when
+    no index is cached yet (the first build reads it, and checks, before mmdebstrap)."""
+    names_file = index_dir(cfg, srcs) / "names"
+    if not names_file.exists():
+        return False
+    names = set(names_file.read_text().split())
+    for i, pkg in enumerate(cfg.recipe.packages):
+        name = re.split(r"[:=/]", pkg, maxsplit=1)[0]
+        if name not in names:
+            comps = ", ".join(cfg.recipe.components)
+            raise RecipeError(f"{rel(cfg.recipe_path)}: packages[{i}]: '{pkg}' is not in {cfg.recipe.suite}'s "
+                              f"{cfg.board.arch} index ({comps}){did_you_mean(name, names)}")
+    return True
+
+
+def probe(srcs: list[Source], arch: str, keep: Path, tries: int = 3) -> tuple[list[Source], list[Source]]:
     """Check each suite's index for arch before mmdebstrap, which aborts on any failed index.
 
     Debian's archive can be briefly inconsistent ("File has unexpected size … Mirror sync in progress?").
     Retry with a backoff; a suite other than the main one that still fails is left out of this build
     with a warning (the image's own sources still list it, so the board gets it on its first upgrade).
+    The lists are kept in `keep` (updated in place next time), with the names they hold (`names`), for the
+    recipe's checks.
     """
-    with step(f"Checking the {arch} package indexes of {len(srcs)} suites"), tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        (tmp / "lists/partial").mkdir(parents=True)
-        (tmp / "parts").mkdir()
+    with step(f"Checking the {arch} package indexes of {len(srcs)} suites"):
+        tmp = keep
+        (tmp / "lists/partial").mkdir(parents=True, exist_ok=True)
+        (tmp / "parts").mkdir(exist_ok=True)
         (tmp / "sources.list").write_text("".join(s.line() + "\n" for s in srcs))
         opts = [f"-oAPT::Architecture={arch}", f"-oAPT::Architectures={arch}", f"-oDir::State::Lists={tmp}/lists",
                 f"-oDir::Etc::SourceList={tmp}/sources.list", f"-oDir::Etc::SourceParts={tmp}/parts",
-                f"-oDir::Cache={tmp}", "-oAcquire::Languages=none", "-oAPT::Get::List-Cleanup=0"]
+                f"-oDir::Cache={tmp}", "-oDir::Cache::pkgcache=", "-oDir::Cache::srcpkgcache=",
+                "-oAcquire::Languages=none", "-oAPT::Get::List-Cleanup=0"]
         failed: set[str] = set()
         for attempt in range(tries):
             proc = run(["apt-get", "update", *opts], check=False)
@@ -246,6 +294,7 @@ def probe(srcs: list[Source], arch: str, tries: int = 3) -> tuple[list[Source], 
         if srcs[0].suite in failed:
             raise BuildError(f"the {srcs[0].suite} index at {srcs[0].uri} cannot be read for {arch}",
                              hint="check the mirror or set mirror: in the recipe")
+        keep_names(tmp)
         missing = [s for s in srcs if s.suite in failed]
         for s in missing:
             log.warn(f"the {s.suite} index for {arch} at {s.uri} is inconsistent after {tries} tries; this "
@@ -263,7 +312,7 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 # Every entry the build makes in the cache (rootfs.py, initramfs.py, outputs.py): the cache may be a folder the
 # user shares with other programs (~/.cache), so clean removes these names and nothing else.
-CACHE_ENTRIES = ("rootfs", "initrd", "xz")
+CACHE_ENTRIES = ("rootfs", "initrd", "xz", "indexes")
 
 
 def clean(cache: Path) -> None:
@@ -285,6 +334,11 @@ class Rootfs(Step):
 
     def verify(self, ctx: Context) -> None:
         ctx.sources = wanted_sources(ctx.cfg)
+        # a dry run checks the packages against the index the last build read; a build checks them against the
+        # index it reads itself, before installing anything (or has them already, in the cached tree)
+        if ctx.dry_run and not check_packages(ctx.cfg, ctx.sources):
+            log.info(f"packages not checked: no {ctx.cfg.recipe.suite} index for {ctx.cfg.board.arch} in the cache "
+                     "yet (a build reads it, and checks them, before installing anything)")
 
     def run(self, ctx: Context) -> None:
         ctx.base = ensure(ctx.cfg, ctx.sources, native=ctx.native)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .. import ROOT, log, proc
+from .. import ROOT, keys, log, proc
 from ..config import Board as BoardSpec
 from ..config import load_board
 from ..errors import EmulateError
@@ -26,12 +26,12 @@ from ..ssh import Result
 from . import qemu
 from .board import Board, wait_for
 from .console import FATAL, GUEST_SERVED, MILESTONES, Console
-from .images import DEFAULT_BOARD, board_for, check_image, guest_of, recipe_of
+from .images import DEFAULT_BOARD, board_for, check_image, guest_of, manifest, recipe_of
 from .qemu import bios, free_port, qemu_argv, scratch_copy, sd_card, spawn
 
 __all__ = ["DEFAULT_BOARD", "FATAL", "GUEST_SERVED", "MILESTONES", "Board", "Console", "EmulateError", "Result",
-           "bios", "board_for", "boot", "default_key", "free_port", "guest_of", "headless", "interactive", "qemu",
-           "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
+           "bios", "board_for", "boot", "check_image", "check_key", "default_key", "free_port", "guest_of",
+           "headless", "interactive", "qemu", "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
 
 
 def _ssh_config(log_path: Path) -> Path:
@@ -54,6 +54,7 @@ def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, time
     key = Path(key)
     if not key.is_file():
         raise EmulateError(f"{key}: no such SSH private key")
+    check_key(img, key)
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     b = start(spec, img, log_path, key, extra_args, persistent=persistent)
@@ -146,7 +147,29 @@ def headless(img: Path, *, key: Path, log_path: Path, board: str | None = None, 
         return b.milestones
 
 
-def default_key() -> Path | None:
-    """The test suite's key if it exists: the image `invoke test` built trusts it."""
-    key = ROOT / "build" / "test" / "id_ed25519"
-    return key if key.exists() else None
+def check_key(img: Path, key: Path | None) -> None:
+    """Refuse at once a key the image does not trust (its manifest's fingerprints), rather than waiting out the
+    deadline for a login that cannot succeed (key None: only a keyless image is refused). An image whose manifest
+    has no list (built before manifests had one) is let be."""
+    trusted = manifest(img).get("authorized_keys")
+    if not isinstance(trusted, list):
+        return
+    if not trusted:
+        raise EmulateError(f"{img.name} trusts no SSH key (its manifest lists none), so nobody can log in to it",
+                           hint="build it with your key: invoke build, or --authorized-keys FILE")
+    fp = keys.private_fingerprint(key) if key is not None else None
+    if fp is not None and fp not in trusted:
+        raise EmulateError(f"{key}: its public key {fp} is not one {img.name} trusts ({', '.join(trusted)})")
+
+
+def default_key(img: Path | None = None) -> Path | None:
+    """The first of the test suite's key (the images `invoke test` builds trust it) and the user's own in ~/.ssh
+    that the image's manifest lists; without a list, or with none of them on it, the first of them."""
+    test_key = ROOT / "build" / "test" / "id_ed25519"
+    found = [*([test_key] if test_key.exists() else []), *keys.own_private_keys()]
+    trusted = manifest(check_image(img)).get("authorized_keys") if img is not None else None
+    if isinstance(trusted, list):
+        for key in found:
+            if keys.private_fingerprint(key) in trusted:
+                return key
+    return found[0] if found else None      # boot() then says why it cannot log in with it
