@@ -156,10 +156,15 @@ def build(c, recipe="booth", dry_run=False, authorized_keys=None, output_dir=Non
 
 
 @command(positional=["dir"], help={"dir": "the folder to make (absent or empty)", "debug": _DEBUG})
-def init(c, dir, debug=False):
-    """Write a booth folder of your own: a recipe naming the shipped sites, a static site to edit, a README."""
+def init(c, dir=None, debug=False):
+    """Write a booth folder of your own: a recipe naming the shipped sites, a static site to edit, a README.
+
+    init DIR
+    """
     from appliance import starter
 
+    if not dir:
+        raise OptionError("init DIR: name the folder to make")
     recipe = starter.init(Path(dir))
     print(f"wrote {recipe.parent}/ (booth.yaml, site/index.html, README.md); check it with: "
           f"{_program()} build --recipe {recipe} --dry-run")

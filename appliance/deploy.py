@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paramiko
 import yaml
@@ -379,6 +379,18 @@ def _after_cut(target: Target, site: str, version: str, cut: SshError) -> dict[s
     return {"changed": True, "asked_after_cut": True}
 
 
+T = TypeVar("T")
+
+
+def each(fn: Callable[[Target], T], targets: list[Target], parallel: int) -> list[T]:
+    """fn for every target, at most `parallel` at once; one target is done in this thread, so that Ctrl-C ends it
+    at once rather than after a worker's connection gives up."""
+    if len(targets) == 1:
+        return [fn(targets[0])]
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(targets)))) as pool:
+        return list(pool.map(fn, targets))
+
+
 def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: int = PARALLEL,
           force: bool = False) -> list[Row]:
     """Deploy to every board, a bounded number at once; one board's failure is its own row, nothing more."""
@@ -393,8 +405,7 @@ def fleet(targets: list[Target], g: Guest, site: str | None = None, parallel: in
             row.detail["destination"] = t.host
             return row
 
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(targets)))) as pool:
-        return list(pool.map(one, targets))
+    return each(one, targets, parallel)
 
 
 def table(rows: list[Row]) -> str:
@@ -476,8 +487,7 @@ def fleet_status(targets: list[Target], parallel: int = PARALLEL) -> dict[str, d
         except ApplianceError as exc:
             return {"ok": False, "error": str(exc), "sites": {}}
 
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(targets)))) as pool:
-        return dict(zip([t.label for t in targets], pool.map(one, targets), strict=True))
+    return dict(zip([t.label for t in targets], each(one, targets, parallel), strict=True))
 
 
 def _state(st: dict[str, Any]) -> str:

@@ -186,7 +186,8 @@ def test_the_dry_run_ends_with_a_summary(tmp_path: Path, monkeypatch: pytest.Mon
     assert err[-8:-1] == [
         "dry run: the recipe, boards, overlays and templates check out; nothing was built. cubieboard2-mine would be:",
         "  board:    cubieboard2 (also boots qemu-virt)",
-        f"  suite:    bookworm armhf (main, non-free-firmware), {n} packages (10 of the recipe's)",
+        f"  suite:    bookworm armhf (main, non-free-firmware), {n} packages "
+        f"({len(config.read_yaml(recipe)['packages'])} of the recipe's)",
         "  sites:    demo (the demo game, on demand), about (static mine/mysite), make (static "
         f"{ROOT / 'guest/make'}, on demand)",
         "  wifi:     'Xen Booth', WPA2, channel 6, DE",

@@ -134,13 +134,8 @@ def test_the_key_comes_from_ssh_agent_unless_given(tmp_path: Path, channel: Path
 
 def recipe(tmp_path: Path, pull_spec: dict[str, Any], signers: str | None = "ok") -> Path:
     data = yaml.safe_load((config.ROOT / "recipes/booth.yaml").read_text())
-    data["sites"][0]["pull"] = pull_spec
-    data["overlays"] = [str(config.ROOT / "overlays" / o) for o in data.get("overlays", ["base"])]
+    data["sites"][0]["pull"] = pull_spec      # overlays and static sites by name: the tool's, from anywhere
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(data))
-    for s in data["sites"]:
-        if s.get("static"):
-            s["static"] = str((config.ROOT / "recipes" / s["static"]).resolve())
     path.write_text(yaml.safe_dump(data))
     if signers == "ok":
         keypair(tmp_path, "alice")
