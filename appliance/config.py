@@ -601,14 +601,15 @@ def _check_sites(rec: Recipe, path: Path, router: ipaddress.IPv4Interface, first
         for j, name in enumerate(s.names):
             if not _DNS_NAME.fullmatch(name):
                 raise _fail(path, f"{key}.names[{j}]", f"'{name}' is not a lower-case DNS name")
-        for field_, limit, value, unit in (("memory_mib", "memory", s.memory_mib, " (MiB)"),
-                                           ("vcpus", "vcpus", s.vcpus, ""),
-                                           ("deadline", "deadline", s.deadline, " (seconds)"),
-                                           ("drain", "drain", s.drain, " (seconds)"),
-                                           ("keep", "keep", s.keep, " (versions)")):
-            low, high = SITE_LIMITS[limit]           # the board's own, in one place (manager/settings.py)
-            if not low <= value <= high:
-                raise _fail(path, f"{key}.{field_}", f"{value} must be {low} to {high}{unit}")
+        checks: tuple[tuple[str, str, int, str], ...] = (("memory_mib", "memory", s.memory_mib, " (MiB)"),
+                                                         ("vcpus", "vcpus", s.vcpus, ""),
+                                                         ("deadline", "deadline", s.deadline, " (seconds)"),
+                                                         ("drain", "drain", s.drain, " (seconds)"),
+                                                         ("keep", "keep", s.keep, " (versions)"))
+        for field_, limit, amount, unit in checks:
+            least, most = SITE_LIMITS[limit]         # the board's own, in one place (manager/settings.py)
+            if not least <= amount <= most:
+                raise _fail(path, f"{key}.{field_}", f"{amount} must be {least} to {most}{unit}")
         if not SITE_LIMITS["port"][0] <= s.port <= SITE_LIMITS["port"][1]:
             raise _fail(path, f"{key}.port", f"{s.port} is not a TCP port")
         if not manifest.HEALTH_PATH.fullmatch(s.health_path):

@@ -7,11 +7,10 @@ build/test/artifacts/booth-game.png.
 
 from __future__ import annotations
 
+import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-
-import pytest
 from test_game_browser import ARTIFACTS, DEADLINE, browser, cells, press, until  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.system

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_manager import FakeNet, sites_json
 
 from appliance import config, errors
 from appliance.build import configure
@@ -20,7 +21,6 @@ from appliance.manager import demand, dns
 from appliance.manager.context import Context
 from appliance.manager.errors import Error
 from appliance.manager.settings import load as load_settings
-from test_manager import FakeNet, sites_json
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_switch_double import SERVICE, STANDIN, Board, failures, make_board, wait_for
 
 pytestmark = [pytest.mark.root,

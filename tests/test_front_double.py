@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_switch_double import ENTRY, SERVICE, make_board, sh, wait_for
+from test_switch_double import ENTRY, SERVICE, make_board, wait_for
 
 from appliance import ROOT
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import testinfra
+from conftest import AWAKE_S
 
 from appliance import config
 from appliance.bench.switch import STORE, manager, steady_visitor, upload
 from appliance.emulate import Board, EmulateError, wait_for
-from conftest import AWAKE_S
 
 pytestmark = pytest.mark.system
 

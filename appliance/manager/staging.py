@@ -25,9 +25,9 @@ from . import manifest
 from .context import Context, log
 from .errors import Error
 from .lock import SiteLock
-from .names import PART, check_version, cut
+from .names import MANIFEST, PART, check_version, cut
 from .settings import Site
-from .store import MANIFEST, sync_dir
+from .store import sync_dir
 
 
 def pick_site(ctx: Context, name: str | None) -> Site:
