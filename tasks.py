@@ -77,22 +77,31 @@ def _positional_given(name: str, valued: set[str]) -> bool:
     return False
 
 
-@task(positional=["device"] if _positional_given("flash", {"--image", "-i", "--bmap", "-b"}) else [],
+@task(positional=["device"] if _positional_given("flash", {"--image", "-i", "--bmap", "-b", "--hostname", "-h", "--ssid",
+                                                            "-s", "--passphrase-file", "-p", "--authorized-keys",
+                                                            "-a"}) else [],
       help={"device": "the card's whole disk, e.g. /dev/sdb (default: choose among the removable disks)",
             "image": ".img, .img.xz, .img.gz or .img.zst to write (default: build/latest, the last built)",
             "bmap": "block map to write by (default: the image's .bmap; without one, a full write)",
             "yes": "do not ask for confirmation", "force": "also write a disk that is not removable",
             "to_file": "DEVICE is an image file to write, not a card",
+            "hostname": "this card's host name (appliance.txt on its boot partition, applied at first boot)",
+            "ssid": "this card's wifi name", "passphrase_file": "a file holding this card's WPA2 passphrase",
+            "authorized_keys": "a file of SSH public keys this card also trusts for root",
             "debug": "show commands and tracebacks"})
 @_cli
-def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file=False, debug=False):
-    """Write an image to an SD card: checked, sparse and verified."""
+def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file=False, hostname=None, ssid=None,
+          passphrase_file=None, authorized_keys=None, debug=False):
+    """Write an image to an SD card: checked, sparse and verified; then the card's own settings, if given."""
     from pathlib import Path
 
     from appliance import flash as f
+    from appliance.flash import settings as s
 
+    card = s.from_options(hostname, ssid, Path(passphrase_file) if passphrase_file else None,
+                          Path(authorized_keys) if authorized_keys else None)
     f.flash(Path(image) if image else f.default_image(), Path(device) if device else None,
-            bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file)
+            bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file, settings=card)
 
 
 @task(help={"image": "the .img to boot (default: build/latest, the last built)",

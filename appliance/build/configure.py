@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from .. import sites
+from .. import cardsettings, sites
 from ..config import Config, rel, wifi_passphrase
 from ..errors import BuildError, RecipeError
 from ..identity import Identity
@@ -27,8 +27,6 @@ from .step import Step
 if TYPE_CHECKING:
     from .context import Context
 
-_KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) "
-                  r"[A-Za-z0-9+/=]+( .*)?$")
 
 
 @dataclass(frozen=True)
@@ -144,8 +142,10 @@ def authorized_keys(path: str | None, base: Path, where: str = "ssh.authorized_k
         raise RecipeError(f"{where}: cannot read {rel(p)}: {exc.strerror}") from None
     keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     for n, key in enumerate(keys, 1):
-        if not _KEY.match(key):
-            raise RecipeError(f"{p}:{n}: not an SSH public key (a private key or a typo?)")
+        try:
+            cardsettings.check_key(key)
+        except cardsettings.Error as exc:
+            raise RecipeError(f"{p}:{n}: {exc}") from None
     if not keys:
         raise RecipeError(f"{p}: holds no SSH public key")
     return "\n".join(keys) + "\n"
