@@ -107,9 +107,16 @@ class Sshd:
             self.proc.wait(10)
 
 
-def start(dir: Path, client_key: Path, log_level: str = "INFO") -> Sshd:
+def start(dir: Path, client_key: Path, log_level: str = "INFO", host_key: Path | None = None) -> Sshd:
+    """An sshd on a random loopback port; `host_key`: the key it presents (default: one made for it)."""
     dir.mkdir(parents=True, exist_ok=True)
-    host_key = keygen(dir / "host_key")
+    if host_key is None:
+        host_key = keygen(dir / "host_key")
+    else:
+        shutil.copyfile(host_key, dir / "host_key")
+        shutil.copyfile(f"{host_key}.pub", dir / "host_key.pub")
+        os.chmod(dir / "host_key", 0o600)
+        host_key = dir / "host_key"
     bin_dir = dir / "bin"
     bin_dir.mkdir(exist_ok=True)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)     # sshd's privilege separation directory

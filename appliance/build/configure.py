@@ -151,6 +151,11 @@ def authorized_keys(path: str | None, base: Path, where: str = "ssh.authorized_k
     return "\n".join(keys) + "\n"
 
 
+def image_version(cfg: Config, sde: int) -> str:
+    """An image's version as the board announces it: its SOURCE_DATE_EPOCH's day and the recipe's digest."""
+    return f"{time.strftime('%Y%m%d', time.gmtime(sde))}-{cfg.digest[:8]}"
+
+
 def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: str | None, sde: int) -> None:
     """Identity, users, SSH and mounts: the parts every image has, whatever its overlays."""
     hostname = cfg.recipe.hostname or cfg.recipe.name
@@ -166,6 +171,9 @@ def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: s
     # No password for root, and none can be used: '*' locks it; SSH keys are the only way in.
     shadow = tree / "etc/shadow"
     shadow.write_text(re.sub(r"^root:[^:]*:", "root:*:", shadow.read_text(), flags=re.M))
+    # What the board announces over mDNS beside its SSH host keys (appliance-ssh-hostkeys), for `invoke boards`.
+    (tree / "etc/appliance").mkdir(parents=True, exist_ok=True)
+    (tree / "etc/appliance/image").write_text(f"NAME={cfg.image_name}\nVERSION={image_version(cfg, sde)}\n")
     # Host keys are made on each board at its first boot (appliance-ssh-hostkeys.service).
     for key in (tree / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
