@@ -294,3 +294,15 @@ def test_the_board_applies_card_settings_in_its_own_rootfs(image_rootfs: Path) -
         assert not (work / "boot/appliance.txt").exists()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_image_ships_the_first_boot_parts(host) -> None:
+    """The rules laid in beside the guest manager, the scripts, and what the board announces about its image."""
+    assert host.file(f"/{MANAGER}/appliance/cardsettings.py").is_file
+    for script in ("appliance-card-settings", "appliance-ssh-hostkeys"):
+        assert host.file(f"/usr/local/sbin/{script}").mode == 0o755
+    image = host.file("/etc/appliance/image").content_string.splitlines()
+    assert image[0] == "NAME=cubieboard2-booth" and image[1].startswith("VERSION=")
+    wanted = host.run("systemctl is-enabled appliance-card-settings.service").stdout.strip()
+    # in the image: wanted at first boot; on a booted board with no appliance.txt: done, and no longer wanted
+    assert wanted == ("enabled" if host.backend_name == "chroot" else "disabled")
