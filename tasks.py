@@ -241,19 +241,13 @@ def guests(c, host=None, site=None, accept_new=False, ssh_config=None, known_hos
 @task(help={"timeout": "seconds to wait for answers (default 3)", "json": "print JSON",
             "debug": "show commands and tracebacks"})
 @_cli
-def boards(c, timeout=3, json=False, debug=False):
+def boards(c, timeout=None, json=False, debug=False):
     """The boards on the local network (mDNS): name, address, image, version and SSH host key fingerprint."""
     import json as j
 
     from appliance import boards as b
 
-    try:
-        secs = float(timeout)
-    except ValueError:
-        raise Exit(f"appliance: ERROR: --timeout: {timeout!r} is not a number of seconds", code=1) from None
-    if not 0 < secs <= 60:
-        raise Exit(f"appliance: ERROR: --timeout: {timeout} must be more than 0 and at most 60 (seconds)", code=1)
-    found = b.browse(secs)
+    found = b.browse(b.seconds(timeout or 3, "--timeout"))
     print(j.dumps([x.as_dict() for x in found], indent=1) if json else b.table(found))
 
 

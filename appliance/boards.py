@@ -151,6 +151,17 @@ def _send(sock: socket.socket, packet: bytes) -> int:
     return sent
 
 
+def seconds(value: object, option: str) -> float:
+    """A wait given on the command line: more than 0 and at most a minute (an mDNS answer takes milliseconds)."""
+    try:
+        secs = float(str(value))
+    except ValueError:
+        raise DiscoveryError(f"{option}: {value!r} is not a number of seconds") from None
+    if not 0 < secs <= 60:
+        raise DiscoveryError(f"{option}: {value} must be more than 0 and at most 60 (seconds)")
+    return secs
+
+
 def browse(timeout: float = 3.0) -> list[Board]:
     """The `_ssh._tcp` services answering within `timeout` seconds: what they published, and their addresses."""
     qid = random.randrange(1, 0x10000)

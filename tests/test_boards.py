@@ -68,6 +68,17 @@ def test_a_malformed_answer_is_refused_not_crashed_on(msg: bytes) -> None:
         boards.records(msg)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize(("value", "line"), [
+    ("abc", "appliance: ERROR: --timeout: 'abc' is not a number of seconds"),
+    ("0", "appliance: ERROR: --timeout: 0 must be more than 0 and at most 60 (seconds)"),
+    ("3600", "appliance: ERROR: --timeout: 3600 must be more than 0 and at most 60 (seconds)")])
+def test_a_bad_timeout_is_one_line(value: str, line: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "invoke", "boards", "--timeout", value], cwd=ROOT, capture_output=True,
+                       text=True, check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", line + "\n")
+
+
 # ---------------------------------------------------------------- root: a real avahi-daemon in a namespace
 
 
