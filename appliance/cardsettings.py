@@ -143,6 +143,9 @@ def _hostapd(conf: str, ssid: str | None, passphrase: str | None) -> str:
 
 def apply(s: Settings, root: Path) -> list[str]:
     """Apply settings to the tree at `root` (the board's / at boot); returns what changed, a line each."""
+    conf = root / "etc/hostapd/appliance.conf"
+    if (s.ssid is not None or s.passphrase is not None) and not conf.is_file():
+        raise Error(f"ssid= and passphrase= need the booth's access point, and this image has none ({conf})")
     done = []
     if s.hostname:
         _write(root / "etc/hostname", s.hostname + "\n", 0o644)
@@ -157,7 +160,6 @@ def apply(s: Settings, root: Path) -> list[str]:
         _write(root / "var/lib/appliance/hostname-set", s.hostname + "\n", 0o644)
         done.append(f"host name {s.hostname}")
     if s.ssid is not None or s.passphrase is not None:
-        conf = root / "etc/hostapd/appliance.conf"
         _write(conf, _hostapd(conf.read_text(), s.ssid, s.passphrase), 0o600)
         done += [f"wifi SSID {s.ssid}"] if s.ssid is not None else []
         done += ["wifi WPA2 passphrase"] if s.passphrase is not None else []

@@ -259,6 +259,18 @@ def test_a_refused_file_stays_for_the_next_boot(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_wifi_settings_on_an_image_without_an_access_point_apply_nothing(tmp_path: Path) -> None:
+    root, boot = booth_tree(tmp_path)
+    (root / "etc/hostapd/appliance.conf").unlink()
+    (boot / "appliance.txt").write_text("hostname=hall-e\nssid=Hall E\n")
+    r = run_board_script(root, boot)
+    assert (r.returncode, r.stderr) == (1, "appliance-card-settings: ERROR: ssid= and passphrase= need the booth's "
+                                           f"access point, and this image has none ({root}/etc/hostapd/appliance.conf)"
+                                           "; nothing applied\n")
+    assert (root / "etc/hostname").read_text() == "booth\n"
+
+
+@pytest.mark.unit
 def test_a_power_cut_before_the_rename_does_not_apply_twice(tmp_path: Path) -> None:
     """Applied and recorded, but the file not yet renamed: the next boot only renames it (keys are not doubled)."""
     root, boot = booth_tree(tmp_path)
