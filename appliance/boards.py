@@ -120,6 +120,8 @@ def records(msg: bytes) -> list[tuple[str, int, object]]:
             strings, i = {}, 0
             while i < len(data):
                 n = data[i]
+                if i + 1 + n > len(data):
+                    break                       # runs past its record: not a string
                 key, _, value = data[i + 1:i + 1 + n].decode(errors="replace").partition("=")
                 if key and key.isprintable() and value.isprintable():
                     strings[key.lower()] = value

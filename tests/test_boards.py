@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -66,6 +67,29 @@ def test_a_malformed_answer_is_refused_not_crashed_on(msg: bytes) -> None:
     """Anyone on the network can answer: a short header, a pointer loop, a label past the end."""
     with pytest.raises(boards.Malformed):
         boards.records(msg)
+
+
+def answer(*rrs: tuple[str, int, bytes]) -> bytes:
+    """An mDNS response holding these records (name, type, rdata)."""
+    body = b"".join(boards._encode_name(n) + struct.pack("!HHIH", t, 0x8001, 120, len(d)) + d for n, t, d in rrs)
+    return struct.pack("!HHHHHH", 0, 0x8400, 0, len(rrs), 0, 0) + body
+
+
+@pytest.mark.unit
+def test_an_answer_is_read_and_bounded() -> None:
+    inst = f"{NAME}._ssh._tcp.local"
+    msg = answer(("_ssh._tcp.local", boards.PTR, boards._encode_name(inst)),
+                 (inst, boards.SRV, struct.pack("!HHH", 0, 0, 2222) + boards._encode_name(f"{NAME}.local")),
+                 (inst, boards.TXT, b"".join(bytes([len(t)]) + t for t in (b"image=booth-x", b"fp-ed25519=SHA",
+                                                                           b"bad\x01=x", b"=x", b"k="))
+                  + b"\x07cut"),                               # a string running past its record: dropped
+                 (f"{NAME}.local", boards.A, bytes([10, 0, 0, 7])))
+    assert boards.records(msg) == [("_ssh._tcp.local", boards.PTR, inst),
+                                   (inst, boards.SRV, (2222, f"{NAME}.local")),
+                                   (inst, boards.TXT, {"image": "booth-x", "fp-ed25519": "SHA", "k": ""}),
+                                   (f"{NAME}.local", boards.A, "10.0.0.7")]
+    flood = answer(*[(f"b{i}._ssh._tcp.local", boards.PTR, b"\0") for i in range(500)])
+    assert len(boards.records(flood)) == boards.MAX_RECORDS
 
 
 @pytest.mark.unit
