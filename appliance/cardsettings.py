@@ -29,18 +29,23 @@ class Error(ValueError):
     """A value or a settings file that the rules refuse; the message is one line."""
 
 
+def _show(value: str) -> str:
+    """A refused value as an error shows it: whole unless it would swamp the line."""
+    return value if len(value) <= 80 else value[:77] + "..."
+
+
 def check_hostname(value: str) -> str:
     if not HOSTNAME.fullmatch(value):
-        raise Error(f"'{value}' is not a valid host name (up to 63 lower-case letters, digits and '-', "
+        raise Error(f"'{_show(value)}' is not a valid host name (up to 63 lower-case letters, digits and '-', "
                     f"not starting or ending with '-')")
     return value
 
 
 def check_ssid(value: str) -> str:
     if not 1 <= len(value.encode()) <= 32:
-        raise Error(f"'{value}' must be 1 to 32 bytes long")
+        raise Error(f"'{_show(value)}' must be 1 to 32 bytes long")
     if not value.isprintable():
-        raise Error(f"{value!r} must not hold control characters")
+        raise Error(f"{_show(value)!r} must not hold control characters")
     return value
 
 

@@ -39,6 +39,7 @@ MiB = 1 << 20
                                    "letters, digits and '-', not starting or ending with '-')"),
     (b"ssid=" + b"x" * 33 + b"\n", "appliance.txt:1: '" + "x" * 33 + "' must be 1 to 32 bytes long"),
     (b"ssid=\n", "appliance.txt:1: '' must be 1 to 32 bytes long"),
+    (b"ssid=" + b"y" * 5000 + b"\n", "appliance.txt:1: '" + "y" * 77 + "...' must be 1 to 32 bytes long"),
     (b"ssid=a\tb\n", "appliance.txt:1: 'a\\tb' must not hold control characters"),
     (b"passphrase=short\n", "appliance.txt:1: the passphrase in passphrase= must be 8 to 63 printable ASCII "
                             "characters (it has 5)"),
