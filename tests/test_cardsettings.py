@@ -286,6 +286,34 @@ def test_a_power_cut_before_the_rename_does_not_apply_twice(tmp_path: Path) -> N
     assert not (root / cardsettings.UNIT).is_symlink()
 
 
+@pytest.mark.root
+def test_the_board_finds_and_mounts_its_own_boot_partition(tmp_path: Path, loops: Loops) -> None:
+    """As at boot (no BOOT argument): the first partition of the disk holding the root, mounted by the script itself,
+    the file renamed on the card's FAT."""
+    if "\tvfat\n" not in Path("/proc/filesystems").read_text():
+        pytest.skip("the host's kernel has no vfat (the board's has: the system tier applies a card's settings)")
+    img, _ = fat_card(tmp_path)
+    log.run(["mcopy", "-i", f"{img}@@{MiB}", "-", "::/appliance.txt"], input=Settings("hall-f").render().encode(),
+            env=card_settings.ENV)
+    loop = loops.new(content=img, partscan=True)
+    loops.scan(loop)
+    root = tmp_path / "root"
+    root.mkdir()
+    log.run(["mount", loop.partition(2), root])
+    loops.stack.callback(log.run, ["umount", "--lazy", root], check=False)
+    (tmp_path / "t").mkdir()
+    tree, _ = booth_tree(tmp_path / "t")
+    shutil.copytree(tree, root, dirs_exist_ok=True, symlinks=True)
+    r = subprocess.run(["/usr/bin/python3", "-S", SCRIPT, root], capture_output=True, text=True, check=False,
+                       env={"PYTHONPATH": str(root / MANAGER), "PATH": os.environ.get("PATH", "")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"appliance-card-settings: {loop.partition(1)}:/appliance.txt: host name hall-f\n"
+    assert (root / "etc/hostname").read_text() == "hall-f\n"
+    files = log.run(["mdir", "-b", "-i", loop.partition(1), "::/"], env=card_settings.ENV).stdout.decode().split()
+    assert sorted(files) == ["::/appliance.txt.done", "::/boot.scr"]
+    log.run(["fsck.vfat", "-n", loop.partition(1)])
+
+
 @pytest.mark.image
 def test_the_board_applies_card_settings_in_its_own_rootfs(image_rootfs: Path) -> None:
     """The built rootfs's own python3 (armhf, through qemu-user) and the module the build laid in, in a chroot."""
