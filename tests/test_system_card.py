@@ -17,7 +17,7 @@ from conftest import TEST_DIR
 
 from appliance import flash
 from appliance.cardsettings import Settings
-from appliance.emulate import Board, boot
+from appliance.emulate import Board, boot, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -78,3 +78,13 @@ def test_avahi_announces_ssh_on_the_uplink_only(card_board: Board) -> None:
         journal[-1500:]
     joined = re.findall(r"Joining mDNS multicast group on interface (\S+)\.IPv4", journal)
     assert joined and not {"br0", "brg0"} & set(joined), joined
+
+
+def test_the_console_login_prompt_shows_the_fingerprints(card_board: Board) -> None:
+    """The getty on dom0's console (hvc0) starts even though udev's coldplug comes late, and shows /etc/issue.d."""
+    b = card_board
+    wait_for("the console's getty", lambda: b.run("systemctl is-active serial-getty@hvc0.service", check=False)
+             .out.strip() == "active" or None, 300, interval=5, board=b)
+    assert wait_for("the issue text on the console", lambda: re.search(
+        rf"SSH host keys of {NAME} \(check them when ssh asks\):\s+ed25519\s+SHA256:\S+",
+        b.console.read_text(errors="replace")), 120, interval=2, board=b)
