@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 PACKAGES="mmdebstrap qemu-user-static binfmt-support arch-test qemu-system-arm u-boot-qemu u-boot-tools
   bmap-tools fdisk dosfstools mtools e2fsprogs device-tree-compiler xz-utils zstd gzip cpio kmod
   python3 python3-venv python3-pip git ca-certificates openssl openssh-client openssh-server util-linux iproute2 curl
-  nftables conntrack dnsmasq-base dnsmasq-utils busybox nodejs chromium chromium-driver"
+  nftables conntrack dnsmasq-base dnsmasq-utils busybox avahi-daemon nodejs chromium chromium-driver"
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup.sh: run as root (it installs Debian packages and registers qemu-user with binfmt_misc)" >&2

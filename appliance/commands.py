@@ -199,18 +199,25 @@ def clean(c, all=False, debug=False):
                "bmap": "block map to write by (default: the image's .bmap; without one, a full write)",
                "yes": "do not ask for confirmation",
                "force": "also write a disk that is not removable, or (--to-file) over an existing file",
-               "to_file": "DEVICE is an image file to write, not a card", "debug": _DEBUG})
-def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file=False, debug=False):
-    """Write an image to an SD card: checked, sparse and verified.
+               "to_file": "DEVICE is an image file to write, not a card",
+               "hostname": "this card's host name (appliance.txt on its boot partition, applied at first boot)",
+               "ssid": "this card's wifi name", "passphrase_file": "a file holding this card's WPA2 passphrase",
+               "authorized_keys": "a file of SSH public keys this card also trusts for root", "debug": _DEBUG})
+def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file=False, hostname=None, ssid=None,
+          passphrase_file=None, authorized_keys=None, debug=False):
+    """Write an image to an SD card: checked, sparse and verified; then the card's own settings, if given.
 
-    flash [DEVICE] [--image FILE] [--bmap FILE] [--yes] [--force] [--to-file]
+    flash [DEVICE] [--image FILE] [--bmap FILE] [--yes] [--force] [--to-file] [--hostname NAME] [--ssid S] [--passphrase-file F] [--authorized-keys F]
     """
     from pathlib import Path
 
     from appliance import flash as f
+    from appliance.flash import settings as s
 
+    card = s.from_options(hostname, ssid, Path(passphrase_file) if passphrase_file else None,
+                          Path(authorized_keys) if authorized_keys else None)
     f.flash(Path(image) if image else f.default_image(), Path(device) if device else None,
-            bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file)
+            bmap=Path(bmap) if bmap else None, yes=yes, force=force, to_file=to_file, settings=card)
 
 
 @command(help={"image": "the .img to boot (default: build/latest, the last built)",
@@ -396,6 +403,17 @@ def guests(c, host=None, site=None, accept_new=False, ssh_config=None, known_hos
     print(d.guests_text(d.guests(t, site)))
 
 
+@command(help={"timeout": "seconds to wait for answers (default 3)", "json": "print JSON", "debug": _DEBUG})
+def boards(c, timeout=None, json=False, debug=False):
+    """The boards on the local network (mDNS): name, address, image, version and SSH host key fingerprint."""
+    import json as j
+
+    from appliance import boards as b
+
+    found = b.browse(number("timeout", timeout, kind=float, minimum=0.1, maximum=60, default=3.0))
+    print(j.dumps([x.as_dict() for x in found], indent=1) if json else b.table(found))
+
+
 @command(help={"tier": "unit, root, ssh, browser, image, system or all (default)",
                "pytest_args": "extra pytest arguments", "debug": _DEBUG})
 def test(c, tier="all", pytest_args="", debug=False):
@@ -427,5 +445,5 @@ def _cache(c: Any) -> str | None:
     return c.config.appliance.cache
 
 
-ns = Collection(build, init, clean, test, flash, emulate, bench, guest, deploy, release, rollback, status, guests)
+ns = Collection(build, init, clean, test, flash, emulate, bench, guest, deploy, release, rollback, status, guests, boards)
 ns.configure({"appliance": {"cache": None}})

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import ROOT, default_cache
+from . import ROOT, cardsettings, default_cache
 from .errors import RecipeError
 from .manager import manifest, names
 from .manager.settings import SITE_LIMITS
@@ -505,10 +505,15 @@ def _check_recipe(rec: Recipe, path: Path, root: Path = ROOT) -> None:
     if rec.image.boot_size % MiB:
         raise _fail(path, "image.boot_size", f"{_mib(rec.image.boot_size)} is not a whole number of MiB (the root "
                                              "partition starts after it, aligned)")
-    if rec.hostname and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", rec.hostname):
-        raise _fail(path, "hostname", f"'{rec.hostname}' is not a valid host name")
     for i, overlay in enumerate(rec.overlays):
         overlay_dir(overlay, path, root, f"overlays[{i}]")
+    for key, value, check in (("hostname", rec.hostname, cardsettings.check_hostname),
+                              ("wifi.ssid", rec.wifi.ssid, cardsettings.check_ssid)):
+        try:
+            if value or key != "hostname":
+                check(value)
+        except cardsettings.Error as exc:
+            raise _fail(path, key, str(exc)) from None
     _check_wifi(rec.wifi, path)
     _check_network(rec, path)
     if rec.mirror is not None and not re.fullmatch(r"(https?|file)://\S+", rec.mirror):
@@ -520,10 +525,6 @@ def _mib(size: int) -> str:
 
 
 def _check_wifi(w: Wifi, path: Path) -> None:
-    if not 1 <= len(w.ssid.encode()) <= 32:
-        raise _fail(path, "wifi.ssid", f"'{w.ssid}' must be 1 to 32 bytes long")
-    if not w.ssid.isprintable():
-        raise _fail(path, "wifi.ssid", f"{w.ssid!r} must not hold control characters")
     if w.channel not in _CHANNELS[w.hw_mode]:
         raise _fail(path, "wifi.channel", f"channel {w.channel} is not allowed in hw_mode '{w.hw_mode}'")
     if not re.fullmatch(r"[A-Z]{2}", w.country):
@@ -669,10 +670,10 @@ def _passphrase(w: Wifi, base: Path, recipe: Path | None, *, required: bool) -> 
                           f"{w.passphrase_env or '(wifi.passphrase_env)'}, or wifi.open: true")
     else:
         return None
-    if not (8 <= len(value) <= 63 and all(" " <= c <= "~" for c in value)):
-        raise RecipeError(f"{where}{key}: the passphrase in {source} must be 8 to 63 printable ASCII characters "
-                          f"(it has {len(value)})")
-    return value
+    try:
+        return cardsettings.check_passphrase(value, source)
+    except cardsettings.Error as exc:
+        raise RecipeError(f"{where}{key}: {exc}") from None
 
 
 def wifi_passphrase(rec: Recipe, base: Path) -> str | None:

@@ -158,15 +158,16 @@ MANAGER = "usr/local/lib/appliance"    # /usr/local/sbin/appliance-guest imports
 
 
 def install_manager(cfg: Config, tree: Path) -> None:
-    """The board's guest manager: the very package the host imports, with its bytecode made here (the board's
-    python3 is the same 3.11; a hash-checked .pyc does not depend on file times, so the image stays the same)."""
+    """The board's guest manager and the card settings' rules (cardsettings.py): the very package the host imports,
+    with its bytecode made here (the board's python3 is the same 3.11; a hash-checked .pyc does not depend on file
+    times, so the image stays the same)."""
     import importlib.util
     import py_compile
 
     dest = tree / MANAGER / "appliance"
     shutil.rmtree(dest, ignore_errors=True)
     src = Path(manifest.__file__).parent
-    for p in [src.parent / "__init__.py", *sorted(src.glob("*.py"))]:
+    for p in [src.parent / "__init__.py", src.parent / "cardsettings.py", *sorted(src.glob("*.py"))]:
         out = dest / p.relative_to(src.parent)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, out)

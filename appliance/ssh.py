@@ -95,7 +95,8 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
             client.get_host_keys().add(hostname, key.get_name(), key)
             return
         raise HostKeyError(f"{hostname}: unknown host key ({key.get_name()} {fingerprint(key)}), not in {where}; "
-                           f"refused", hint="check the fingerprint on the board's console, then use --accept-new")
+                           f"refused", hint="check the fingerprint with invoke boards or on the board's console, "
+                                            "then use --accept-new")
 
 
 KEYS = ("hostname", "port", "user", "identityfile", "identitiesonly", "proxyjump", "proxycommand",

@@ -154,10 +154,18 @@ class Link:
             s.close()
 
 
-def start(dir: Path, client_key: Path, log_level: str = "INFO", extra: str = "", netns: str | None = None) -> Sshd:
-    """An sshd on 127.0.0.1 (of the network namespace netns, if given); extra: more sshd_config lines."""
+def start(dir: Path, client_key: Path, log_level: str = "INFO", extra: str = "", netns: str | None = None,
+          host_key: Path | None = None) -> Sshd:
+    """An sshd on a random port of 127.0.0.1 (of the network namespace netns, if given); extra: more sshd_config
+    lines; host_key: the key it presents (default: one made for it)."""
     dir.mkdir(parents=True, exist_ok=True)
-    host_key = keygen(dir / "host_key")
+    if host_key is None:
+        host_key = keygen(dir / "host_key")
+    else:
+        shutil.copyfile(host_key, dir / "host_key")
+        shutil.copyfile(f"{host_key}.pub", dir / "host_key.pub")
+        os.chmod(dir / "host_key", 0o600)
+        host_key = dir / "host_key"
     bin_dir = dir / "bin"
     bin_dir.mkdir(exist_ok=True)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)     # sshd's privilege separation directory

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
+from .. import cardsettings, log, sites
 from .. import keys as keys_mod
-from .. import log, sites
 from ..config import Config, overlay_dir, rel, wifi_passphrase
 from ..errors import BuildError, RecipeError
 from ..identity import Identity
@@ -139,8 +139,10 @@ def authorized_keys(path: str | None, base: Path, where: str = "ssh.authorized_k
         raise RecipeError(f"{where}: cannot read {rel(p)}: {exc.strerror}") from None
     keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     for n, key in enumerate(keys, 1):
-        if not keys_mod.LINE.match(key):
-            raise RecipeError(f"{p}:{n}: not an SSH public key (a private key or a typo?)")
+        try:
+            cardsettings.check_key(key)
+        except cardsettings.Error as exc:
+            raise RecipeError(f"{p}:{n}: {exc}") from None
     if not keys:
         raise RecipeError(f"{p}: holds no SSH public key")
     return "\n".join(keys) + "\n"
@@ -169,6 +171,11 @@ def trusted_keys(ctx: Context) -> str | None:
     return own.line + "\n"
 
 
+def image_version(cfg: Config, sde: int) -> str:
+    """An image's version as the board announces it: its SOURCE_DATE_EPOCH's day and the recipe's digest."""
+    return f"{time.strftime('%Y%m%d', time.gmtime(sde))}-{cfg.digest[:8]}"
+
+
 def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: str | None, sde: int) -> None:
     """Identity, users, SSH and mounts: the parts every image has, whatever its overlays."""
     hostname = cfg.recipe.hostname or cfg.recipe.name
@@ -184,6 +191,9 @@ def system(tree: Path, cfg: Config, ident: Identity, srcs: list[Source], keys: s
     # No password for root, and none can be used: '*' locks it; SSH keys are the only way in.
     shadow = tree / "etc/shadow"
     shadow.write_text(re.sub(r"^root:[^:]*:", "root:*:", shadow.read_text(), flags=re.M))
+    # What the board announces over mDNS beside its SSH host keys (appliance-ssh-hostkeys), for `invoke boards`.
+    (tree / "etc/appliance").mkdir(parents=True, exist_ok=True)
+    (tree / "etc/appliance/image").write_text(f"NAME={cfg.image_name}\nVERSION={image_version(cfg, sde)}\n")
     # Host keys are made on each board at its first boot (appliance-ssh-hostkeys.service).
     for key in (tree / "etc/ssh").glob("ssh_host_*"):
         key.unlink()

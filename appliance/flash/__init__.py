@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import log
+from ..cardsettings import Settings
 from ..errors import FlashError, FlashInterrupted
 from .copy import open_target, verify, write
 from .disks import Ask, Disk, MiB, candidates, check, choose, confirm, inspect
+from .settings import check_image
+from .settings import write as write_settings
 from .source import Image, default_image, find_bmap, open_image
 
 __all__ = ["Disk", "Result", "candidates", "check", "choose", "default_image", "find_bmap", "flash", "inspect"]
@@ -42,13 +45,17 @@ def flash(
     to_file: bool = False,
     ask: Ask | None = None,
     after_write: Hook | None = None,
+    settings: Settings | None = None,
 ) -> Result:
     """Check `target` (or let the user choose a card), write the image's mapped blocks and verify them.
 
     `ask` replaces the terminal prompt; `after_write(fd)` runs between writing and verifying, so tests can
-    corrupt the target the way a failing card would.
+    corrupt the target the way a failing card would. `settings` (checked already, flash.settings.from_options) go
+    onto the boot partition after the verified write, while the card is still held open exclusively.
     """
     image, blocks, mapped = open_image(image, bmap)
+    if settings is not None:
+        check_image(image)
     disk = None
     if to_file:
         if target is None:
@@ -73,17 +80,18 @@ def flash(
                 after_write(fd)
                 os.fsync(fd)
             verify(target, blocks, sums)
+            took = time.monotonic() - start
+            rate = blocks.mapped_bytes / MiB / max(took, 1e-6)
+            log.info(f"written {blocks.mapped_bytes / MiB:.1f} MiB in {took:.1f} s ({rate:.1f} MiB/s), verified")
+            if settings is not None:
+                write_settings(target, settings)
         except KeyboardInterrupt:
             raise FlashInterrupted(f"interrupted: {target} is incomplete and will not boot",
                              hint="flash it again before use") from None
         except OSError as exc:
             raise FlashError(f"writing {target} failed: {exc.strerror}; it is incomplete") from None
-        took = time.monotonic() - start
     finally:
         os.close(fd)
         if source is not None:
             source.close()
-    written = blocks.mapped_bytes
-    rate = written / MiB / max(took, 1e-6)
-    log.info(f"written {written / MiB:.1f} MiB in {took:.1f} s ({rate:.1f} MiB/s), verified")
-    return Result(target, written, took)
+    return Result(target, blocks.mapped_bytes, took)
