@@ -426,18 +426,23 @@ def table(rows: list[Row]) -> str:
 # ---------------------------------------------------------------- the other commands
 
 
-def manager(target: Target, *args: str, timeout: float = SWITCH_S) -> dict[str, Any]:
-    """Run `appliance-guest ARGS` on the board: its JSON answer, or DeployError with its error."""
+def _ask(target: Target, args: tuple[str, ...], timeout: float) -> Any:
+    """Run `appliance-guest ARGS` on the board: its answer as JSON, or DeployError when it gave none."""
     conn = target.connect()
     try:
         r = conn.run(shlex.join([MANAGER, *args]), timeout=timeout)
     finally:
         conn.close()
     try:
-        out = json.loads(r.out)
+        return json.loads(r.out)
     except ValueError:
         raise DeployError(f"{target.host}: {MANAGER} {' '.join(args)} gave no JSON (exit {r.rc}): "
                           f"{(r.err or r.out).strip()[-300:] or 'no output'}") from None
+
+
+def manager(target: Target, *args: str, timeout: float = SWITCH_S) -> dict[str, Any]:
+    """Run `appliance-guest ARGS` on the board: its JSON answer, or DeployError with its error."""
+    out = _ask(target, args, timeout)
     if not isinstance(out, dict) or not out.get("ok"):
         raise failure(target.host, out if isinstance(out, dict) else {})
     return out
@@ -464,16 +469,7 @@ def rollback(target: Target, site: str | None = None, version: str | None = None
 def status(target: Target) -> dict[str, Any]:
     """The board's `appliance-guest status`: every site, whatever its health (ok false when one is failing);
     DeployError only when the board gives no status at all."""
-    conn = target.connect()
-    try:
-        r = conn.run(shlex.join([MANAGER, "status"]), timeout=60)
-    finally:
-        conn.close()
-    try:
-        out = json.loads(r.out)
-    except ValueError:
-        raise DeployError(f"{target.host}: {MANAGER} status gave no JSON (exit {r.rc}): "
-                          f"{(r.err or r.out).strip()[-300:] or 'no output'}") from None
+    out = _ask(target, ("status",), 60)
     if not isinstance(out, dict) or not isinstance(out.get("sites"), dict):
         raise failure(target.host, out if isinstance(out, dict) else {})
     return out
