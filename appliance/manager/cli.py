@@ -10,15 +10,13 @@ import json
 import signal
 import sys
 import threading
-import time
 from typing import Any, NoReturn
 
 from . import supervisor
 from .context import Context
 from .errors import Error
 from .launch import GuestFailed
-from .net import healthy
-from .settings import Site
+from .overview import listing, site_status, status
 from .switch import rollback, switch
 from .xl import config
 
@@ -70,68 +68,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-LIFETIME = ("woken", "wake_ms", "trigger", "requests", "wakes_today")   # the figures a site's state may hold
-
-
-def site_status(ctx: Context, site: Site) -> dict[str, Any]:
-    from . import staging  # deploy's uploads: not imported by `run`, at boot
-
-    store = ctx.store(site)
-    st = ctx.read_state(site)
-    out: dict[str, Any] = {"current": store.pointer("current"), "previous": store.pointer("previous"),
-                           "state": st.get("state"), "note": st.get("note"), "error": st.get("error")}
-    slot, version = ctx.served(site)
-    out.update(slot=slot.name if slot else None, version=version)
-    try:
-        active = ctx.net.active(site.address, site.port)
-        out["map"] = f"{site.address}:{site.port} -> {active[0]}:{active[1]}" if active else None
-    except Error as exc:
-        active, out["map"] = None, None
-        out["error"] = str(exc)
-    running = slot is not None and ctx.xl.domid(slot.domain) is not None
-    out.update(domain=slot.domain if slot else None, running=running, healthy=None)
-    if running and slot and version:
-        try:
-            m = store.load(version, site.defaults())
-            if m.health:
-                out["healthy"] = healthy(slot.address, m.port, m.health.path)[0]
-        except Error as exc:
-            out["error"] = str(exc)
-    out["ok"] = bool(running and out["healthy"] is not False and active is not None)
-    od = ctx.on_demand(site)
-    out["on_demand"] = {"idle": od.idle, "stop": od.stop} if od else None
-    if od:
-        out["ok"] = out["ok"] or (st.get("state") in ("asleep", "paused") and not st.get("error"))
-    out.update({k: st.get(k) for k in LIFETIME})
-    serving = running and st.get("state") == "serving" and isinstance(st.get("since"), (int, float))
-    out.update(uptime_s=round(time.time() - st["since"]) if serving else None, keep=site.keep,
-               versions=store.versions(), free_bytes=staging.free_bytes(store.root))
-    from . import pull  # pull mode: not imported by `run` either
-
-    out["pull"] = pull.summary(ctx, site)
-    return out
-
-
-def status(ctx: Context, name: str | None) -> dict[str, Any]:
-    if name:
-        return {"site": name, **site_status(ctx, ctx.settings.site(name))}
-    from . import pull
-
-    sites = {s.name: site_status(ctx, s) for s in ctx.settings.sites.values()}
-    return {"ok": all(s["ok"] for s in sites.values()), "sites": sites, "pull_key": pull.public_key(ctx)}
-
-
-def listing(ctx: Context, name: str | None) -> dict[str, Any]:
-    def one(site: Site) -> dict[str, Any]:
-        store = ctx.store(site)
-        return {"current": store.pointer("current"), "previous": store.pointer("previous"),
-                "versions": store.listing(site.defaults())}
-
-    if name:
-        return {"ok": True, "site": name, **one(ctx.settings.site(name))}
-    return {"ok": True, "sites": {s.name: one(s) for s in ctx.settings.sites.values()}}
-
-
 def show_config(ctx: Context, name: str, version: str | None) -> dict[str, Any]:
     site = ctx.settings.site(name)
     store = ctx.store(site)
@@ -167,7 +103,7 @@ def uploads(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     if args.cmd == "session":
         try:
             pull.push_allowed(ctx, staging.pick_site(ctx, args.site), args.force)
-            staging.session(ctx, args.site, args.break_lock)
+            staging.session(ctx, args.site, args.break_lock, report=site_status)
             return {"ok": True, "quiet": True}
         except Error as exc:     # before the first answer: one line, as every answer of a session
             staging.reply({"ok": False, "error": str(exc)})

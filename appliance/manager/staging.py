@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from .errors import Error
 from .lock import SiteLock
 from .names import MANIFEST, PART, check_version, cut
 from .settings import Site
-from .store import sync_dir
+from .store import free_bytes, sync_dir
 
 
 def pick_site(ctx: Context, name: str | None) -> Site:
@@ -212,13 +212,6 @@ def prune(ctx: Context, site: Site, keep: int | None = None, uploading: object =
             "cleared": cleared}
 
 
-def free_bytes(path: Path) -> int | None:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
 IDLE_S = 120.0          # a session that hears nothing (no request, no upload byte) this long ends
 MAX_LINE = 1 << 20      # a request line longer than this ends the session
 TICK_S = 1.0
@@ -283,11 +276,11 @@ class _Ending(Exception):
     """SIGTERM (another deploy taking the lock over) while the session waits: it ends at once."""
 
 
-def session(ctx: Context, name: str | None, break_lock: bool = False) -> None:
+def session(ctx: Context, name: str | None, break_lock: bool = False, *,
+            report: Callable[[Context, Site], dict[str, Any]]) -> None:
     """`appliance-guest session [SITE]`: hold the site's deploy lock while the deploy's SSH connection lives,
     answering one JSON request a line (op: stage, place, commit, switch, prune, status) with one JSON line. A
     dropped or silent connection ends it (the lock goes with it); a step once begun always finishes."""
-    from .cli import site_status
     from .switch import switch
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -326,7 +319,7 @@ def session(ctx: Context, name: str | None, break_lock: bool = False) -> None:
                     elif op == "prune":
                         out = prune(ctx, site, uploading=req.get("uploading"))
                     elif op == "status":
-                        out = {"site": site.name, **site_status(ctx, site)}
+                        out = {"site": site.name, **report(ctx, site)}
                     else:
                         raise Error(f"session: unknown request {cut(op)} (known: stage, place, commit, switch, "
                                     f"prune, status)")

@@ -6,6 +6,7 @@ leaves the old pointer or the new one, never neither. A bad version is listed as
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,11 @@ class Store:
                 item.update(ok=False, error=f"{self.dir / v}: {exc.strerror}")
             out.append(item)
         return out
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space where path is, or None when it cannot be told."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
