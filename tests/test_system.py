@@ -231,17 +231,26 @@ def visitor(board: Board, radios: Radios, recipe: config.Recipe) -> Iterator[Vis
     ns, i = NETNS, radios.visitor
     board.run(f"ip netns del {ns} 2>/dev/null; ip netns add {ns} && iw phy {radios.visitor_phy} set netns name {ns}"
               f" && ip -n {ns} link set lo up && ip -n {ns} link set {i} up")
+    connect = f"ip netns exec {ns} iw dev {i} connect {shlex.quote(recipe.wifi.ssid)}"
     try:
         if recipe.wifi.open:
-            board.run(f"ip netns exec {ns} iw dev {i} connect {shlex.quote(recipe.wifi.ssid)}")
+            board.run(connect)
         else:
             psk = config.wifi_passphrase(recipe, config.recipe_path("booth"))
             conf = f'network={{\n ssid="{recipe.wifi.ssid}"\n psk="{psk}"\n key_mgmt=WPA-PSK\n}}\n'
             board.run(f"printf %s {shlex.quote(conf)} > /run/visitor-wpa.conf && ip netns exec {ns} wpa_supplicant"
                       f" -B -i {i} -c /run/visitor-wpa.conf -P /run/visitor-wpa.pid")
-        wait_for(f"the visitor associated with '{recipe.wifi.ssid}'",
-                 lambda: "Connected to" in board.run(f"ip netns exec {ns} iw dev {i} link", check=False).out,
-                 RADIO_S, board=board)
+
+        def associated() -> bool | None:
+            if "Connected to" in board.run(f"ip netns exec {ns} iw dev {i} link", check=False).out:
+                return True
+            if recipe.wifi.open:
+                # `iw connect` tries once, and under TCG the AP's answer can miss the station's 100 ms window
+                # (hostapd: "did not acknowledge authentication response"): a phone tries again, so does this one
+                board.run(f"ip netns exec {ns} iw dev {i} disconnect; {connect}", check=False)
+            return None
+
+        wait_for(f"the visitor associated with '{recipe.wifi.ssid}'", associated, RADIO_S, interval=5, board=board)
         # klibc's ipconfig is the DHCP client dom0 has (initramfs-tools depends on it).
         board.run(f"rm -f /run/net-{i}.conf; ip netns exec {ns} /usr/lib/klibc/bin/ipconfig -t 30 -c dhcp -d {i}",
                   timeout=90)
