@@ -422,7 +422,8 @@ def test_the_built_image_flashes_and_verifies(built_image: Any, loops: Loops) ->
 
 @pytest.mark.image
 def test_the_built_image_meets_the_benchmark_goals(built_image: Any) -> None:
-    got = bench(built_image.img, built_image.bmap)
+    got = bench(built_image.img, built_image.bmap, speed=None)   # bytes only: at a card's speed dd alone takes ~50 s
     assert got["sparse_bytes"] <= 1.05 * got["mapped_bytes"]
-    # speed is reported, not asserted: a CI runner's disk is too noisy for a timing assertion
+    # speed is reported, not asserted (invoke bench measures it on a throttled device); the small card's bench test
+    # runs through the throttle
     log.info(f"bench: {got}")
