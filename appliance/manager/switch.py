@@ -107,7 +107,7 @@ def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:
             log(f"site {site.name}: reset {cut} connections still open to {old.domain} at the drain's end")
         ctx.xl.destroy(old.domain)
     else:
-        ctx.xl.stop(old.domain, site.stop_grace)
+        ctx.xl.stop(old.domain, site.stop_grace, asked=True)   # asked when the drain began
     return {"drain_ms": drain_ms, "left_connections": max(left, 0), "cut_connections": cut, "stopped": old.domain}
 
 

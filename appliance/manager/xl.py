@@ -112,13 +112,21 @@ class Xl:
         self._check(p, f"destroy {name}")
 
     def shutdown(self, name: str) -> None:
-        self.run("shutdown", name, timeout=30)
+        """Ask the guest to shut down. xl writes the request at once and then waits for the guest to take it; a
+        guest that never does (no PV control, or one already going) is not waited for long."""
+        self.run("shutdown", name, timeout=10)
 
-    def stop(self, name: str, grace: float = 10) -> None:
-        """Ask the guest to shut down; destroy it if it has not within grace seconds."""
+    def stop(self, name: str, grace: float = 10, *, asked: bool = False) -> None:
+        """Ask the guest to shut down (unless `asked` already: a guest that took a first request never
+        acknowledges a second, and xl waits for that); destroy it if it has not gone within grace seconds, or
+        when the request itself gets no answer."""
         if self.domid(name) is None:
             return
-        self.shutdown(name)
+        if not asked:
+            try:
+                self.shutdown(name)
+            except Error:
+                grace = 0
         end = time.monotonic() + grace
         while time.monotonic() < end and self.domid(name) is not None:
             time.sleep(0.1)
