@@ -62,6 +62,16 @@ def bundle(tmp: Path, version: str, page: str, ramdisk: int = 0) -> d.Guest:
         return g
 
 
+def slow_bundle(tmp: Path, version: str, page: str, seconds: int = 2) -> d.Guest:
+    """A bundle whose guest takes `seconds` to serve `page` (a switch is under way that long)."""
+    g = bundle(tmp, version, page)
+    (g.folder / "vmlinuz").write_bytes(zimage(f"slow-start:{seconds}:{page}"))
+    data = json.loads((g.folder / "guest.yaml").read_text())
+    data["sha256"]["vmlinuz"] = hashlib.sha256((g.folder / "vmlinuz").read_bytes()).hexdigest()
+    (g.folder / "guest.yaml").write_text(json.dumps(data))
+    return g
+
+
 def current(board: Board) -> str:
     return os.readlink(board.tmp / "store/demo/current")
 
@@ -219,11 +229,7 @@ def test_a_fleet_with_one_failing_board(board: Board, sshd: Sshd, tmp_path: Path
 def test_the_client_killed_as_the_switch_begins(board: Board, sshd: Sshd, tmp_path: Path):
     board.version("1.0", "serve:page one")
     board.supervise("1.0")
-    g = bundle(tmp_path, "2.0", "page two")
-    (g.folder / "vmlinuz").write_bytes(zimage("slow-start:2:page two"))
-    data = json.loads((g.folder / "guest.yaml").read_text())
-    data["sha256"]["vmlinuz"] = hashlib.sha256((g.folder / "vmlinuz").read_bytes()).hexdigest()
-    (g.folder / "guest.yaml").write_text(json.dumps(data))
+    g = slow_bundle(tmp_path, "2.0", "page two")
     cfg = sshd.ssh_config("booth-test")
     client = subprocess.Popen([sys.executable, "-m", "invoke", "deploy", "--host", "booth-test", "--ssh-config",
                                str(cfg), str(g.folder)], cwd=ROOT, stdout=subprocess.DEVNULL,

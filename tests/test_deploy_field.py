@@ -8,7 +8,6 @@ last megabytes of a file never yields a file under its final name. The old versi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from sshd_fixtures import Link, Sshd, keygen, needs_sshd, start
-from test_deploy import MiB, bundle, current, sshd, target  # noqa: F401
+from test_deploy import MiB, bundle, current, slow_bundle, sshd, target  # noqa: F401
 from test_switch_double import Board, board, failures, pages, sh, wait_for, zimage  # noqa: F401
 
 from appliance import ROOT
@@ -291,11 +290,7 @@ def test_a_connection_cut_during_the_switch_asks_the_board(board: Board, sshd: S
                                                            capsys: pytest.CaptureFixture[str]):
     board.version("1.0", "serve:page one")
     board.supervise("1.0")
-    g = bundle(tmp_path, "2.0", "page two")
-    (g.folder / "vmlinuz").write_bytes(zimage("slow-start:2:page two"))
-    data = json.loads((g.folder / "guest.yaml").read_text())
-    data["sha256"]["vmlinuz"] = hashlib.sha256((g.folder / "vmlinuz").read_bytes()).hexdigest()
-    (g.folder / "guest.yaml").write_text(json.dumps(data))
+    g = slow_bundle(tmp_path, "2.0", "page two")
     with d.source(g.folder) as g:
         visitor = board.visit()
         wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")

@@ -47,14 +47,7 @@ def guests(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
         procs.append(subprocess.Popen([busybox, "httpd", "-f", "-p", str(port), "-h", str(www)],
                                       env={"PATH": "/usr/bin:/bin", "APPLIANCE_GUEST_STATE": str(state)}))
         ports.append(port)
-        end = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < end, "busybox httpd did not listen"
-                time.sleep(0.05)
+        listening(port)
     yield ports[0], ports[1], state
     for p in procs:
         p.terminate()
@@ -120,3 +113,15 @@ def test_lifetime_refuses(guests: tuple[int, int, Path], dom0: str, method: str,
     assert call(figures, method, "/cgi-bin/lifetime", body)[0] == status
     assert not (state / "lifetime.json").exists()
     assert set(json.loads(call(site, "GET", "/cgi-bin/status")[1])) == {"name", "version", "kernel", "uptime"}
+
+
+def listening(port: int, timeout: float = 10) -> None:
+    """Wait until busybox httpd takes connections on 127.0.0.1:port."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < end, "busybox httpd did not listen"
+            time.sleep(0.05)

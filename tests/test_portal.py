@@ -9,11 +9,11 @@ import http.client
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_guest_cgi import listening
 
 from appliance import ROOT
 from appliance.build.guest import place
@@ -52,14 +52,7 @@ def site(tmp_path: Path) -> Iterator[int]:
         port = int(s.getsockname()[1])
     p = subprocess.Popen([busybox, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", str(root / "www"), "-c",
                           str(conf)])
-    end = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < end, "busybox httpd did not listen"
-            time.sleep(0.05)
+    listening(port)
     yield port
     p.terminate()
     p.wait(10)
