@@ -434,6 +434,55 @@ def h_dns_tcp(server: str, name: str) -> None:
         print(json.dumps({"error": repr(e)}))
 
 
+def _dns_tcp_socket(iface: str, source: str) -> socket.socket:
+    """A TCP socket that leaves by iface from source (one of a radio's made-up stations)."""
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+    c.bind((source, 0))
+    return c
+
+
+def h_hold_dns_tcp(server: str, per: str, stop: str, *stations: str) -> None:
+    """Each station (IFACE=ADDRESS) opens per DNS connections over TCP and holds them idle until stopped. Prints what it holds ("held") and how many were reset ("refused")."""
+    held: list[socket.socket] = []
+    refused = 0
+    for station in stations:
+        iface, source = station.split("=")
+        for _ in range(int(per)):
+            c = _dns_tcp_socket(iface, source)
+            c.settimeout(1)
+            try:
+                c.connect((server, 53))
+                held.append(c)
+            except OSError:
+                refused += 1
+                c.close()
+    print(json.dumps({"held": len(held), "refused": refused}), flush=True)
+    while not _stopped(stop):
+        time.sleep(0.1)
+    for c in held:
+        c.close()
+
+
+def h_churn_dns_tcp(server: str, iface: str, source: str, seconds: str) -> None:
+    """One station asks over TCP as fast as it can for seconds, a new connection for each query (each one a
+    fork of dnsmasq): how many were answered and how many reset."""
+    answered = reset = 0
+    end = time.monotonic() + float(seconds)
+    q = _dns_query("demo.booth")
+    while time.monotonic() < end:
+        with _dns_tcp_socket(iface, source) as c:
+            c.settimeout(1)
+            try:
+                c.connect((server, 53))
+                c.sendall(struct.pack("!H", len(q)) + q)
+                if len(c.recv(2)) == 2:
+                    answered += 1
+            except OSError:
+                reset += 1
+    print(json.dumps({"answered": answered, "reset": reset, "s": float(seconds)}))
+
+
 def h_send(iface: str, frames: str, repeat: str) -> None:
     """Send the frames (hex, one a line, from a file) repeat times, 10 ms apart."""
     s = raw_socket(iface)
@@ -520,7 +569,8 @@ def h_connect(*targets: str) -> None:
     print(json.dumps(out))
 
 
-HELPERS: dict[str, Any] = {"connect": h_connect, "upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
+HELPERS: dict[str, Any] = {"connect": h_connect, "upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "hold_dns_tcp": h_hold_dns_tcp, "churn_dns_tcp": h_churn_dns_tcp,
+           "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
            "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff, "wake_dns": h_wake_dns}
 
 
@@ -918,6 +968,80 @@ def test_one_visitor_cannot_fill_connection_tracking(tmp_path: Path):
     assert page == {svc: True}, page
 
 
+def made_up_stations(d: Double, count: int) -> list[str]:
+    """One radio with count made-up MACs, each associated and leased: macvlans on the attacker's port, each with
+    dnsmasq's lease (in the firewall), answering ARP for its own address only. Returns IFACE=ADDRESS each."""
+    att = d.ns["att"]
+    for key in ("all", "default"):
+        run("ip", "netns", "exec", att, "sysctl", "-qw", f"net.ipv4.conf.{key}.arp_ignore=1",
+            f"net.ipv4.conf.{key}.arp_announce=2")
+    clients = []
+    for i in range(count):
+        mac = "02:" + ":".join(f"{b:02x}" for b in random.randbytes(5))
+        run("ip", "-n", att, "link", "add", "link", "eth0", f"m{i}", "address", mac, "type", "macvlan", "mode",
+            "private")
+        run("ip", "-n", att, "link", "set", f"m{i}", "up")
+        script = d.tmp / f"m{i}.sh"
+        script.write_text("#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr replace \"$ip/$subnet\" dev \"$interface\"\n"
+                          f"  echo \"$ip\" > {d.tmp / f'm{i}.ip'} ;;\nesac\n")
+        script.chmod(0o755)
+        clients.append((mac, d.start("att", "busybox", "udhcpc", "-f", "-q", "-n", "-t", "8", "-T", "1", "-A", "1",
+                                     "-i", f"m{i}", "-s", str(script))))
+    stations = []
+    for i, (mac, p) in enumerate(clients):
+        p.communicate(timeout=30)
+        ip = (d.tmp / f"m{i}.ip").read_text().strip()
+        wait_for(f"the lease {mac} . {ip} in the firewall",
+                 lambda key=f"{mac} . {ip}": key in d.nft("list set bridge appliance leases"))
+        stations.append(f"m{i}={ip}")
+    return stations
+
+
+def dnsmasq_children(d: Double) -> list[int]:
+    pid = (d.tmp / "dnsmasq.pid").read_text().strip()
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def private_kib(pid: int) -> int:
+    """A process's own memory (what it does not share with its parent): Private_Dirty + Private_Clean."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    return sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Dirty:", "Private_Clean:")))
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_one_radio_cannot_hold_every_dns_over_tcp(tmp_path: Path):
+    """One radio with 12 made-up stations (each associated and leased), each holding as many idle DNS connections
+    over TCP as it can: each holds 2, each served by a child of dnsmasq, and dnsmasq still has a child for a
+    newcomer's query over TCP (it has one for every connection the stations hostapd admits may hold). A 13th
+    station opening and closing connections as fast as it can is held to its rate (each one is a fork)."""
+    with double(tmp_path) as d:
+        ctx = d.ctx
+        dns, name = ctx["net"]["address"], ctx["sites"][0]["names"][0]
+        d.dnsmasq()
+        *stations, churner = made_up_stations(d, 13)
+        hold = d.helper("att", "hold_dns_tcp", dns, "5", d.stop, *stations)
+        assert hold.stdout is not None and hold.stderr is not None
+        line = hold.stdout.readline()
+        assert line, f"the holding helper: {hold.stderr.read()}"
+        held = json.loads(line)
+        # a child for each held connection, and dnsmasq's helper for its lease script
+        children = wait_for("dnsmasq's children for the held connections",
+                            lambda: (c := dnsmasq_children(d)) and len(c) > held["held"] and c)
+        memory = sorted(private_kib(c) for c in children)[:-1]
+        v1 = d.lease_for("v1", "v1.lease")
+        over_udp = d.call("v1", "dns", dns, name)
+        over_tcp = d.call("v1", "dns_tcp", dns, name)
+        iface, source = churner.split("=")
+        churn = d.call("att", "churn_dns_tcp", dns, iface, source, "3")
+    print(f"\n12 made-up stations, 5 DNS connections over TCP each: {held}; dnsmasq's children {len(memory)} "
+          f"(own memory {min(memory)}-{max(memory)} KiB each, {sum(memory)} KiB in all); newcomer {v1['ip']}: "
+          f"UDP {over_udp}, TCP {over_tcp}; a 13th asking over TCP for 3 s: {churn}")
+    assert held["held"] == 12 * 2 and held["refused"] == 12 * 3, held
+    assert over_udp == {name: [ctx["sites"][0]["address"]]}, over_udp
+    assert over_tcp == {"answers": 1}, over_tcp
+    assert 10 <= churn["answered"] <= 10 + 5 * churn["s"] + 2, churn
+
+
 def rule_counter(d: Double, chain: str, comment: str) -> int:
     rules = json.loads(run("ip", "netns", "exec", d.ns["d"], "nft", "-j", "list", "chain", "bridge", "appliance",
                            chain))["nftables"]
@@ -1124,12 +1248,15 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
     assert p.returncode == 0, p.stderr
     text = rules.read_text()
     per = cfg.recipe.network.leases_per_station
-    assert text.count("flags dynamic, timeout") == 2 * per + 4    # + each visitor's rates (new, DNS, DHCP), self
+    assert text.count("flags dynamic, timeout") == 2 * per + 5    # + rates (new, DNS, DNS over TCP, DHCP), self
     for site in ctx["sites"]:
         assert site["address"] in text.split("set dom0_addresses", 1)[1].split("}", 1)[0]
     assert ("meta mark $VISITOR jump visitors" in text) == (cfg.recipe.network.uplink == "bridge")
     conf = tmp_path / "dnsmasq.conf"
     conf.write_bytes(files["etc/dnsmasq.d/appliance.conf"])
+    # a child of dnsmasq for each DNS connection over TCP that the stations hostapd admits may hold
+    assert f"max-tcp-connections={ctx['max_stations'] * 2}\n" in conf.read_text()
+    assert f"max_num_sta={ctx['max_stations']}\n" in files["etc/hostapd/appliance.conf"].decode()
     if shutil.which("dnsmasq"):
         p = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], check=False, capture_output=True,
                            text=True)
