@@ -443,7 +443,8 @@ def _dns_tcp_socket(iface: str, source: str) -> socket.socket:
 
 
 def h_hold_dns_tcp(server: str, per: str, stop: str, *stations: str) -> None:
-    """Each station (IFACE=ADDRESS) opens per DNS connections over TCP and holds them idle until stopped. Prints what it holds ("held") and how many were reset ("refused")."""
+    """Each station (IFACE=ADDRESS) opens per DNS connections over TCP and holds them idle until stopped; prints
+    how many it holds and how many were reset."""
     held: list[socket.socket] = []
     refused = 0
     for station in stations:
@@ -1117,6 +1118,79 @@ def test_a_visitor_is_bound_to_its_lease(tmp_path: Path):
 
 
 @pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_a_wired_host_cannot_spoof_a_visitor(tmp_path: Path):
+    """network.uplink: bridge puts the wired port on the visitors' bridge: a wired host gets a lease and dom0's
+    SSH, but while a visitor fetches the page in a loop it can neither claim the visitor's address by ARP, nor
+    send DNS queries from it, nor send with the visitor's MAC (the bridge would take the visitor's frames, and a
+    release of its lease would pass), nor send from an address not leased to it; and a wifi station cannot
+    send with the wired host's MAC."""
+    with double(tmp_path, uplink="bridge") as d:
+        ctx = d.ctx
+        site, blue, net = ctx["sites"][0], ctx["sites"][0]["slots"]["blue"], ctx["net"]
+        br = ctx["recipe"].network.bridge
+        d.ns["lan"] = d.ns["d"][:-1] + "lan"
+        run("ip", "netns", "add", d.ns["lan"])
+        d.created.append(d.ns["lan"])
+        run("ip", "link", "add", "lan0", "netns", d.ns["d"], "type", "veth", "peer", "name", "eth0", "netns",
+            d.ns["lan"])
+        run("ip", "-n", d.ns["lan"], "link", "set", "eth0", "up")
+        run("ip", "-n", d.ns["d"], "link", "set", "lan0", "master", br, "up")
+        d.helper("be", "serve", blue["address"], str(site["port"]), PAGE)
+        d.helper("d", "listen", "22")
+        wait_for("the backend", lambda: all(d.call("d", "probe", f"{blue['address']}:{site['port']}").values()))
+        leases = d.dnsmasq()
+        v0 = d.lease_for("v0", "v0.lease")
+        wired = d.lease_for("lan", "lan.lease")
+        v0_mac, lan_mac = mac_bytes(d.mac("v0", "eth0")), mac_bytes(d.mac("lan", "eth0"))
+        dom0_mac, dom0 = mac_bytes(d.mac("d", br)), net["address"]
+        progress = str(d.tmp / "v0.progress")
+        fetch = d.helper("v0", "fetch", f"http://{site['address']}:{site['port']}/", d.stop, progress)
+        wait_for("the visitor's first page", lambda: os.path.exists(progress) and
+                 int(Path(progress).read_text().split()[0]) > 0)
+        sniff = d.helper("v0", "sniff_dns", "eth0", str(d.tmp / "stop-sniff"))
+        assert sniff.stdout is not None and sniff.stdout.readline().strip() == "listening"
+
+        def send(ns: str, name: str, frames: list[bytes], repeat: int = 50) -> None:
+            path = d.tmp / f"{name}.frames"
+            path.write_text("\n".join(f.hex() for f in frames))
+            d.call(ns, "send", "eth0", str(path), str(repeat))
+
+        release = bootp(1, random.getrandbits(32), v0_mac, {53: b"\x07", 54: socket.inet_aton(dom0)})
+        release = release[:12] + socket.inet_aton(v0["ip"]) + release[16:]            # ciaddr
+        send("lan", "dns", [udp_frame(lan_mac, dom0_mac, v0["ip"], dom0, 40000 + i, 53, _dns_query("demo.booth"))
+                            for i in range(5)], repeat=4)
+        send("lan", "arp", [arp_frame(lan_mac, v0["ip"], v0["ip"], 2), arp_frame(lan_mac, v0["ip"], dom0, 1)])
+        send("lan", "steal", [arp_frame(v0_mac, v0["ip"], v0["ip"], 2),
+                              udp_frame(v0_mac, dom0_mac, v0["ip"], dom0, 68, 67, release)], repeat=10)
+        unleased = [udp_frame(lan_mac, dom0_mac, "10.42.0.77", dom0, 40000 + i, 53, _dns_query("demo.booth"))
+                    for i in range(5)]
+        send("lan", "unleased", unleased, repeat=4)
+        send("att", "steal_wired", [arp_frame(lan_mac, wired["ip"], wired["ip"], 2)], repeat=10)
+        neigh = {ip: d.neigh("d", ip) for ip in (v0["ip"], wired["ip"])}
+        fdb = {e["mac"]: e.get("ifname") for e in d.fdb() if e.get("state") != "permanent"}
+        # a sync point: the wired host's own renewal and SSH are answered, so what came before was handled
+        wired_again = d.lease("lan2.lease", d.udhcpc("lan", "lan2.lease"))
+        ssh = d.call("lan", "probe", f"{dom0}:22")
+        Path(d.tmp / "stop-sniff").touch()
+        reflected = d.result(sniff)
+        held = leases_of(leases)
+        pages = int(Path(progress).read_text().split()[0])
+        Path(d.stop).touch()
+        fetched = d.result(fetch)
+    v0_text, lan_text = mac_text(v0_mac), mac_text(lan_mac)
+    print(f"\nvisitor {v0['ip']} ({v0_text}), wired host {wired['ip']} ({lan_text}): dom0's neighbour entries "
+          f"{neigh}; bridge ports of their MACs {fdb.get(v0_text)}, {fdb.get(lan_text)}; the visitor's lease after a "
+          f"release with its MAC {held.get(v0_text)}; DNS answers reflected to it {reflected['answers']}; its pages "
+          f"{fetched['ok']} ok, {fetched['fail']} failed; the wired host's SSH {ssh}")
+    assert neigh[v0["ip"]] in (None, v0_text) and neigh[wired["ip"]] in (None, lan_text), neigh
+    assert fdb.get(v0_text) == "wlan0" and fdb.get(lan_text) == "lan0", fdb
+    assert held.get(v0_text) == v0["ip"], held
+    assert reflected["answers"] == 0, reflected
+    assert fetched["fail"] == 0 and fetched["ok"] >= pages > 0, fetched
+    assert wired_again["ip"] == wired["ip"] and ssh == {f"{dom0}:22": True}, (wired_again, ssh)
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
 def test_non_captive_dns_answers_aaaa_for_the_sites_itself(tmp_path: Path):
     """network.captive: false: other names go to the venue's DNS server, but a site's AAAA is answered by dnsmasq
     (or the wake DNS of an on-demand site) with no address, never from upstream."""
@@ -1248,7 +1322,9 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
     assert p.returncode == 0, p.stderr
     text = rules.read_text()
     per = cfg.recipe.network.leases_per_station
-    assert text.count("flags dynamic, timeout") == 2 * per + 5    # + rates (new, DNS, DNS over TCP, DHCP), self
+    bridged = cfg.recipe.network.uplink == "bridge"
+    # + rates (new, DNS, DNS over TCP, DHCP), self, and with a wired port on the bridge each side's MACs
+    assert text.count("flags dynamic, timeout") == 2 * per + 5 + 2 * bridged
     for site in ctx["sites"]:
         assert site["address"] in text.split("set dom0_addresses", 1)[1].split("}", 1)[0]
     assert ("meta mark $VISITOR jump visitors" in text) == (cfg.recipe.network.uplink == "bridge")
