@@ -100,6 +100,47 @@ def bootp(op: int, xid: int, chaddr: bytes, options: dict[int, bytes], yiaddr: s
     return msg.ljust(300, b"\0")
 
 
+def ip6_frame(src_mac: bytes, dst_mac: bytes, src: str, dst: str, nexthdr: int, payload: bytes,
+              hop_limit: int = 255) -> bytes:
+    """An IPv6 frame; payload's checksum (ICMPv6 at 2, UDP at 6) is filled in over the pseudo-header."""
+    s6, d6 = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    at = 2 if nexthdr == 58 else 6
+    pseudo = s6 + d6 + struct.pack("!I3xB", len(payload), nexthdr)
+    payload = payload[:at] + struct.pack("!H", _csum(pseudo + payload)) + payload[at + 2:]
+    head = struct.pack("!IHBB", 6 << 28, len(payload), nexthdr, hop_limit) + s6 + d6
+    return dst_mac + src_mac + b"\x86\xdd" + head + payload
+
+
+def router_advert(src_mac: bytes, prefix: str) -> bytes:
+    """A router advertisement (a default router for 30 min, and prefix/64 to make addresses from) to all nodes."""
+    ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    ra += struct.pack("!BBBBIII", 3, 4, 64, 0xC0, 86400, 14400, 0) + socket.inet_pton(socket.AF_INET6, prefix)
+    ra += bytes([1, 1]) + src_mac                                     # source link-layer address
+    link_local = "fe80::" + src_mac[4:].hex()[:2] + "ff:fe" + src_mac[5:].hex()
+    return ip6_frame(src_mac, bytes.fromhex("333300000001"), link_local, "ff02::1", 58, ra)
+
+
+def dhcp6_advertise(src_mac: bytes) -> bytes:
+    """A DHCPv6 server's Advertise (UDP 547 -> 546) to all nodes."""
+    msg = bytes([2]) + random.randbytes(3)
+    udp = struct.pack("!HHHH", 547, 546, 8 + len(msg), 0) + msg
+    return ip6_frame(src_mac, bytes.fromhex("333300000001"), "fe80::1", "ff02::1", 17, udp)
+
+
+def fragments(frame: bytes, size: int = 64) -> list[bytes]:
+    """An IPv4 frame (header of 20 bytes) cut into fragments of size bytes (a multiple of 8) of its payload."""
+    head, ip, data = frame[:14], frame[14:34], frame[34:]
+    out = []
+    for off in range(0, len(data), size):
+        more = 0x2000 if off + size < len(data) else 0
+        part = data[off:off + size]
+        h = ip[:2] + struct.pack("!H", 20 + len(part)) + ip[4:6] + struct.pack("!H", more | off // 8) + ip[8:10]
+        h += b"\0\0" + ip[12:]
+        h = h[:10] + struct.pack("!H", _csum(h)) + h[12:]
+        out.append(head + h + part)
+    return out
+
+
 def parse_dhcp(frame: bytes) -> dict[str, Any] | None:
     """The DHCP message in an Ethernet frame (IPv4, UDP 67/68), or None."""
     if len(frame) < 14 + 20 + 8 + 240 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
@@ -361,6 +402,29 @@ def h_sniff(iface: str, stop: str, attacker: str) -> None:
     print(json.dumps(counts))
 
 
+def h_sniff_kinds(iface: str, stop: str, sender: str) -> None:
+    """What reaches this host from sender's MAC, by kind: IPv6 router advertisements, DHCPv6 server messages,
+    IPv4 fragments, DHCP server messages; until stopped."""
+    s = raw_socket(iface)
+    s.settimeout(0.05)
+    print("listening", flush=True)
+    counts = {"router_advert": 0, "dhcp6_server": 0, "fragment": 0, "dhcp_server": 0}
+    while not _stopped(stop):
+        try:
+            f = receive(s)
+        except TimeoutError:
+            continue
+        if mac_text(f[6:12]) != sender:
+            continue
+        if f[12:14] == b"\x86\xdd" and len(f) > 56:
+            counts["router_advert"] += f[20] == 58 and f[54] == 134
+            counts["dhcp6_server"] += f[20] == 17 and f[54:56] == b"\x02\x23"
+        elif f[12:14] == b"\x08\x00" and len(f) > 34:
+            counts["fragment"] += struct.unpack("!H", f[20:22])[0] & 0x3FFF != 0
+            counts["dhcp_server"] += bool((m := parse_dhcp(f)) and m["sport"] == 67)
+    print(json.dumps(counts))
+
+
 def h_wake_dns(stop: str, names: str) -> None:
     """The guest manager's wake-on-DNS server (the board's own code), answering the on-demand sites' names that
     dnsmasq sends it: names is a JSON object of name to service address."""
@@ -570,7 +634,7 @@ def h_connect(*targets: str) -> None:
     print(json.dumps(out))
 
 
-HELPERS: dict[str, Any] = {"connect": h_connect, "upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "hold_dns_tcp": h_hold_dns_tcp, "churn_dns_tcp": h_churn_dns_tcp,
+HELPERS: dict[str, Any] = {"connect": h_connect, "upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "hold_dns_tcp": h_hold_dns_tcp, "sniff_kinds": h_sniff_kinds, "churn_dns_tcp": h_churn_dns_tcp,
            "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
            "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff, "wake_dns": h_wake_dns}
 
@@ -779,14 +843,15 @@ def leases_of(path: Path) -> dict[str, str]:
     return out
 
 
-def booth(**network: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The booth recipe rendered; network: keys of its network section to change."""
+def booth(wifi: dict[str, Any] | None = None, **network: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The booth recipe rendered; wifi, network: keys of its wifi and network sections to change."""
     from appliance import config
     from appliance.build import configure
     from appliance.identity import derive
 
-    net = config.read_yaml(config.recipe_path("booth"))["network"] | network if network else None
-    cfg = config.load("booth", network=net)
+    recipe = config.read_yaml(config.recipe_path("booth"))
+    net = recipe["network"] | network if network else None
+    cfg = config.load("booth", network=net, wifi=recipe["wifi"] | wifi if wifi else None)
     ctx = configure.context(cfg, derive(cfg.digest))
     files = {f.rel: f.data for f in configure.render_overlays(cfg, ctx) if f.data}
     return files, ctx
@@ -800,8 +865,9 @@ def without_bridge_table(ruleset: str) -> str:
 
 
 @contextlib.contextmanager
-def double(tmp: Path, ruleset_filter: Any = None, **network: Any) -> Iterator[Double]:
-    files, ctx = booth(**network)
+def double(tmp: Path, ruleset_filter: Any = None, wifi: dict[str, Any] | None = None,
+           **network: Any) -> Iterator[Double]:
+    files, ctx = booth(wifi, **network)
     ruleset = files["etc/nftables.conf"].decode()
     d = Double(tmp, files, ctx)
     try:
@@ -1188,6 +1254,52 @@ def test_a_wired_host_cannot_spoof_a_visitor(tmp_path: Path):
     assert reflected["answers"] == 0, reflected
     assert fetched["fail"] == 0 and fetched["ok"] >= pages > 0, fetched
     assert wired_again["ip"] == wired["ip"] and ssh == {f"{dom0}:22": True}, (wired_again, ssh)
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_rogue_routers_and_fragments_reach_no_one(tmp_path: Path):
+    """With wifi.client_isolation: false (visitors reach each other), a visitor sends IPv6 router advertisements
+    (a default route and a prefix), DHCPv6 Advertises, a DHCP offer cut in IPv4 fragments, and DNS queries cut in
+    fragments to dom0: another visitor receives none of them and takes no IPv6 route or address, dom0 neither,
+    and dnsmasq answers no fragment (the same query whole is answered)."""
+    with double(tmp_path, wifi={"client_isolation": False}) as d:
+        ctx, dom0 = d.ctx, d.ctx["net"]["address"]
+        br = ctx["recipe"].network.bridge
+        d.dnsmasq()
+        v0 = d.lease_for("v0", "v0.lease")
+        att = d.lease_for("att", "att.lease")
+        att_mac, dom0_mac = mac_bytes(d.mac("att", "eth0")), mac_bytes(d.mac("d", br))
+        for ns in ("v0", "d"):       # as a phone would, and dom0 too should anything reach it
+            run("ip", "netns", "exec", d.ns[ns], "sysctl", "-qw", "net.ipv6.conf.all.accept_ra=2",
+                f"net.ipv6.conf.{'eth0' if ns == 'v0' else br}.accept_ra=2")
+        stop_sniff = str(d.tmp / "stop-sniff")
+        sniff = d.helper("v0", "sniff_kinds", "eth0", stop_sniff, mac_text(att_mac))
+        answers = d.helper("att", "sniff_dns", "eth0", stop_sniff)
+        for p in (sniff, answers):
+            assert p.stdout is not None and p.stdout.readline().strip() == "listening"
+        offer = bootp(2, random.getrandbits(32), mac_bytes(d.mac("v0", "eth0")),
+                      {53: b"\x02", 54: socket.inet_aton(att["ip"]), 3: socket.inet_aton(att["ip"]),
+                       6: socket.inet_aton(att["ip"])}, yiaddr=v0["ip"], siaddr=att["ip"])
+        frames = [router_advert(att_mac, "2001:db8:66::"), dhcp6_advertise(att_mac),
+                  *fragments(udp_frame(att_mac, BROADCAST, att["ip"], "255.255.255.255", 67, 68, offer)),
+                  *(f for i in range(5) for f in fragments(udp_frame(
+                      att_mac, dom0_mac, att["ip"], dom0, 41000 + i, 53, _dns_query("demo.booth").ljust(80, b"\0")),
+                      size=16))]
+        path = d.tmp / "rogue.frames"
+        path.write_text("\n".join(f.hex() for f in frames))
+        sent = d.call("att", "send", "eth0", str(path), "10")
+        whole = d.call("att", "dns", dom0, "demo.booth")           # a sync point: handled after the frames
+        routes = {ns: run("ip", "-n", d.ns[ns], "-6", "route", "show") for ns in ("v0", "d")}
+        addresses = {ns: run("ip", "-n", d.ns[ns], "-6", "addr", "show") for ns in ("v0", "d")}
+        Path(stop_sniff).touch()
+        seen, answered = d.result(sniff), d.result(answers)
+    print(f"\n{sent['sent']} frames from a visitor (router advertisements, DHCPv6, fragments): another visitor "
+          f"received {seen}; its IPv6 routes {routes['v0']!r}; dnsmasq's answers to the visitor {answered['answers']} (1: the "
+          f"whole query)")
+    assert seen == {"router_advert": 0, "dhcp6_server": 0, "fragment": 0, "dhcp_server": 0}, seen
+    for ns in ("v0", "d"):
+        assert "default" not in routes[ns] and "2001:db8:66" not in routes[ns] + addresses[ns], (routes, addresses)
+    assert whole == {"demo.booth": [ctx["sites"][0]["address"]]} and answered["answers"] == 1, (whole, answered)
 
 
 @pytest.mark.skipif(needs is not None, reason=needs or "")
