@@ -77,6 +77,19 @@ def max_stations(rec: Recipe) -> int:
     return max(1, min(MAX_STATIONS, dhcp_pool(rec) // (2 * rec.network.leases_per_station)))
 
 
+# What one visitor may hold or open in dom0 (README, "The network"; the rendered firewall's bounds): connections
+# to the sites and new ones a second (per address), DNS queries a second (per address), DNS connections over TCP
+# open and new a second (per station: each is a child process of dnsmasq).
+VISITOR_LIMITS = {"flows": 64, "rate": 200, "burst": 400, "dns_rate": 100, "dns_burst": 200,
+                  "dns_tcp": 2, "dns_tcp_rate": 5, "dns_tcp_burst": 10}
+
+
+def dns_tcp_children(rec: Recipe) -> int:
+    """dnsmasq's children for DNS over TCP (max-tcp-connections; one per connection): every connection the
+    stations the access point admits may hold, so no crowd of made-up stations leaves a newcomer none."""
+    return max_stations(rec) * VISITOR_LIMITS["dns_tcp"]
+
+
 def pull_settings(rec: Recipe, recipe_path: Path) -> dict[str, Any]:
     """What /etc/appliance/pull.json says: each site that follows a release channel, with its allowed signers'
     lines (read from the file the recipe names, relative to the recipe)."""
@@ -102,7 +115,7 @@ def template_context(rec: Recipe) -> dict[str, Any]:
     """What the overlays' templates see of the sites and networks (see configure.context)."""
     all_sites, net = resolved(rec), visitors(rec)
     return {"net": net, "gnet": guests(rec), "sites": all_sites, "dhcp_pool": dhcp_pool(rec),
-            "max_stations": max_stations(rec),
+            "max_stations": max_stations(rec), "limits": VISITOR_LIMITS, "dns_tcp_children": dns_tcp_children(rec),
             "dom0_addresses": [net["address"], *(s["address"] for s in all_sites)],
             "guest_macs": [sl["mac"] for s in all_sites for sl in s["slots"].values()],
             "sites_json": board_json(rec), "wake_dns": "{}#{}".format(*WAKE_DNS)}

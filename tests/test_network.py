@@ -100,6 +100,47 @@ def bootp(op: int, xid: int, chaddr: bytes, options: dict[int, bytes], yiaddr: s
     return msg.ljust(300, b"\0")
 
 
+def ip6_frame(src_mac: bytes, dst_mac: bytes, src: str, dst: str, nexthdr: int, payload: bytes,
+              hop_limit: int = 255) -> bytes:
+    """An IPv6 frame; payload's checksum (ICMPv6 at 2, UDP at 6) is filled in over the pseudo-header."""
+    s6, d6 = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    at = 2 if nexthdr == 58 else 6
+    pseudo = s6 + d6 + struct.pack("!I3xB", len(payload), nexthdr)
+    payload = payload[:at] + struct.pack("!H", _csum(pseudo + payload)) + payload[at + 2:]
+    head = struct.pack("!IHBB", 6 << 28, len(payload), nexthdr, hop_limit) + s6 + d6
+    return dst_mac + src_mac + b"\x86\xdd" + head + payload
+
+
+def router_advert(src_mac: bytes, prefix: str) -> bytes:
+    """A router advertisement (a default router for 30 min, and prefix/64 to make addresses from) to all nodes."""
+    ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    ra += struct.pack("!BBBBIII", 3, 4, 64, 0xC0, 86400, 14400, 0) + socket.inet_pton(socket.AF_INET6, prefix)
+    ra += bytes([1, 1]) + src_mac                                     # source link-layer address
+    link_local = "fe80::" + src_mac[4:].hex()[:2] + "ff:fe" + src_mac[5:].hex()
+    return ip6_frame(src_mac, bytes.fromhex("333300000001"), link_local, "ff02::1", 58, ra)
+
+
+def dhcp6_advertise(src_mac: bytes) -> bytes:
+    """A DHCPv6 server's Advertise (UDP 547 -> 546) to all nodes."""
+    msg = bytes([2]) + random.randbytes(3)
+    udp = struct.pack("!HHHH", 547, 546, 8 + len(msg), 0) + msg
+    return ip6_frame(src_mac, bytes.fromhex("333300000001"), "fe80::1", "ff02::1", 17, udp)
+
+
+def fragments(frame: bytes, size: int = 64) -> list[bytes]:
+    """An IPv4 frame (header of 20 bytes) cut into fragments of size bytes (a multiple of 8) of its payload."""
+    head, ip, data = frame[:14], frame[14:34], frame[34:]
+    out = []
+    for off in range(0, len(data), size):
+        more = 0x2000 if off + size < len(data) else 0
+        part = data[off:off + size]
+        h = ip[:2] + struct.pack("!H", 20 + len(part)) + ip[4:6] + struct.pack("!H", more | off // 8) + ip[8:10]
+        h += b"\0\0" + ip[12:]
+        h = h[:10] + struct.pack("!H", _csum(h)) + h[12:]
+        out.append(head + h + part)
+    return out
+
+
 def parse_dhcp(frame: bytes) -> dict[str, Any] | None:
     """The DHCP message in an Ethernet frame (IPv4, UDP 67/68), or None."""
     if len(frame) < 14 + 20 + 8 + 240 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
@@ -361,6 +402,29 @@ def h_sniff(iface: str, stop: str, attacker: str) -> None:
     print(json.dumps(counts))
 
 
+def h_sniff_kinds(iface: str, stop: str, sender: str) -> None:
+    """What reaches this host from sender's MAC, by kind: IPv6 router advertisements, DHCPv6 server messages,
+    IPv4 fragments, DHCP server messages; until stopped."""
+    s = raw_socket(iface)
+    s.settimeout(0.05)
+    print("listening", flush=True)
+    counts = {"router_advert": 0, "dhcp6_server": 0, "fragment": 0, "dhcp_server": 0}
+    while not _stopped(stop):
+        try:
+            f = receive(s)
+        except TimeoutError:
+            continue
+        if mac_text(f[6:12]) != sender:
+            continue
+        if f[12:14] == b"\x86\xdd" and len(f) > 56:
+            counts["router_advert"] += f[20] == 58 and f[54] == 134
+            counts["dhcp6_server"] += f[20] == 17 and f[54:56] == b"\x02\x23"
+        elif f[12:14] == b"\x08\x00" and len(f) > 34:
+            counts["fragment"] += struct.unpack("!H", f[20:22])[0] & 0x3FFF != 0
+            counts["dhcp_server"] += bool((m := parse_dhcp(f)) and m["sport"] == 67)
+    print(json.dumps(counts))
+
+
 def h_wake_dns(stop: str, names: str) -> None:
     """The guest manager's wake-on-DNS server (the board's own code), answering the on-demand sites' names that
     dnsmasq sends it: names is a JSON object of name to service address."""
@@ -432,6 +496,56 @@ def h_dns_tcp(server: str, name: str) -> None:
         print(json.dumps({"answers": ancount}))
     except (OSError, struct.error) as e:
         print(json.dumps({"error": repr(e)}))
+
+
+def _dns_tcp_socket(iface: str, source: str) -> socket.socket:
+    """A TCP socket that leaves by iface from source (one of a radio's made-up stations)."""
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+    c.bind((source, 0))
+    return c
+
+
+def h_hold_dns_tcp(server: str, per: str, stop: str, *stations: str) -> None:
+    """Each station (IFACE=ADDRESS) opens per DNS connections over TCP and holds them idle until stopped; prints
+    how many it holds and how many were reset."""
+    held: list[socket.socket] = []
+    refused = 0
+    for station in stations:
+        iface, source = station.split("=")
+        for _ in range(int(per)):
+            c = _dns_tcp_socket(iface, source)
+            c.settimeout(1)
+            try:
+                c.connect((server, 53))
+                held.append(c)
+            except OSError:
+                refused += 1
+                c.close()
+    print(json.dumps({"held": len(held), "refused": refused}), flush=True)
+    while not _stopped(stop):
+        time.sleep(0.1)
+    for c in held:
+        c.close()
+
+
+def h_churn_dns_tcp(server: str, iface: str, source: str, seconds: str) -> None:
+    """One station asks over TCP as fast as it can for seconds, a new connection for each query (each one a
+    fork of dnsmasq): how many were answered and how many reset."""
+    answered = reset = 0
+    end = time.monotonic() + float(seconds)
+    q = _dns_query("demo.booth")
+    while time.monotonic() < end:
+        with _dns_tcp_socket(iface, source) as c:
+            c.settimeout(1)
+            try:
+                c.connect((server, 53))
+                c.sendall(struct.pack("!H", len(q)) + q)
+                if len(c.recv(2)) == 2:
+                    answered += 1
+            except OSError:
+                reset += 1
+    print(json.dumps({"answered": answered, "reset": reset, "s": float(seconds)}))
 
 
 def h_send(iface: str, frames: str, repeat: str) -> None:
@@ -520,7 +634,8 @@ def h_connect(*targets: str) -> None:
     print(json.dumps(out))
 
 
-HELPERS: dict[str, Any] = {"connect": h_connect, "upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
+HELPERS: dict[str, Any] = {"connect": h_connect, "upstream": h_upstream, "ask": h_ask, "send": h_send, "sniff_dns": h_sniff_dns, "flows": h_flows, "dns_tcp": h_dns_tcp, "hold_dns_tcp": h_hold_dns_tcp, "sniff_kinds": h_sniff_kinds, "churn_dns_tcp": h_churn_dns_tcp,
+           "serve": h_serve, "listen": h_listen, "fetch": h_fetch, "probe": h_probe, "dns": h_dns,
            "spoof": h_spoof, "flood": h_flood, "rogue": h_rogue, "sniff": h_sniff, "wake_dns": h_wake_dns}
 
 
@@ -728,14 +843,15 @@ def leases_of(path: Path) -> dict[str, str]:
     return out
 
 
-def booth(**network: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The booth recipe rendered; network: keys of its network section to change."""
+def booth(wifi: dict[str, Any] | None = None, **network: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The booth recipe rendered; wifi, network: keys of its wifi and network sections to change."""
     from appliance import config
     from appliance.build import configure
     from appliance.identity import derive
 
-    net = config.read_yaml(config.recipe_path("booth"))["network"] | network if network else None
-    cfg = config.load("booth", network=net)
+    recipe = config.read_yaml(config.recipe_path("booth"))
+    net = recipe["network"] | network if network else None
+    cfg = config.load("booth", network=net, wifi=recipe["wifi"] | wifi if wifi else None)
     ctx = configure.context(cfg, derive(cfg.digest))
     files = {f.rel: f.data for f in configure.render_overlays(cfg, ctx) if f.data}
     return files, ctx
@@ -749,8 +865,9 @@ def without_bridge_table(ruleset: str) -> str:
 
 
 @contextlib.contextmanager
-def double(tmp: Path, ruleset_filter: Any = None, **network: Any) -> Iterator[Double]:
-    files, ctx = booth(**network)
+def double(tmp: Path, ruleset_filter: Any = None, wifi: dict[str, Any] | None = None,
+           **network: Any) -> Iterator[Double]:
+    files, ctx = booth(wifi, **network)
     ruleset = files["etc/nftables.conf"].decode()
     d = Double(tmp, files, ctx)
     try:
@@ -918,6 +1035,80 @@ def test_one_visitor_cannot_fill_connection_tracking(tmp_path: Path):
     assert page == {svc: True}, page
 
 
+def made_up_stations(d: Double, count: int) -> list[str]:
+    """One radio with count made-up MACs, each associated and leased: macvlans on the attacker's port, each with
+    dnsmasq's lease (in the firewall), answering ARP for its own address only. Returns IFACE=ADDRESS each."""
+    att = d.ns["att"]
+    for key in ("all", "default"):
+        run("ip", "netns", "exec", att, "sysctl", "-qw", f"net.ipv4.conf.{key}.arp_ignore=1",
+            f"net.ipv4.conf.{key}.arp_announce=2")
+    clients = []
+    for i in range(count):
+        mac = "02:" + ":".join(f"{b:02x}" for b in random.randbytes(5))
+        run("ip", "-n", att, "link", "add", "link", "eth0", f"m{i}", "address", mac, "type", "macvlan", "mode",
+            "private")
+        run("ip", "-n", att, "link", "set", f"m{i}", "up")
+        script = d.tmp / f"m{i}.sh"
+        script.write_text("#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr replace \"$ip/$subnet\" dev \"$interface\"\n"
+                          f"  echo \"$ip\" > {d.tmp / f'm{i}.ip'} ;;\nesac\n")
+        script.chmod(0o755)
+        clients.append((mac, d.start("att", "busybox", "udhcpc", "-f", "-q", "-n", "-t", "8", "-T", "1", "-A", "1",
+                                     "-i", f"m{i}", "-s", str(script))))
+    stations = []
+    for i, (mac, p) in enumerate(clients):
+        p.communicate(timeout=30)
+        ip = (d.tmp / f"m{i}.ip").read_text().strip()
+        wait_for(f"the lease {mac} . {ip} in the firewall",
+                 lambda key=f"{mac} . {ip}": key in d.nft("list set bridge appliance leases"))
+        stations.append(f"m{i}={ip}")
+    return stations
+
+
+def dnsmasq_children(d: Double) -> list[int]:
+    pid = (d.tmp / "dnsmasq.pid").read_text().strip()
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def private_kib(pid: int) -> int:
+    """A process's own memory (what it does not share with its parent): Private_Dirty + Private_Clean."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    return sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Dirty:", "Private_Clean:")))
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_one_radio_cannot_hold_every_dns_over_tcp(tmp_path: Path):
+    """One radio with 12 made-up stations (each associated and leased), each holding as many idle DNS connections
+    over TCP as it can: each holds 2, each served by a child of dnsmasq, and dnsmasq still has a child for a
+    newcomer's query over TCP (it has one for every connection the stations hostapd admits may hold). A 13th
+    station opening and closing connections as fast as it can is held to its rate (each one is a fork)."""
+    with double(tmp_path) as d:
+        ctx = d.ctx
+        dns, name = ctx["net"]["address"], ctx["sites"][0]["names"][0]
+        d.dnsmasq()
+        *stations, churner = made_up_stations(d, 13)
+        hold = d.helper("att", "hold_dns_tcp", dns, "5", d.stop, *stations)
+        assert hold.stdout is not None and hold.stderr is not None
+        line = hold.stdout.readline()
+        assert line, f"the holding helper: {hold.stderr.read()}"
+        held = json.loads(line)
+        # a child for each held connection, and dnsmasq's helper for its lease script
+        children = wait_for("dnsmasq's children for the held connections",
+                            lambda: (c := dnsmasq_children(d)) and len(c) > held["held"] and c)
+        memory = sorted(private_kib(c) for c in children)[:-1]
+        v1 = d.lease_for("v1", "v1.lease")
+        over_udp = d.call("v1", "dns", dns, name)
+        over_tcp = d.call("v1", "dns_tcp", dns, name)
+        iface, source = churner.split("=")
+        churn = d.call("att", "churn_dns_tcp", dns, iface, source, "3")
+    print(f"\n12 made-up stations, 5 DNS connections over TCP each: {held}; dnsmasq's children {len(memory)} "
+          f"(own memory {min(memory)}-{max(memory)} KiB each, {sum(memory)} KiB in all); newcomer {v1['ip']}: "
+          f"UDP {over_udp}, TCP {over_tcp}; a 13th asking over TCP for 3 s: {churn}")
+    assert held["held"] == 12 * 2 and held["refused"] == 12 * 3, held
+    assert over_udp == {name: [ctx["sites"][0]["address"]]}, over_udp
+    assert over_tcp == {"answers": 1}, over_tcp
+    assert 10 <= churn["answered"] <= 10 + 5 * churn["s"] + 2, churn
+
+
 def rule_counter(d: Double, chain: str, comment: str) -> int:
     rules = json.loads(run("ip", "netns", "exec", d.ns["d"], "nft", "-j", "list", "chain", "bridge", "appliance",
                            chain))["nftables"]
@@ -990,6 +1181,125 @@ def test_a_visitor_is_bound_to_its_lease(tmp_path: Path):
     assert vlan == 30, vlan
     assert own == {"demo.booth": [site["address"]]} and att_again["ip"] == att["ip"], (own, att_again)
     assert fetched["fail"] == 0 and fetched["ok"] >= pages > 0, fetched
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_a_wired_host_cannot_spoof_a_visitor(tmp_path: Path):
+    """network.uplink: bridge puts the wired port on the visitors' bridge: a wired host gets a lease and dom0's
+    SSH, but while a visitor fetches the page in a loop it can neither claim the visitor's address by ARP, nor
+    send DNS queries from it, nor send with the visitor's MAC (the bridge would take the visitor's frames, and a
+    release of its lease would pass), nor send from an address not leased to it; and a wifi station cannot
+    send with the wired host's MAC."""
+    with double(tmp_path, uplink="bridge") as d:
+        ctx = d.ctx
+        site, blue, net = ctx["sites"][0], ctx["sites"][0]["slots"]["blue"], ctx["net"]
+        br = ctx["recipe"].network.bridge
+        d.ns["lan"] = d.ns["d"][:-1] + "lan"
+        run("ip", "netns", "add", d.ns["lan"])
+        d.created.append(d.ns["lan"])
+        run("ip", "link", "add", "lan0", "netns", d.ns["d"], "type", "veth", "peer", "name", "eth0", "netns",
+            d.ns["lan"])
+        run("ip", "-n", d.ns["lan"], "link", "set", "eth0", "up")
+        run("ip", "-n", d.ns["d"], "link", "set", "lan0", "master", br, "up")
+        d.helper("be", "serve", blue["address"], str(site["port"]), PAGE)
+        d.helper("d", "listen", "22")
+        wait_for("the backend", lambda: all(d.call("d", "probe", f"{blue['address']}:{site['port']}").values()))
+        leases = d.dnsmasq()
+        v0 = d.lease_for("v0", "v0.lease")
+        wired = d.lease_for("lan", "lan.lease")
+        v0_mac, lan_mac = mac_bytes(d.mac("v0", "eth0")), mac_bytes(d.mac("lan", "eth0"))
+        dom0_mac, dom0 = mac_bytes(d.mac("d", br)), net["address"]
+        progress = str(d.tmp / "v0.progress")
+        fetch = d.helper("v0", "fetch", f"http://{site['address']}:{site['port']}/", d.stop, progress)
+        wait_for("the visitor's first page", lambda: os.path.exists(progress) and
+                 int(Path(progress).read_text().split()[0]) > 0)
+        sniff = d.helper("v0", "sniff_dns", "eth0", str(d.tmp / "stop-sniff"))
+        assert sniff.stdout is not None and sniff.stdout.readline().strip() == "listening"
+
+        def send(ns: str, name: str, frames: list[bytes], repeat: int = 50) -> None:
+            path = d.tmp / f"{name}.frames"
+            path.write_text("\n".join(f.hex() for f in frames))
+            d.call(ns, "send", "eth0", str(path), str(repeat))
+
+        release = bootp(1, random.getrandbits(32), v0_mac, {53: b"\x07", 54: socket.inet_aton(dom0)})
+        release = release[:12] + socket.inet_aton(v0["ip"]) + release[16:]            # ciaddr
+        send("lan", "dns", [udp_frame(lan_mac, dom0_mac, v0["ip"], dom0, 40000 + i, 53, _dns_query("demo.booth"))
+                            for i in range(5)], repeat=4)
+        send("lan", "arp", [arp_frame(lan_mac, v0["ip"], v0["ip"], 2), arp_frame(lan_mac, v0["ip"], dom0, 1)])
+        send("lan", "steal", [arp_frame(v0_mac, v0["ip"], v0["ip"], 2),
+                              udp_frame(v0_mac, dom0_mac, v0["ip"], dom0, 68, 67, release)], repeat=10)
+        unleased = [udp_frame(lan_mac, dom0_mac, "10.42.0.77", dom0, 40000 + i, 53, _dns_query("demo.booth"))
+                    for i in range(5)]
+        send("lan", "unleased", unleased, repeat=4)
+        send("att", "steal_wired", [arp_frame(lan_mac, wired["ip"], wired["ip"], 2)], repeat=10)
+        neigh = {ip: d.neigh("d", ip) for ip in (v0["ip"], wired["ip"])}
+        fdb = {e["mac"]: e.get("ifname") for e in d.fdb() if e.get("state") != "permanent"}
+        # a sync point: the wired host's own renewal and SSH are answered, so what came before was handled
+        wired_again = d.lease("lan2.lease", d.udhcpc("lan", "lan2.lease"))
+        ssh = d.call("lan", "probe", f"{dom0}:22")
+        Path(d.tmp / "stop-sniff").touch()
+        reflected = d.result(sniff)
+        held = leases_of(leases)
+        pages = int(Path(progress).read_text().split()[0])
+        Path(d.stop).touch()
+        fetched = d.result(fetch)
+    v0_text, lan_text = mac_text(v0_mac), mac_text(lan_mac)
+    print(f"\nvisitor {v0['ip']} ({v0_text}), wired host {wired['ip']} ({lan_text}): dom0's neighbour entries "
+          f"{neigh}; bridge ports of their MACs {fdb.get(v0_text)}, {fdb.get(lan_text)}; the visitor's lease after a "
+          f"release with its MAC {held.get(v0_text)}; DNS answers reflected to it {reflected['answers']}; its pages "
+          f"{fetched['ok']} ok, {fetched['fail']} failed; the wired host's SSH {ssh}")
+    assert neigh[v0["ip"]] in (None, v0_text) and neigh[wired["ip"]] in (None, lan_text), neigh
+    assert fdb.get(v0_text) == "wlan0" and fdb.get(lan_text) == "lan0", fdb
+    assert held.get(v0_text) == v0["ip"], held
+    assert reflected["answers"] == 0, reflected
+    assert fetched["fail"] == 0 and fetched["ok"] >= pages > 0, fetched
+    assert wired_again["ip"] == wired["ip"] and ssh == {f"{dom0}:22": True}, (wired_again, ssh)
+
+
+@pytest.mark.skipif(needs is not None, reason=needs or "")
+def test_rogue_routers_and_fragments_reach_no_one(tmp_path: Path):
+    """With wifi.client_isolation: false (visitors reach each other), a visitor sends IPv6 router advertisements
+    (a default route and a prefix), DHCPv6 Advertises, a DHCP offer cut in IPv4 fragments, and DNS queries cut in
+    fragments to dom0: another visitor receives none of them and takes no IPv6 route or address, dom0 neither,
+    and dnsmasq answers no fragment (the same query whole is answered)."""
+    with double(tmp_path, wifi={"client_isolation": False}) as d:
+        ctx, dom0 = d.ctx, d.ctx["net"]["address"]
+        br = ctx["recipe"].network.bridge
+        d.dnsmasq()
+        v0 = d.lease_for("v0", "v0.lease")
+        att = d.lease_for("att", "att.lease")
+        att_mac, dom0_mac = mac_bytes(d.mac("att", "eth0")), mac_bytes(d.mac("d", br))
+        for ns in ("v0", "d"):       # as a phone would, and dom0 too should anything reach it
+            run("ip", "netns", "exec", d.ns[ns], "sysctl", "-qw", "net.ipv6.conf.all.accept_ra=2",
+                f"net.ipv6.conf.{'eth0' if ns == 'v0' else br}.accept_ra=2")
+        stop_sniff = str(d.tmp / "stop-sniff")
+        sniff = d.helper("v0", "sniff_kinds", "eth0", stop_sniff, mac_text(att_mac))
+        answers = d.helper("att", "sniff_dns", "eth0", stop_sniff)
+        for p in (sniff, answers):
+            assert p.stdout is not None and p.stdout.readline().strip() == "listening"
+        offer = bootp(2, random.getrandbits(32), mac_bytes(d.mac("v0", "eth0")),
+                      {53: b"\x02", 54: socket.inet_aton(att["ip"]), 3: socket.inet_aton(att["ip"]),
+                       6: socket.inet_aton(att["ip"])}, yiaddr=v0["ip"], siaddr=att["ip"])
+        frames = [router_advert(att_mac, "2001:db8:66::"), dhcp6_advertise(att_mac),
+                  *fragments(udp_frame(att_mac, BROADCAST, att["ip"], "255.255.255.255", 67, 68, offer)),
+                  *(f for i in range(5) for f in fragments(udp_frame(
+                      att_mac, dom0_mac, att["ip"], dom0, 41000 + i, 53, _dns_query("demo.booth").ljust(80, b"\0")),
+                      size=16))]
+        path = d.tmp / "rogue.frames"
+        path.write_text("\n".join(f.hex() for f in frames))
+        sent = d.call("att", "send", "eth0", str(path), "10")
+        whole = d.call("att", "dns", dom0, "demo.booth")           # a sync point: handled after the frames
+        routes = {ns: run("ip", "-n", d.ns[ns], "-6", "route", "show") for ns in ("v0", "d")}
+        addresses = {ns: run("ip", "-n", d.ns[ns], "-6", "addr", "show") for ns in ("v0", "d")}
+        Path(stop_sniff).touch()
+        seen, answered = d.result(sniff), d.result(answers)
+    print(f"\n{sent['sent']} frames from a visitor (router advertisements, DHCPv6, fragments): another visitor "
+          f"received {seen}; its IPv6 routes {routes['v0']!r}; dnsmasq's answers to the visitor {answered['answers']} (1: the "
+          f"whole query)")
+    assert seen == {"router_advert": 0, "dhcp6_server": 0, "fragment": 0, "dhcp_server": 0}, seen
+    for ns in ("v0", "d"):
+        assert "default" not in routes[ns] and "2001:db8:66" not in routes[ns] + addresses[ns], (routes, addresses)
+    assert whole == {"demo.booth": [ctx["sites"][0]["address"]]} and answered["answers"] == 1, (whole, answered)
 
 
 @pytest.mark.skipif(needs is not None, reason=needs or "")
@@ -1124,12 +1434,17 @@ def test_nft_accepts_the_ruleset(tmp_path: Path, kind: str, monkeypatch):
     assert p.returncode == 0, p.stderr
     text = rules.read_text()
     per = cfg.recipe.network.leases_per_station
-    assert text.count("flags dynamic, timeout") == 2 * per + 4    # + each visitor's rates (new, DNS, DHCP), self
+    bridged = cfg.recipe.network.uplink == "bridge"
+    # + rates (new, DNS, DNS over TCP, DHCP), self, and with a wired port on the bridge each side's MACs
+    assert text.count("flags dynamic, timeout") == 2 * per + 5 + 2 * bridged
     for site in ctx["sites"]:
         assert site["address"] in text.split("set dom0_addresses", 1)[1].split("}", 1)[0]
     assert ("meta mark $VISITOR jump visitors" in text) == (cfg.recipe.network.uplink == "bridge")
     conf = tmp_path / "dnsmasq.conf"
     conf.write_bytes(files["etc/dnsmasq.d/appliance.conf"])
+    # a child of dnsmasq for each DNS connection over TCP that the stations hostapd admits may hold
+    assert f"max-tcp-connections={ctx['max_stations'] * 2}\n" in conf.read_text()
+    assert f"max_num_sta={ctx['max_stations']}\n" in files["etc/hostapd/appliance.conf"].decode()
     if shutil.which("dnsmasq"):
         p = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], check=False, capture_output=True,
                            text=True)

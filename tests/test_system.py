@@ -307,6 +307,24 @@ def test_visitor_cannot_reach_dom0_ssh(board, visitor, guest, recipe):
         assert not reach(ip, 22), f"a visitor reaches dom0's SSH at {ip}"
 
 
+def test_visitor_resolves_over_tcp(board, visitor, recipe):
+    """The board's dnsmasq takes the rendered max-tcp-connections (a child for each DNS connection over TCP the
+    stations hostapd admits may hold) and answers a visitor's query over TCP through the per-station bound."""
+    conf = board.run("cat /etc/dnsmasq.d/appliance.conf").out
+    assert re.search(r"^max-tcp-connections=\d+$", conf, re.MULTILINE), conf
+    probe = ("import socket, struct, sys\n"
+             "q = struct.pack('!6H', 7, 256, 1, 0, 0, 0) + b''.join(bytes([len(p)]) + p.encode() for p in "
+             "sys.argv[2].split('.')) + b'\\0' + struct.pack('!HH', 1, 1)\n"
+             "c = socket.create_connection((sys.argv[1], 53), timeout=30)\n"
+             "c.sendall(struct.pack('!H', len(q)) + q)\n"
+             "n = struct.unpack('!H', c.recv(2))[0]\nr = b''\n"
+             "while len(r) < n:\n    r += c.recv(n - len(r))\n"
+             "print(socket.inet_ntoa(r[-4:]))")
+    name = recipe.sites[0].names[0]
+    r = board.run(f"ip netns exec {NETNS} python3 -c {shlex.quote(probe)} {visitor.dns} {name}", timeout=60)
+    assert r.out.strip() == recipe.sites[0].address, r.out
+
+
 @pytest.mark.parametrize("url, open_answer", [
     ("http://captive.apple.com/hotspot-detect.html", "Success"),                      # Apple
     ("http://connectivitycheck.gstatic.com/generate_204", ""),                        # Android (204)
