@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .. import guest, log
+from .. import guest, log, manager_client
 from ..build import guest as demo_guest
 from ..config import Config
 from ..emulate import Board, wait_for
 from ..errors import DeployError
+from ..manager.store import ROOT as BOARD_STORE
 
-STORE = "/var/lib/appliance/sites"
+STORE = BOARD_STORE
 ANSWERS_S = 300
 
 # The steady visitor, run on the board (in dom0 or in a visitor's network namespace) until the stop file appears:
@@ -89,11 +90,7 @@ def steady_visitor(board: Board, url: str, netns: str | None = None) -> Iterator
 
 def manager(board: Board, args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
     """Run `appliance-guest ARGS` on the board: its exit status and the JSON it printed."""
-    r = board.run(f"appliance-guest {args}", check=False, timeout=timeout)
-    try:
-        return r.rc, dict(json.loads(r.out))
-    except ValueError:
-        return r.rc, {"ok": False, "error": f"no JSON from appliance-guest {args}: {(r.err or r.out)[-300:]}"}
+    return manager_client.ask(lambda cmd, t: board.run(cmd, check=False, timeout=t), shlex.split(args), timeout)
 
 
 def upload(board: Board, cfg: Config, bundle: Path, work: Path) -> str:
