@@ -95,7 +95,7 @@ class Qemu:
 
 
 @dataclass(frozen=True)
-class Board:
+class BoardSpec:
     name: str
     description: str
     arch: str
@@ -234,8 +234,8 @@ class Config:
     """Everything a build needs, resolved and checked: the recipe, its board and where they came from."""
 
     recipe: Recipe
-    board: Board
-    also: tuple[Board, ...]
+    board: BoardSpec
+    also: tuple[BoardSpec, ...]
     recipe_path: Path
     root: Path = ROOT
     digest: str = field(default="")
@@ -378,13 +378,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_board(name: str, root: Path = ROOT) -> Board:
+def load_board(name: str, root: Path = ROOT) -> BoardSpec:
     path = root / "board" / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in (root / "board").glob("*.yaml"))
         raise RecipeError(f"{rel(path)}: no such board '{name}'{did_you_mean(name, known)}",
                           hint=f"known boards: {', '.join(known)}")
-    board: Board = _build(Board, read_yaml(path), path)
+    board: BoardSpec = _build(BoardSpec, read_yaml(path), path)
     if board.name != name:
         raise _fail(path, "name", f"'{board.name}' does not match the file name '{name}'")
     return board
