@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import paramiko
 import yaml
 
-from . import guest, log, manager_client, ssh
+from . import bundles, log, manager_client, ssh
 from .build import guest as demo_guest
 from .errors import ApplianceError, DeployError, GuestError, SshError
 from .manager import manifest, names
@@ -103,10 +103,10 @@ def source(path: Path, *, name: str | None = None, version: str | None = None, m
             raise GuestError(f"{path}: no such bundle, tarball or kernel")
         elif path.is_file() and re.search(r"\.(tar|tar\.gz|tgz)$", path.name):
             path = _untar(path, Path(tmp))
-        data, where, folder = guest.bundle_data(path, name, version)
+        data, where, folder = bundles.bundle_data(path, name, version)
         if memory is not None and isinstance(data, dict):
             data = {**data, "memory": memory}
-        guest.check_bundle(data, where, folder, "site", LAPTOP)   # before any board is contacted
+        bundles.check_bundle(data, where, folder, "site", LAPTOP)   # before any board is contacted
         yield Guest(data, where, folder)
 
 
@@ -146,8 +146,8 @@ def _untar(path: Path, dest: Path) -> Path:
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
 
-            take("guest.yaml", guest.MAX_YAML)
-            data = guest.read_yaml(dest / "guest.yaml")
+            take("guest.yaml", bundles.MAX_YAML)
+            data = bundles.read_yaml(dest / "guest.yaml")
             for key in ("kernel", "ramdisk"):
                 value = data.get(key) if isinstance(data, dict) else None
                 if value is not None:
@@ -210,7 +210,7 @@ def failure(host: str, out: dict[str, Any]) -> DeployError:
 
 def check(g: Guest, site: str, defaults: dict[str, Any]) -> manifest.Manifest:
     """The guest checked by the board's validator with the site's own defaults (what the board will check)."""
-    return guest.check_bundle(g.data, g.where, g.folder, site, defaults)
+    return bundles.check_bundle(g.data, g.where, g.folder, site, defaults)
 
 
 # ---------------------------------------------------------------- upload
@@ -620,7 +620,7 @@ def _yaml(path: Path, text: str) -> _Inventory:
     """An Ansible YAML inventory: groups with hosts (name: vars), vars and children, from `all` down."""
     inv = _Inventory()
     try:
-        data = yaml.load(text, Loader=guest._PlainLoader)  # noqa: S506 - a SafeLoader without aliases
+        data = yaml.load(text, Loader=bundles._PlainLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise DeployError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
