@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import ROOT, cardsettings, default_cache
+from . import ROOT, MiB, cardsettings, default_cache
 from .errors import RecipeError
 from .manager import manifest, names
 from .manager.settings import SITE_LIMITS
@@ -486,7 +486,7 @@ COMPONENTS = {"bookworm": _MODERN, "trixie": _MODERN, "forky": _MODERN, "sid": _
               "bullseye": ("main", "contrib", "non-free"), "buster": ("main", "contrib", "non-free")}
 # The least a partition can be made with: the boot files (Xen, the dom0 kernel, its initramfs, the DTBs: about
 # 12 MiB) on FAT, and room for the first boot's writes (host keys, the journal) before the root is grown.
-BOOT_MIN, ROOT_FREE_MIN, MiB = Size(16 << 20), Size(16 << 20), 1 << 20
+BOOT_MIN, ROOT_FREE_MIN = Size(16 * MiB), Size(16 * MiB)
 
 
 def _check_recipe(rec: Recipe, path: Path, root: Path = ROOT) -> None:

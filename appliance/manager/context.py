@@ -24,7 +24,7 @@ from .store import Store
 from .xl import Xl
 
 ENV = {  # variable: board default
-    "APPLIANCE_SITES": "/etc/appliance/sites.json",
+    "APPLIANCE_SITES": settings_mod.BOARD_FILE,
     "APPLIANCE_STORE": STORE_ROOT,
     "APPLIANCE_RUN": "/run/appliance/sites",
     "APPLIANCE_CONSOLE": "/var/log/xen/console",

@@ -22,6 +22,7 @@ STOPS = ("destroy", "pause")
 # A site's limits, the one set: the recipe loader (config.py) and the board (below) check a site against these.
 SITE_LIMITS = {"port": (1, 65535), "memory": (16, MAX_MEMORY), "vcpus": (1, MAX_VCPUS), "deadline": (5, 3600),
                "drain": (0, 3600), "keep": (1, KEEP_MAX), "idle": (IDLE_MIN, IDLE_MAX)}
+BOARD_FILE = "/etc/appliance/sites.json"   # where the board reads this (APPLIANCE_SITES to move it)
 WAKE_DNS = ("127.0.0.1", 5354)  # where dnsmasq sends the queries for on-demand sites' names (the manager answers)
 MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BRIDGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
