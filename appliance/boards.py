@@ -33,7 +33,9 @@ class Malformed(ValueError):
 
 
 @dataclass
-class Board:
+class Discovered:
+    """A board as its mDNS service tells of it."""
+
     instance: str                       # the service's name: the board's host name
     host: str = ""                      # SRV target, NAME.local
     port: int = 22
@@ -153,10 +155,10 @@ def _send(sock: socket.socket, packet: bytes) -> int:
     return sent
 
 
-def browse(timeout: float = 3.0) -> list[Board]:
+def browse(timeout: float = 3.0) -> list[Discovered]:
     """The `_ssh._tcp` services answering within `timeout` seconds: what they published, and their addresses."""
     qid = random.randrange(1, 0x10000)
-    boards: dict[str, Board] = {}
+    boards: dict[str, Discovered] = {}
     hosts: dict[str, str] = {}           # NAME.local -> its A record
     sources: dict[str, str] = {}         # instance -> the address its SRV came from
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -184,7 +186,7 @@ def browse(timeout: float = 3.0) -> list[Board]:
             for name, rtype, value in recs:
                 if rtype == PTR and name == SERVICE.lower() and isinstance(value, str):
                     if value.lower() not in boards and len(boards) < MAX_BOARDS:
-                        boards[value.lower()] = Board(value)
+                        boards[value.lower()] = Discovered(value)
                 elif rtype == SRV and name in boards and isinstance(value, tuple):
                     boards[name].port, boards[name].host = value
                     sources[name] = peer[0]
@@ -197,7 +199,7 @@ def browse(timeout: float = 3.0) -> list[Board]:
     return sorted(boards.values(), key=lambda b: b.name)
 
 
-def table(boards: list[Board]) -> str:
+def table(boards: list[Discovered]) -> str:
     if not boards:
         return "no board answered (mDNS on this network segment; is the board's uplink on it?)"
     rows = [("name", "address", "image", "version", "SSH host key (ed25519)")]

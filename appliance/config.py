@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import ROOT, cardsettings, default_cache
+from . import ROOT, MiB, cardsettings, default_cache
 from .errors import RecipeError
 from .manager import manifest, names
 from .manager.settings import SITE_LIMITS
@@ -95,7 +95,7 @@ class Qemu:
 
 
 @dataclass(frozen=True)
-class Board:
+class BoardSpec:
     name: str
     description: str
     arch: str
@@ -234,8 +234,8 @@ class Config:
     """Everything a build needs, resolved and checked: the recipe, its board and where they came from."""
 
     recipe: Recipe
-    board: Board
-    also: tuple[Board, ...]
+    board: BoardSpec
+    also: tuple[BoardSpec, ...]
     recipe_path: Path
     root: Path = ROOT
     digest: str = field(default="")
@@ -378,13 +378,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_board(name: str, root: Path = ROOT) -> Board:
+def load_board(name: str, root: Path = ROOT) -> BoardSpec:
     path = root / "board" / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in (root / "board").glob("*.yaml"))
         raise RecipeError(f"{rel(path)}: no such board '{name}'{did_you_mean(name, known)}",
                           hint=f"known boards: {', '.join(known)}")
-    board: Board = _build(Board, read_yaml(path), path)
+    board: BoardSpec = _build(BoardSpec, read_yaml(path), path)
     if board.name != name:
         raise _fail(path, "name", f"'{board.name}' does not match the file name '{name}'")
     return board
@@ -486,7 +486,7 @@ COMPONENTS = {"bookworm": _MODERN, "trixie": _MODERN, "forky": _MODERN, "sid": _
               "bullseye": ("main", "contrib", "non-free"), "buster": ("main", "contrib", "non-free")}
 # The least a partition can be made with: the boot files (Xen, the dom0 kernel, its initramfs, the DTBs: about
 # 12 MiB) on FAT, and room for the first boot's writes (host keys, the journal) before the root is grown.
-BOOT_MIN, ROOT_FREE_MIN, MiB = Size(16 << 20), Size(16 << 20), 1 << 20
+BOOT_MIN, ROOT_FREE_MIN = Size(16 * MiB), Size(16 * MiB)
 
 
 def _check_recipe(rec: Recipe, path: Path, root: Path = ROOT) -> None:

@@ -25,14 +25,14 @@ from typing import Any, TypeVar
 import paramiko
 import yaml
 
-from . import guest, log, ssh
+from . import bundles, log, manager_client, ssh
 from .build import guest as demo_guest
 from .errors import ApplianceError, DeployError, GuestError, SshError
 from .manager import manifest, names
 from .manager.errors import Error as ManagerError
 from .manager.staging import PART, digest_prefix
+from .manager_client import COMMAND
 
-MANAGER = "appliance-guest"
 CHUNK = 1 << 17
 SWITCH_S = 900            # the board's switch: start, health deadline, drain
 PARALLEL = 4
@@ -103,10 +103,10 @@ def source(path: Path, *, name: str | None = None, version: str | None = None, m
             raise GuestError(f"{path}: no such bundle, tarball or kernel")
         elif path.is_file() and re.search(r"\.(tar|tar\.gz|tgz)$", path.name):
             path = _untar(path, Path(tmp))
-        data, where, folder = guest.bundle_data(path, name, version)
+        data, where, folder = bundles.bundle_data(path, name, version)
         if memory is not None and isinstance(data, dict):
             data = {**data, "memory": memory}
-        guest.check_bundle(data, where, folder, "site", LAPTOP)   # before any board is contacted
+        bundles.check_bundle(data, where, folder, "site", LAPTOP)   # before any board is contacted
         yield Guest(data, where, folder)
 
 
@@ -146,8 +146,8 @@ def _untar(path: Path, dest: Path) -> Path:
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
 
-            take("guest.yaml", guest.MAX_YAML)
-            data = guest.read_yaml(dest / "guest.yaml")
+            take("guest.yaml", bundles.MAX_YAML)
+            data = bundles.read_yaml(dest / "guest.yaml")
             for key in ("kernel", "ramdisk"):
                 value = data.get(key) if isinstance(data, dict) else None
                 if value is not None:
@@ -169,7 +169,7 @@ class Session:
     def __init__(self, conn: ssh.Connection, site: str | None, break_lock: bool = False, force: bool = False) -> None:
         self.conn = conn
         # --force: a site that follows a release channel (pull mode) takes the push and stops following
-        cmd = (f"{MANAGER} session" + (" --break-lock" if break_lock else "") + (" --force" if force else "")
+        cmd = (f"{COMMAND} session" + (" --break-lock" if break_lock else "") + (" --force" if force else "")
                + (f" {shlex.quote(site)}" if site else ""))
         self.proc = conn.process(cmd)
         self.hello = self._answer(60, "session")
@@ -186,9 +186,9 @@ class Session:
             except ValueError:
                 continue
         else:
-            raise DeployError(f"{self.conn.spec}: {MANAGER} {what}: not JSON: {text[:200]!r}")
+            raise DeployError(f"{self.conn.spec}: {COMMAND} {what}: not JSON: {text[:200]!r}")
         if not isinstance(out, dict):
-            raise DeployError(f"{self.conn.spec}: {MANAGER} {what}: not a JSON object")
+            raise DeployError(f"{self.conn.spec}: {COMMAND} {what}: not a JSON object")
         if not out.get("ok"):
             raise failure(self.conn.spec, out)
         return out
@@ -210,7 +210,7 @@ def failure(host: str, out: dict[str, Any]) -> DeployError:
 
 def check(g: Guest, site: str, defaults: dict[str, Any]) -> manifest.Manifest:
     """The guest checked by the board's validator with the site's own defaults (what the board will check)."""
-    return guest.check_bundle(g.data, g.where, g.folder, site, defaults)
+    return bundles.check_bundle(g.data, g.where, g.folder, site, defaults)
 
 
 # ---------------------------------------------------------------- upload
@@ -426,25 +426,20 @@ def table(rows: list[Row]) -> str:
 # ---------------------------------------------------------------- the other commands
 
 
-def _ask(target: Target, args: tuple[str, ...], timeout: float) -> Any:
-    """Run `appliance-guest ARGS` on the board: its answer as JSON, or DeployError when it gave none."""
+def _ask(target: Target, args: tuple[str, ...], timeout: float) -> dict[str, Any]:
+    """Run `appliance-guest ARGS` on the board: its JSON answer (ok false, with an error, when it gave none)."""
     conn = target.connect()
     try:
-        r = conn.run(shlex.join([MANAGER, *args]), timeout=timeout)
+        return manager_client.ask(lambda cmd, t: conn.run(cmd, timeout=t), args, timeout)[1]
     finally:
         conn.close()
-    try:
-        return json.loads(r.out)
-    except ValueError:
-        raise DeployError(f"{target.host}: {MANAGER} {' '.join(args)} gave no JSON (exit {r.rc}): "
-                          f"{(r.err or r.out).strip()[-300:] or 'no output'}") from None
 
 
 def manager(target: Target, *args: str, timeout: float = SWITCH_S) -> dict[str, Any]:
     """Run `appliance-guest ARGS` on the board: its JSON answer, or DeployError with its error."""
     out = _ask(target, args, timeout)
-    if not isinstance(out, dict) or not out.get("ok"):
-        raise failure(target.host, out if isinstance(out, dict) else {})
+    if not out.get("ok"):
+        raise failure(target.host, out)
     return out
 
 
@@ -470,8 +465,8 @@ def status(target: Target) -> dict[str, Any]:
     """The board's `appliance-guest status`: every site, whatever its health (ok false when one is failing);
     DeployError only when the board gives no status at all."""
     out = _ask(target, ("status",), 60)
-    if not isinstance(out, dict) or not isinstance(out.get("sites"), dict):
-        raise failure(target.host, out if isinstance(out, dict) else {})
+    if not isinstance(out.get("sites"), dict):
+        raise failure(target.host, out)
     return out
 
 
@@ -625,7 +620,7 @@ def _yaml(path: Path, text: str) -> _Inventory:
     """An Ansible YAML inventory: groups with hosts (name: vars), vars and children, from `all` down."""
     inv = _Inventory()
     try:
-        data = yaml.load(text, Loader=guest._PlainLoader)  # noqa: S506 - a SafeLoader without aliases
+        data = yaml.load(text, Loader=bundles._PlainLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise DeployError(f"{path}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None

@@ -114,7 +114,7 @@ def publish(channel: str, bundle: Path | None, *, site: str | None = None, stati
             signers: Path | None = None, name: str | None = None, version: str | None = None) -> dict[str, Any]:
     """The task's whole body: the recipe's site (default: its first), the guest checked with the board's
     validator and the site's defaults, released. signers defaults to the site's `pull: signers:` in the recipe."""
-    from . import config, deploy, guest
+    from . import bundles, config, deploy
 
     cfg = config.load(recipe)
     rec = cfg.recipe
@@ -125,5 +125,5 @@ def publish(channel: str, bundle: Path | None, *, site: str | None = None, stati
     if signers is None and pull is not None:
         signers = (cfg.recipe_path.parent / pull.signers).resolve()
     with deploy.source(bundle or Path("."), name=name, version=version, static=static, recipe=recipe) as g:
-        m = guest.check_bundle(g.data, g.where, g.folder, spec.name, guest.defaults(spec))
+        m = bundles.check_bundle(g.data, g.where, g.folder, spec.name, bundles.defaults(spec))
         return release(channel, spec.name, m, g.folder, branch=branch, key=key, serial=serial, signers=signers)

@@ -16,7 +16,7 @@ from .config import Recipe
 from .manager import settings
 from .manager.settings import SLOTS, WAKE_DNS
 
-BOARD_PATH = Path("/etc/appliance/sites.json")
+BOARD_PATH = Path(settings.BOARD_FILE)
 
 
 def _net(address: str, bridge: str) -> dict[str, Any]:

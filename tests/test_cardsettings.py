@@ -16,10 +16,10 @@ from cards import Loops
 
 from appliance import ROOT, bmap, cardsettings, config, flash, log
 from appliance.build import configure
+from appliance.bundles import MANAGER, install_manager
 from appliance.cardsettings import Settings
 from appliance.errors import FlashError, RecipeError
 from appliance.flash import settings as card_settings
-from appliance.guest import MANAGER, install_manager
 from appliance.identity import derive
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop"

@@ -71,7 +71,7 @@ def first(board: Board, site: config.SiteSpec) -> str:
 @pytest.fixture(scope="module")
 def second(cfg: config.Config) -> guest.Bundle:
     """A second demo release: the same guest, another version serving another page footer."""
-    return guest.build(cfg, release="2.0")
+    return guest.bundle(cfg, release="2.0")
 
 
 def deploy_with_visitor(board: Board, site: config.SiteSpec, target: d.Target, bundle: Path,
@@ -145,7 +145,7 @@ def test_a_guest_that_crashes_after_start_leaves_the_old_one_serving(board, site
 
 
 def test_a_board_with_too_little_space_refuses_before_sending(board, site, target, first, cfg):
-    third = guest.build(cfg, release="3.0")          # not on the board yet: the whole bundle must be sent
+    third = guest.bundle(cfg, release="3.0")          # not on the board yet: the whole bundle must be sent
     need = sum(p.stat().st_size for p in third.path.iterdir())
     avail = int(board.run("df --output=avail -B1 /var/lib/appliance | tail -1").out)
     filler = "/var/lib/appliance/test-filler"

@@ -27,7 +27,7 @@ from appliance.manager.context import Context
 from appliance.manager.errors import Error
 from appliance.manager.lock import Busy, SiteLock
 from appliance.manager.net import Net
-from appliance.manager.settings import Net as NetSettings
+from appliance.manager.settings import Bridge as NetSettings
 from appliance.manager.settings import load as load_settings
 from appliance.manager.store import Store
 from appliance.manager.supervisor import SiteSupervisor

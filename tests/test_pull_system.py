@@ -94,7 +94,7 @@ def channel(tmp_path_factory: pytest.TempPathFactory, board: Board, site: config
 
 def test_the_board_takes_a_signed_release_while_a_visitor_loads_it(board, cfg, site, channel):
     first = wait_for("the site serving", lambda: serving(board, site), SERVING_S, interval=2, board=board)
-    bundle = guest.build(cfg, release="3.0-pull")
+    bundle = guest.bundle(cfg, release="3.0-pull")
     t0 = time.monotonic()
     out = release.publish(str(channel.bare), bundle.path, site=site.name, key=channel.keys["alice"],
                           signers=channel.signers)

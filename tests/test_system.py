@@ -467,9 +467,9 @@ def versions(board: Board, recipe: config.Recipe, guest, tmp_path_factory) -> di
 
     cfg = config.load("booth")
     work = tmp_path_factory.mktemp("store")
-    demo = g.build(cfg).path
+    demo = g.bundle(cfg).path
     made = {"one": current(board, cfg.recipe.sites[0].name),
-            "two": upload(board, cfg, g.build(cfg, release="2.0").path, work)}
+            "two": upload(board, cfg, g.bundle(cfg, release="2.0").path, work)}
     base = json.loads((demo / "guest.yaml").read_text())
     for kind, cmdline in (("never", g.DEMO_CMDLINE.replace("appliance.port={port}", "appliance.port=8081")),
                           ("crash", g.DEMO_CMDLINE + " rdinit=/no-such-init")):

@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .. import guest, log
+from .. import bundles, log, manager_client
 from ..build import guest as demo_guest
 from ..config import Config
 from ..emulate import Board, wait_for
 from ..errors import DeployError
+from ..manager.store import ROOT as BOARD_STORE
 
-STORE = "/var/lib/appliance/sites"
+STORE = BOARD_STORE
 ANSWERS_S = 300
 
 # The steady visitor, run on the board (in dom0 or in a visitor's network namespace) until the stop file appears:
@@ -89,19 +90,15 @@ def steady_visitor(board: Board, url: str, netns: str | None = None) -> Iterator
 
 def manager(board: Board, args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
     """Run `appliance-guest ARGS` on the board: its exit status and the JSON it printed."""
-    r = board.run(f"appliance-guest {args}", check=False, timeout=timeout)
-    try:
-        return r.rc, dict(json.loads(r.out))
-    except ValueError:
-        return r.rc, {"ok": False, "error": f"no JSON from appliance-guest {args}: {(r.err or r.out)[-300:]}"}
+    return manager_client.ask(lambda cmd, t: board.run(cmd, check=False, timeout=t), shlex.split(args), timeout)
 
 
 def upload(board: Board, cfg: Config, bundle: Path, work: Path) -> str:
     """Lay a bundle into a scratch store on the host (checked as the build checks it) and copy it to the
     board's store of the recipe's first site; its version."""
     site = cfg.recipe.sites[0]
-    version = guest.store(work, bundle, site, current=False)
-    board.put(work / guest.STORE / site.name / version, f"{STORE}/{site.name}/{version}")
+    version = bundles.store(work, bundle, site, current=False)
+    board.put(work / bundles.STORE / site.name / version, f"{STORE}/{site.name}/{version}")
     return version
 
 
@@ -112,7 +109,7 @@ def bench(board: Board, cfg: Config) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-switch-") as tmp:
         one = board.run(f"readlink {STORE}/{site.name}/current").out.strip()
-        two = upload(board, cfg, demo_guest.build(cfg, release="2.0").path, Path(tmp))
+        two = upload(board, cfg, demo_guest.bundle(cfg, release="2.0").path, Path(tmp))
     for mode, flag, target in (("blue-green", "", two), ("destroy-then-create", "--cold ", one)):
         with log.step(f"Switching {site.name} to {target} ({mode}) under a steady visitor"):
             with steady_visitor(board, url) as v:
@@ -139,7 +136,7 @@ def deploys(board: Board, cfg: Config) -> dict[str, Any]:
     target = d.Target(f"root@127.0.0.1:{board.ssh_port}", ssh_config=board.ssh_config, key=board.key, timeout=60)
     figures: dict[str, Any] = {}
     for mode, release, cold in (("blue-green", "3.0", False), ("destroy-then-create", "4.0", True)):
-        bundle = demo_guest.build(cfg, release=release).path
+        bundle = demo_guest.bundle(cfg, release=release).path
         with log.step(f"Deploying demo {release} ({mode}) under a steady visitor"):
             with steady_visitor(board, url) as v, d.source(bundle) as g:
                 try:
@@ -149,7 +146,7 @@ def deploys(board: Board, cfg: Config) -> dict[str, Any]:
                     figures[f"{mode} deploy (upload, verify, switch), s"] = f"failed: {exc}"
             seen = v.counts()
         figures[f"{mode} deploy: failed / total requests"] = f"{seen['failed']} / {seen['ok'] + seen['failed']}"
-    bundle = demo_guest.build(cfg, release="5.0").path
+    bundle = demo_guest.bundle(cfg, release="5.0").path
     with log.step("Deploying demo 5.0 with its upload cut halfway, then again"), d.source(bundle) as g:
         total = sum(p.stat().st_size for p in bundle.iterdir() if p.name != "guest.yaml")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import jinja2
 
-from ..config import Board, Config
+from ..config import BoardSpec, Config
 from ..errors import BuildError, RecipeError
 from ..identity import Identity
 from ..log import run
@@ -42,12 +42,12 @@ def find_kernel(tree: Path) -> Kernel:
     return Kernel(version, kernels[0], xens[-1], tree / "usr/lib" / f"linux-image-{version}")
 
 
-def xen_args(cfg: Config, b: Board) -> str:
+def xen_args(cfg: Config, b: BoardSpec) -> str:
     args = f"console=dtuart dtuart={b.console.xen_uart} dom0_mem={b.dom0.memory_mib}M dom0_max_vcpus={b.dom0.vcpus}"
     return f"{args} {b.xen_args}".strip()
 
 
-def dom0_args(cfg: Config, ident: Identity, b: Board) -> str:
+def dom0_args(cfg: Config, ident: Identity, b: BoardSpec) -> str:
     # appliance.board: which of the initramfs's module lists (etc/modules.BOARD) this board loads.
     # cryptomgr.notests: no self-tests of the kernel's crypto algorithms against test vectors as each registers
     # (they catch a miscompiled implementation, not an attack): about a second of an emulated boot.
@@ -94,7 +94,7 @@ def collect(cfg: Config, ident: Identity, tree: Path, kernel: Kernel, initrd: Pa
     return placed
 
 
-def regions(b: Board, sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+def regions(b: BoardSpec, sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
     """Where each loaded file sits in RAM on board b: name -> (start, end)."""
     dtb = sizes.get(f"dtbs/{b.dtb}", 0) + 8192 if b.dtb else b.load.dtb_room + 4096
     return {
@@ -105,7 +105,7 @@ def regions(b: Board, sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
     }
 
 
-def check_layout(b: Board, sizes: dict[str, int]) -> None:
+def check_layout(b: BoardSpec, sizes: dict[str, int]) -> None:
     """Every loaded file lies in the board's RAM and none overlaps another or the relocated DTB."""
     regs = sorted(regions(b, sizes).items(), key=lambda kv: kv[1])
     end_of_ram = b.ram.base + b.ram.size

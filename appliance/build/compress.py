@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 CHUNK = 8 << 20
-# The fastest preset: on this image's 61 distinct chunks it takes half preset 1's CPU time (a cold build's 8 MiB
-# chunk 0.41 s against 0.86 s) for a 4 % larger .xz. The chunks are still cached by content and preset.
+# The fastest preset: about half preset 1's CPU time for a slightly larger .xz (docs/internals.md). The chunks are
+# still cached by content and preset.
 PRESET = 0
 
 

@@ -1,9 +1,9 @@
 """The guests step, and the demo guest it serves when a site names no bundle of its own.
 
-`build()` makes the demo bundle from the cached base tree (the armmp zImage, and a deterministic initramfs of
+`bundle()` makes the demo bundle from the cached base tree (the armmp zImage, and a deterministic initramfs of
 busybox httpd, xen-netfront and the site in guest/) with no emulation, cached by its inputs. `install()` lays
 each site's guest (its bundle, else the demo) and the board's guest manager into the image's store as `current`,
-checked first by the board's own manifest validator (the bundles themselves: appliance.guest).
+checked first by the board's own manifest validator (the bundles themselves: appliance.bundles).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import config, cpio, kmod, log
+from ..bundles import STORE, install_manager, store, user_bundle
+from ..bundles import check as check_bundles
 from ..config import Config
 from ..cpio import Entry
 from ..errors import GuestError
 from ..files import sha256
-from ..guest import STORE, install_manager, store, user_bundle
-from ..guest import check as check_bundles
 from ..log import step
 from ..manager import manifest as board_manifest
 from . import rootfs
@@ -38,8 +38,8 @@ STATIC_NAME = "static"     # `--static DIR`: the demo's kernel and httpd serving
 DEMO_RELEASE = "1.0"       # bump when the demo changes in a way its inputs' digest would not show
 # the board's default (ip=… for a Linux guest, appliance.port for the demo) and, for the guest's first page sooner:
 # quiet (each line the kernel prints goes through Xen to xenconsoled in dom0; its errors and our init's lines still
-# do), and cryptomgr.notests (the crypto API's self-tests at boot, for algorithms this guest never uses: 0.9 s of
-# its 3.4 s to /init under QEMU)
+# do), and cryptomgr.notests (the crypto API's self-tests at boot, for algorithms this guest never uses: a good
+# part of its time to /init under QEMU, docs/internals.md)
 DEMO_CMDLINE = board_manifest.DEFAULT_CMDLINE + " quiet cryptomgr.notests"
 NETFRONT = "kernel/drivers/net/xen-netfront.ko"
 _PLACES = {"init": "init", "httpd.conf": "etc/httpd.conf", "udhcpc.script": "etc/udhcpc.script"}  # guest/ -> initramfs
@@ -102,8 +102,8 @@ def _digest(files: dict[str, Path], release: str) -> str:
     return h.hexdigest()
 
 
-def build(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELEASE, site: Path | None = None
-          ) -> Bundle:
+def bundle(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_RELEASE, site: Path | None = None
+           ) -> Bundle:
     """The demo guest bundle (build/guests/demo-VERSION/): made once per set of inputs, then reused.
 
     Another `release` makes another version of the same demo (the tests switch between two of them); `site`, a
@@ -180,7 +180,7 @@ def install(cfg: Config, base: rootfs.Base | None, tree: Path) -> dict[str, str]
     out = {}
     for i, site in enumerate(cfg.recipe.sites):
         folder = static_dir(cfg, i)
-        src = user_bundle(cfg, i) or build(cfg, base, site=folder).path
+        src = user_bundle(cfg, i) or bundle(cfg, base, site=folder).path
         with step(f"Installing the guest of site {site.name} from {config.rel(src)} into /{STORE}/{site.name}"):
             out[site.name] = store(tree, src, site)
     return out
@@ -192,9 +192,9 @@ def build_task(recipe: str = "booth", cache: str | Path | None = None, static: P
     cfg = config.load(recipe, cache=Path(cache) if cache else None)
     if static is not None:
         static_files(static)       # checked before the base tree is looked for
-    bundle = build(cfg, site=static)
-    log.info(f"demo guest {bundle.version}: {bundle.path}")
-    return bundle
+    made = bundle(cfg, site=static)
+    log.info(f"demo guest {made.version}: {made.path}")
+    return made
 
 
 def static_dir(cfg: Config, i: int) -> Path | None:

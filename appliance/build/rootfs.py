@@ -50,12 +50,12 @@ _DIVERT = ('chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/upd
 # qemu-user by their maintainer scripts: while they run, a no-op of the same name sits in /usr/local/sbin, put
 # first on the scripts' PATH by an apt setting of the build's own (apt gives dpkg its DPkg::Path), and both go
 # before the tree is cached, so the package database is the slow path's (no diversion). update-ca-certificates:
-# ~450 emulated sed/ln/readlink processes, twice (the postinst and its trigger), 34 of a cold tree's 222 s.
-# depmod: the kernel's postinst indexes its modules (3-4 s under qemu-user, 0.6 s natively); the host's kmod is
-# bookworm's too, and the tree test finds its indexes byte for byte the slow path's.
+# hundreds of emulated sed/ln/readlink processes, twice (the postinst and its trigger). depmod: the kernel's
+# postinst indexes its modules; the host's kmod is bookworm's too, and the tree test finds its indexes byte for
+# byte the slow path's. What the stubs save is in docs/internals.md (`invoke bench` times both paths).
 NATIVE = ("update-ca-certificates", "depmod")
 # Work the image throws away or redoes, stubbed the same way and never done: ssh-keygen, whose only caller while the
-# tree is made is openssh-server's postinst making the host keys (RSA, ECDSA, Ed25519: 10 s under qemu-user), which
+# tree is made is openssh-server's postinst making the host keys (RSA, ECDSA, Ed25519, slow under qemu-user), which
 # the configure step deletes, as each board makes its own at first boot; fake-hwclock, whose postinst saves the
 # clock of the hour, which the configure step replaces with the build's epoch. The fast tree has neither file.
 SKIPPED = ("ssh-keygen", "fake-hwclock")

@@ -19,8 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .. import ROOT, keys, log, proc
-from ..config import Board as BoardSpec
-from ..config import load_board
+from ..config import BoardSpec, load_board
 from ..errors import EmulateError
 from ..ssh import Result
 from . import qemu

@@ -20,7 +20,7 @@ from typing import TypeVar
 import paramiko
 
 from .. import ssh
-from ..config import Board as BoardSpec
+from ..config import BoardSpec
 from ..errors import EmulateError, SshError
 from ..ssh import Result
 from . import qemu

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import log, proc
-from ..config import Board as BoardSpec
+from ..config import BoardSpec
 from ..errors import EmulateError
 
 

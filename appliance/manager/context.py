@@ -19,12 +19,13 @@ from .errors import Error
 from .lock import SiteLock
 from .net import Net
 from .settings import Settings, Site, Slot
+from .store import ROOT as STORE_ROOT
 from .store import Store
 from .xl import Xl
 
 ENV = {  # variable: board default
-    "APPLIANCE_SITES": "/etc/appliance/sites.json",
-    "APPLIANCE_STORE": "/var/lib/appliance/sites",
+    "APPLIANCE_SITES": settings_mod.BOARD_FILE,
+    "APPLIANCE_STORE": STORE_ROOT,
     "APPLIANCE_RUN": "/run/appliance/sites",
     "APPLIANCE_CONSOLE": "/var/log/xen/console",
     "APPLIANCE_SYSFS_NET": "/sys/class/net",

@@ -23,17 +23,17 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import front, launch, life, lifetime
-from .context import Context, log
+from .context import log
 from .errors import Error
 from .life import Phase, Writer
+from .lifetime import Figures
 from .lock import Busy
 from .settings import OnDemand, Site, Slot
+from .watcher import GONE, Watcher
 
 POLL_S = 1.0          # how often a serving guest's connections are counted (one `conntrack -L`)
-LOOK_S = 3.0          # how often its domain is looked for
 
 
 class NoRoom(Error):
@@ -70,39 +70,23 @@ def status_page(site: Site, reason: str) -> bytes:
 
 
 @dataclass
-class DemandSite:
+class DemandSite(Watcher):
     """One on-demand site: its wakes, its idle stop, and its figures."""
 
-    ctx: Context
-    site: Site
-    stop: threading.Event
     registry: list[DemandSite] = field(default_factory=list)
     # set once the always-on sites have started (supervisor.when_started): at boot this site's first look (xl and
     # nft processes on dom0's one CPU) waits for it, as nobody can ask for it before the wifi is up
     after: threading.Event | None = None
     state: str = "asleep"            # a life.Phase: asleep, waking, serving, stopping, paused
-    slot: Slot | None = None
-    version: str | None = None
-    port: int = 0                    # the backend's port
     memory: int = 0
     last: float = field(default_factory=time.monotonic)
     held: int = 0                    # connections the activator is passing on
-    requests: int = 0                # connections served since the wake
-    woken: float | None = None       # Unix time
-    wake_ms: int | None = None
-    trigger: str | None = None
-    wakes_today: int = 0
-    day: str = ""
-    error: str | None = None
     ids: set[int] = field(default_factory=set)
     cv: threading.Condition = field(default_factory=threading.Condition)
-    _next_look: float = 0.0
     _waking: Future[tuple[str, int]] | None = None
 
     def __post_init__(self) -> None:
-        st = self.ctx.read_state(self.site)
-        if st.get("day") == time.strftime("%Y-%m-%d"):
-            self.day, self.wakes_today = st["day"], int(st.get("wakes_today") or 0)
+        self.figures = Figures.of(self.ctx.read_state(self.site)).today()
 
     @property
     def policy(self) -> OnDemand:
@@ -111,19 +95,9 @@ class DemandSite:
         assert p is not None, "a DemandSite is made for on-demand sites only"
         return p
 
-    # ---------------------------------------------------------------- figures
-
-    def figures(self) -> dict[str, Any]:
-        p = self.policy
-        return {"on_demand": {"idle": p.idle, "stop": p.stop}, "woken": self.woken, "wake_ms": self.wake_ms,
-                "trigger": self.trigger, "requests": self.requests, "wakes_today": self.wakes_today, "day": self.day}
-
     def write(self, state: str | None = None) -> None:
-        s = self.slot
-        life.write(self.ctx, self.site, Writer.DEMAND, Phase(state or self.state), slot=s.name if s else None, domain=s.domain if s else None,
-                             version=self.version, backend=s.address if s else None, port=self.port or None,
-                             error=self.error,
-                             note=None, **self.figures())
+        p = self.policy
+        self.record(Writer.DEMAND, Phase(state or self.state), note=None, on_demand={"idle": p.idle, "stop": p.stop})
 
     # ---------------------------------------------------------------- waking
 
@@ -203,12 +177,9 @@ class DemandSite:
             self.ctx.net.point(self.site.address, self.site.port, self.slot.address, self.port)  # type: ignore
         finally:
             lock.release()
-        today = time.strftime("%Y-%m-%d")
-        self.wakes_today = self.wakes_today + 1 if self.day == today else 1
-        self.day, self.woken, self.trigger = today, round(time.time(), 3), trigger
-        self.wake_ms, self.requests, self.last = round((time.monotonic() - t0) * 1000), 0, time.monotonic()
-        self.ids = self._connections()[0]
-        log(f"site {self.site.name}: woken by a {trigger} in {self.wake_ms} ms ({self.version} in "
+        self.started(trigger, t0)
+        self.last, self.ids = time.monotonic(), self._connections()[0]
+        log(f"site {self.site.name}: woken by a {trigger} in {self.figures.wake_ms} ms ({self.version} in "
             f"{self.slot.domain})")  # type: ignore[union-attr]
 
     def _boot(self) -> None:
@@ -258,19 +229,14 @@ class DemandSite:
             return
         slot, version = self.ctx.served(self.site)
         if slot is not None and version is not None and (slot, version) != (self.slot, self.version):
-            log(f"site {self.site.name}: following the switch to {version} in {slot.domain}")
-            self.slot, self.version = slot, version
-            self._reload()
-            self._figures(self.ctx.read_state(self.site))
-        if now >= self._next_look:
-            self._next_look = now + LOOK_S
-            if self.ctx.xl.domid(self.slot.domain) is None:
-                self._gone()
-                return
+            self.follow(slot, version)
+        if self.gone(now):
+            self._gone()
+            return
         ids, established = self._connections()
         new = ids - self.ids
         if new:
-            self.requests += len(new)
+            self.figures.requests += len(new)
             self.last = now
         self.ids = ids
         if new or established or self.held:
@@ -297,8 +263,7 @@ class DemandSite:
             assert self.slot is not None
             if not ours or self.ctx.xl.domid(self.slot.domain) is not None:
                 return                    # a switch is at work or moved the site: the next tick follows it
-            log(f"site {self.site.name}: {self.slot.domain} is gone (crashed, shut down or destroyed); the next "
-                f"visitor wakes it again")
+            log(f"site {self.site.name}: {self.slot.domain} {GONE}; the next visitor wakes it again")
             active = self.ctx.net.active(self.site.address, self.site.port)
             if active is not None and active[0] == self.slot.address:
                 self.ctx.net.remove(self.site.address, self.site.port)
@@ -306,38 +271,27 @@ class DemandSite:
                 self.state, self.error = "asleep", f"{self.slot.domain} was gone"
             self.write()
 
-    def _reload(self) -> None:
+    def take(self, slot: Slot, version: str, st: life.SiteState | None = None) -> None:
+        super().take(slot, version, st)
+        self.figures.requests = 0            # counted from here
         try:
-            m = self.ctx.store(self.site).load(self.version or "", self.site.defaults())
+            m = self.ctx.store(self.site).load(version, self.site.defaults())
             self.port, self.memory = m.port, m.memory
         except Error as exc:
             log(str(exc))
 
-    def _figures(self, st: dict[str, Any]) -> None:
-        """Take the figures a switch wrote for the guest it started."""
-        if isinstance(st.get("woken"), (int, float)):
-            self.woken, self.wake_ms, self.trigger = st["woken"], st.get("wake_ms"), st.get("trigger")
-            self.requests, self.wakes_today, self.day = 0, int(st.get("wakes_today") or 0), st.get("day") or ""
-
     def _adopt(self) -> None:
         """A switch or a deploy started the sleeping site: it serves now, and idles from here."""
-        slot, version = self.ctx.served(self.site)
-        if slot is None or version is None:
+        found = self.found(mapped=True)
+        if found is None:
             return
-        try:
-            active = self.ctx.net.active(self.site.address, self.site.port)
-        except Error:
-            return
-        if active is None or active[0] != slot.address or self.ctx.xl.domid(slot.domain) is None:
-            return
+        slot, version = found
         with self.cv:
             if self.state not in ("asleep", "paused"):
                 return
             self.slot, self.version, self.state, self.last = slot, version, "serving", time.monotonic()
-        self._reload()
-        self._figures(self.ctx.read_state(self.site))
+        self.adopt(slot, version, " (started by a switch)")
         self.ids = self._connections()[0]
-        log(f"site {self.site.name}: {version} serves from {slot.domain} (started by a switch)")
         self._write_if_ours()
 
     def sleep(self, destroy: bool = False) -> None:
@@ -385,7 +339,7 @@ class DemandSite:
                 return
         if self._removable():
             self.ctx.net.remove(self.site.address, self.site.port)
-        launch.stop_slots(self.ctx, self.site)      # what a previous run left: nobody asked for it yet
+        self.stop_slots()                 # what a previous run left: nobody asked for it yet
         self.write()
         log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); asleep "
             f"until a visitor asks")
@@ -403,9 +357,6 @@ class DemandSite:
         except Error as exc:
             log(str(exc))
             return False
-
-    def shutdown(self) -> None:
-        launch.stop_slots(self.ctx, self.site)
 
 
 # ---------------------------------------------------------------- the activator
@@ -440,7 +391,7 @@ class Activator:
                 writer.write(status_page(d.site, "Its guest did not start."))
                 log(f"site {d.site.name}: a held connection: {exc or type(exc).__name__}")
                 return
-            d.requests += 1
+            d.figures.requests += 1
             await self.door.pipe((reader, writer), up)
         finally:
             d.holding(-1)

@@ -13,7 +13,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from .errors import Error
-from .lifetime import FIGURES
 from .lock import Busy
 from .settings import SLOTS, Site, Slot
 
@@ -126,8 +125,3 @@ def start_slot(ctx: Context, site: Site) -> Slot:
     """Where a site's guest starts when none serves: the slot its state names (its last), else the first."""
     st = read(ctx, site)
     return site.slot(st.slot) if st.slot else site.slots[0]
-
-
-def kept_figures(st: SiteState) -> dict[str, Any]:
-    """The lifetime figures a site's state holds (a switch wrote them): kept by whoever watches it next."""
-    return {k: st.data[k] for k in (*FIGURES, "day", "port") if k in st.data}

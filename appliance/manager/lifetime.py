@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .context import Context
@@ -21,6 +24,44 @@ PATH = "/cgi-bin/lifetime"
 PORT = 8901                    # the demo guest's second httpd (guest/init): figures only, never a site's port
 EVERY_S = 10.0
 FIGURES = ("woken", "wake_ms", "trigger", "requests", "wakes_today")
+
+
+@dataclass
+class Figures:
+    """A serving guest's lifetime figures, as its site's state holds them (with the day its wakes count)."""
+
+    woken: float | None = None       # Unix time
+    wake_ms: int | None = None       # from the trigger to the health check's answer
+    trigger: str | None = None
+    requests: int = 0                # connections served since
+    wakes_today: int = 0
+    day: str = ""
+
+    @classmethod
+    def of(cls, st: Mapping[str, Any]) -> Figures:
+        """The figures a site's state holds (a switch, a start or the manager's previous run wrote them)."""
+        def num(key: str) -> Any:
+            value = st.get(key)
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        trigger, day = st.get("trigger"), st.get("day")
+        return cls(num("woken"), num("wake_ms"), trigger if isinstance(trigger, str) else None,
+                   int(num("requests") or 0), int(num("wakes_today") or 0), day if isinstance(day, str) else "")
+
+    def today(self) -> Figures:
+        """Only the wakes of the day (what a manager that starts again keeps of its previous run's figures)."""
+        return Figures(wakes_today=self.wakes_today, day=self.day) if self.day == time.strftime("%Y-%m-%d") \
+            else Figures()
+
+    def started(self, trigger: str, wake_ms: int) -> Figures:
+        """The figures of a guest just started (woken, switched to, booted, restarted): the wakes of the day go on
+        counting."""
+        today = time.strftime("%Y-%m-%d")
+        return Figures(round(time.time(), 3), wake_ms, trigger, 0,
+                       self.wakes_today + 1 if self.day == today else 1, today)
+
+    def fields(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def site_figures(ctx: Context, site: Site) -> dict[str, Any]:

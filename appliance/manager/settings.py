@@ -22,13 +22,16 @@ STOPS = ("destroy", "pause")
 # A site's limits, the one set: the recipe loader (config.py) and the board (below) check a site against these.
 SITE_LIMITS = {"port": (1, 65535), "memory": (16, MAX_MEMORY), "vcpus": (1, MAX_VCPUS), "deadline": (5, 3600),
                "drain": (0, 3600), "keep": (1, KEEP_MAX), "idle": (IDLE_MIN, IDLE_MAX)}
+BOARD_FILE = "/etc/appliance/sites.json"   # where the board reads this (APPLIANCE_SITES to move it)
 WAKE_DNS = ("127.0.0.1", 5354)  # where dnsmasq sends the queries for on-demand sites' names (the manager answers)
 MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
-BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+BRIDGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 @dataclass(frozen=True)
-class Net:
+class Bridge:
+    """A bridge of dom0's (the visitors' or the guests'): its name and dom0's address on it."""
+
     bridge: str
     address: str
     prefix: int
@@ -103,8 +106,8 @@ FRONT_KEYS = {"held_per_visitor": (1, 4096), "held_total": (1, 4096), "hold_s": 
 @dataclass(frozen=True)
 class Settings:
     path: Path
-    visitors: Net
-    guests: Net
+    visitors: Bridge
+    guests: Bridge
     sites: dict[str, Site]
 
     def site(self, name: str) -> Site:
@@ -165,11 +168,11 @@ class _Reader:
                                  else self.int(v, f"{key}.{k}", *FRONT_KEYS[k]) for k, v in d.items()}
         return Front(**given)
 
-    def net(self, value: object, key: str) -> Net:
+    def bridge(self, value: object, key: str) -> Bridge:
         d = self.mapping(value, key, ("bridge", "address", "prefix", "netmask"))
-        return Net(self.text(d["bridge"], f"{key}.bridge", BRIDGE, "an interface name"),
-                   self.ipv4(d["address"], f"{key}.address"), self.int(d["prefix"], f"{key}.prefix", 8, 30),
-                   self.ipv4(d["netmask"], f"{key}.netmask"))
+        return Bridge(self.text(d["bridge"], f"{key}.bridge", BRIDGE_NAME, "an interface name"),
+                      self.ipv4(d["address"], f"{key}.address"), self.int(d["prefix"], f"{key}.prefix", 8, 30),
+                      self.ipv4(d["netmask"], f"{key}.netmask"))
 
     def site(self, name: str, value: object) -> Site:
         key = f"sites.{name}"
@@ -236,7 +239,7 @@ def parse(data: object, path: Path) -> Settings:
     sites = d["sites"]
     if not isinstance(sites, dict):
         raise r.fail("sites", f"{sites!r} must be a mapping of site name to site")
-    return Settings(path, r.net(d["visitors"], "visitors"), r.net(d["guests"], "guests"),
+    return Settings(path, r.bridge(d["visitors"], "visitors"), r.bridge(d["guests"], "guests"),
                     {name: r.site(name, value) for name, value in sites.items()})
 
 

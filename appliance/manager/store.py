@@ -15,6 +15,8 @@ from . import manifest
 from .errors import Error
 from .names import MANIFEST, POINTERS, check_version
 
+ROOT = "/var/lib/appliance/sites"     # the board's stores, a site's in ROOT/<site>/ (APPLIANCE_STORE to move it)
+
 
 def sync_dir(path: Path) -> None:
     """fsync a directory, so a rename in it survives a power cut."""

@@ -14,17 +14,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import demand, dns, front, launch, life, lifetime, switch
+from . import demand, dns, front, launch, life, lifetime
 from .context import Context, log
 from .errors import Error
 from .life import Phase, Writer
 from .lock import Busy
 from .net import healthy
-from .settings import Site, Slot
+from .settings import Slot
+from .watcher import GONE, LOOK_S, Watcher
 
 BACKOFF_S = (0, 5, 10, 20, 40, 80, 160, 300)
 STABLE_S = 60.0        # a guest healthy this long has recovered: its next failure restarts it at once
-LOOK_S = 3.0           # how often the serving guest's domain is looked for (a switch is followed at every watch)
 BRIDGE_WAIT_S = 120.0
 READY_S = 60.0         # the rest of the boot waits for the always-on sites' first start at most this long
 BOARD_SYSFS = Path("/sys/class/net")  # the manager starts early in the boot; networkd makes the bridges a little later
@@ -43,34 +43,25 @@ def wait_bridges(sysfs: Path, bridges: Sequence[str], deadline: float, stop: thr
 
 
 @dataclass
-class SiteSupervisor:
-    ctx: Context
-    site: Site
-    stop: threading.Event
+class SiteSupervisor(Watcher):
+    """An always-on site's thread: starts its guest, watches it, starts it again when it goes."""
+
     backoff_s: Sequence[float] = BACKOFF_S
     stable_s: float = STABLE_S
     failures: int = 0
     restarts: int = 0
     booted: bool = False
-    slot: Slot | None = None         # what this supervisor watches: the serving slot and version
-    version: str | None = None
     up_since: float = 0.0
-    error: str | None = None
     note: str | None = None
     misses: int = 0
-    figures: dict[str, object] = field(default_factory=dict)   # the serving guest's lifetime (lifetime.py)
     _next_probe: float = field(default=0.0, repr=False)
-    _next_look: float = field(default=0.0, repr=False)
 
     def delay(self) -> float:
         return float(self.backoff_s[min(self.failures, len(self.backoff_s)) - 1]) if self.failures else 0.0
 
     def state(self, state: str, **extra: object) -> None:
-        life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase(state), slot=self.slot.name if self.slot else None,
-                             domain=self.slot.domain if self.slot else None, version=self.version,
-                             backend=self.slot.address if self.slot else None, failures=self.failures,
-                             restarts=self.restarts, error=self.error, note=self.note,
-                             **{**self.figures, **extra})
+        self.record(Writer.SUPERVISOR, Phase(state), failures=self.failures, restarts=self.restarts, note=self.note,
+                    **extra)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -100,7 +91,7 @@ class SiteSupervisor:
         if delay:
             log(f"site {self.site.name}: failure {self.failures} in a row: starting again in {delay:g} s")
             life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase.BACKOFF, retry_in=delay, error=self.error,
-                                 failures=self.failures, restarts=self.restarts)
+                       failures=self.failures, restarts=self.restarts)
             if self.stop.wait(delay):
                 return
         try:
@@ -109,17 +100,19 @@ class SiteSupervisor:
             self.stop.wait(0.2)           # a switch is starting a guest of this site: follow it when done
             return
         try:
-            if self.adopt():
+            if self.adopt_serving():
                 return
             self._bring_up()
         finally:
             lock.release()
 
-    def adopt(self) -> bool:
-        """A guest already serving (a switch just made it so, or this supervisor restarted) is kept."""
-        slot, version = self.ctx.served(self.site)
-        if slot is None or version is None or self.ctx.xl.domid(slot.domain) is None:
+    def adopt_serving(self) -> bool:
+        """A guest already serving (a switch just made it so, or this supervisor restarted) is kept once it answers
+        its health check, and the map pointed at it."""
+        found = self.found(mapped=False)
+        if found is None:
             return False
+        slot, version = found
         try:
             m = self.ctx.store(self.site).load(version, self.site.defaults())
         except Error:
@@ -129,10 +122,9 @@ class SiteSupervisor:
         active = self.ctx.net.active(self.site.address, self.site.port)
         if active != (slot.address, m.port):
             self.ctx.net.point(self.site.address, self.site.port, slot.address, m.port)
-        self.slot, self.version, self.misses = slot, version, 0
+        self.adopt(slot, version)
+        self.port, self.misses, self.booted = m.port, 0, True
         self.up_since, self._next_probe = time.monotonic(), time.monotonic() + self.site.probe_interval
-        self.booted, self.figures = True, life.kept_figures(life.read(self.ctx, self.site))
-        log(f"site {self.site.name}: {version} serves from {slot.domain}")
         self.state("serving")
         return True
 
@@ -152,8 +144,8 @@ class SiteSupervisor:
                 t0 = time.monotonic()
                 m = launch.start(self.ctx, self.site, slot, version, self.stop)
                 self._point(slot, m.port)
-                self.figures = {**switch.figures(self.ctx, self.site, "restart" if self.restarts else "boot",
-                                                 round((time.monotonic() - t0) * 1000)), "port": m.port}
+                self.started("restart" if self.restarts else "boot", t0)
+                self.port = m.port
             except Error as exc:
                 reasons.append(str(exc))
                 log(str(exc))
@@ -206,17 +198,14 @@ class SiteSupervisor:
             return
         st = life.read(self.ctx, self.site)
         if st.slot and not st.names(self.slot, self.version):
-            if st.phase == Phase.SERVING:   # a switch moved the site: watch its slot from now on
-                self.slot, self.version = self.site.slot(st.slot), st.version
-                self.misses, self.up_since, self.figures = 0, time.monotonic(), life.kept_figures(st)
-                log(f"site {self.site.name}: following the switch to {self.version} in {self.slot.domain}")
+            if st.phase == Phase.SERVING and st.version:   # a switch moved the site: watch its slot from now on
+                self.follow(self.site.slot(st.slot), st.version, st)
+                self.misses, self.up_since = 0, time.monotonic()
             return
         reason = None
         now = time.monotonic()
-        if now >= self._next_look:        # `xl domid` is a process of its own, costly on a small board
-            self._next_look = now + min(LOOK_S, self.site.probe_interval)
-            if self.ctx.xl.domid(self.slot.domain) is None:
-                reason = "is gone (crashed, shut down or destroyed)"
+        if self.gone(now, min(LOOK_S, self.site.probe_interval)):
+            reason = GONE
         if reason is None and now >= self._next_probe:
             self._next_probe = time.monotonic() + self.site.probe_interval
             m = self.ctx.store(self.site).load(self.version or "", self.site.defaults())
@@ -241,7 +230,7 @@ class SiteSupervisor:
 
     def stop_guest(self) -> None:
         slot, _ = self.ctx.served(self.site)
-        launch.stop_slots(self.ctx, self.site, self.site.stop_grace)
+        self.stop_slots(self.site.stop_grace)
         self.slot = slot
         life.write(self.ctx, self.site, Writer.SUPERVISOR, Phase.STOPPED, slot=slot.name if slot else None,
                    version=self.version)
@@ -327,7 +316,7 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
         except Error as exc:
             log(f"{exc}: on-demand sites wake by connection only")
     door.start()
-    watchers: list[SiteSupervisor | demand.DemandSite] = [*sups, *registry]
+    watchers: list[Watcher] = [*sups, *registry]
     threads = [threading.Thread(target=x.run, name=x.site.name, daemon=True) for x in watchers]
     threads.append(threading.Thread(target=lifetime.run, args=(ctx, stop), name="lifetime", daemon=True))
 
@@ -344,7 +333,5 @@ def run(ctx: Context, stop: threading.Event, bridge_wait: float = BRIDGE_WAIT_S,
     door.close()
     for t in threads:
         t.join(30)
-    for sup in sups:
-        sup.stop_guest()
-    for d in registry:
-        d.shutdown()
+    for w in watchers:
+        w.stop_guest()

@@ -15,6 +15,7 @@ from .context import Context, log
 from .errors import Error
 from .launch import GuestFailed
 from .life import Phase, Writer
+from .lifetime import Figures
 from .names import check_version
 from .settings import Site, Slot
 
@@ -69,11 +70,7 @@ def switch(ctx: Context, site_name: str, version: str, cold: bool = False) -> di
 
 def figures(ctx: Context, site: Site, trigger: str, wake_ms: int) -> dict[str, Any]:
     """A switch starts a guest too: its lifetime figures begin there (the wakes of the day go on counting)."""
-    st = ctx.read_state(site)
-    today = time.strftime("%Y-%m-%d")
-    wakes = int(st.get("wakes_today") or 0) + 1 if st.get("day") == today else 1
-    return {"woken": round(time.time(), 3), "wake_ms": wake_ms, "trigger": trigger, "requests": 0,
-            "wakes_today": wakes, "day": today}
+    return Figures.of(ctx.read_state(site)).started(trigger, wake_ms).fields()
 
 
 def _drain(ctx: Context, site: Site, old: Slot) -> dict[str, Any]:

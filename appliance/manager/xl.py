@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import Error
 from .manifest import Manifest
-from .settings import Net, Site, Slot
+from .settings import Bridge, Site, Slot
 
 SAFE = re.compile(r"[A-Za-z0-9_.,:=/+@~-]*")   # what a quoted xl value may hold: no quotes, backslash, space
 VIF = re.compile(r"mac=([0-9a-f]{2}:){5}[0-9a-f]{2},bridge=[A-Za-z0-9_.-]{1,15}")
@@ -27,14 +27,14 @@ def _quoted(value: str, key: str, pattern: re.Pattern[str] = SAFE) -> str:
     return f'"{value}"'
 
 
-def values(site: Site, slot: Slot, m: Manifest, guests: Net) -> dict[str, Any]:
+def values(site: Site, slot: Slot, m: Manifest, guests: Bridge) -> dict[str, Any]:
     """The cmdline placeholders' values for a version in a slot."""
     return {"address": slot.address, "gateway": guests.address, "netmask": guests.netmask,
             "prefix": guests.prefix, "domain": slot.domain, "port": m.port, "site": site.name,
             "version": m.version, "mac": slot.mac}
 
 
-def config(site: Site, slot: Slot, m: Manifest, directory: Path, guests: Net) -> str:
+def config(site: Site, slot: Slot, m: Manifest, directory: Path, guests: Bridge) -> str:
     """The domain config: the files by the version directory's resolved path (never through `current`)."""
     d = directory.resolve()
     name = _quoted(slot.domain, "name", DOMAIN)     # first: the messages below name it

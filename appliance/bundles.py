@@ -18,8 +18,9 @@ from .errors import GuestError
 from .files import sha256
 from .manager import manifest
 from .manager.errors import Error as ManagerError
+from .manager.store import ROOT as BOARD_STORE
 
-STORE = "var/lib/appliance/sites"
+STORE = BOARD_STORE.lstrip("/")   # the board's stores, in an image's tree
 MAX_YAML = 64 << 10           # bytes of guest.yaml read: a manifest is a few hundred
 
 
