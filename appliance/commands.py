@@ -172,17 +172,18 @@ def init(c, dir=None, debug=False):
 
 def next_step(img: Path, warnings: list[str], program: str | None = None) -> str:
     """A build's last line: what to do next, and any warning that matters for it (an image nobody can log in to)."""
-    from appliance.flash import source
+    from appliance import latest_image
 
     program = program or _program()
-    image = "" if img.parent.resolve() == source.BUILD.resolve() else f" --image {img}"
+    image = "" if img.parent.resolve() == latest_image().parent.resolve() else f" --image {img}"
     return f"next: {program} flash{image} /dev/sdX (the card's whole disk)" + "".join(
         f"; WARNING: {w}" for w in warnings)
 
 
 def _program() -> str:
-    """The command the user typed: `invoke` in a checkout, else the installed `appliance`."""
-    return "invoke" if Path(sys.argv[0]).name in ("invoke", "inv") else "appliance"
+    from appliance import invoked_as
+
+    return invoked_as()
 
 
 @command(help={"all": "also drop the outputs (build/)", "debug": _DEBUG})

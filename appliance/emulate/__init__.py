@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .. import ROOT, keys, log, proc
+from .. import ROOT, invoked_as, keys, log, proc, work_dir
 from ..config import Board as BoardSpec
 from ..config import load_board
 from ..errors import EmulateError
@@ -105,7 +105,7 @@ def interactive(img: Path, *, board: str | None = None, timeout: float | None = 
     spec = load_board(board or board_for(img))
     ssh_port = free_port()
     address, port = guest_of(img)
-    disk = sd_card(img, ROOT / "build") if spec.qemu and spec.qemu.disk == "sd" else img
+    disk = sd_card(img, work_dir()) if spec.qemu and spec.qemu.disk == "sd" else img
     argv = qemu_argv(spec, disk, ssh_port, serial="mon:stdio")
     ssh = f"ssh -p {ssh_port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
     log.info(f"{img.name} on {spec.name}; the image file is not modified")
@@ -156,7 +156,7 @@ def check_key(img: Path, key: Path | None) -> None:
         return
     if not trusted:
         raise EmulateError(f"{img.name} trusts no SSH key (its manifest lists none), so nobody can log in to it",
-                           hint="build it with your key: invoke build, or --authorized-keys FILE")
+                           hint=f"build it with your key: {invoked_as()} build, or --authorized-keys FILE")
     fp = keys.private_fingerprint(key) if key is not None else None
     if fp is not None and fp not in trusted:
         raise EmulateError(f"{key}: its public key {fp} is not one {img.name} trusts ({', '.join(trusted)})")
