@@ -435,9 +435,12 @@ def test(c, tier="all", pytest_args="", debug=False):
                "debug": _DEBUG})
 def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, runs=None, debug=False):
     """Print the benchmark figures: build times, image sizes, flash and boot speed (into build/bench/)."""
+    from appliance import ROOT, checkout
     from appliance import bench as b
 
     n = number("runs", runs, maximum=100, default=3)
+    if not checkout():
+        raise OptionError(f"the benchmarks run from a checkout (into its build/bench/); {ROOT} is not one")
     b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys, runs=n))
 
 

@@ -67,6 +67,11 @@ def test_the_installed_tool_checks_a_booth_folder_from_anywhere(site: Path, tmp_
     assert "  image:    build/cubieboard2-mybooth.img" in dry.stderr.splitlines()
     shipped = installed(site, tmp_path, "-m", "appliance", "build", "--dry-run")      # the recipe it ships
     assert shipped.returncode == 0, shipped.stderr
+    for task in ("bench", "test"):              # the checkout's own, which write into its build/
+        refused = installed(site, tmp_path, "-m", "appliance", task)
+        assert (refused.returncode, refused.stderr.splitlines()[-1:]) == (1, [
+            f"appliance: ERROR: the {'benchmarks run' if task == 'bench' else 'test suite runs'} from a checkout"
+            f"{' (into its build/bench/)' if task == 'bench' else ''}; {site}/appliance/data is not one"]), refused
     assert not (site / "appliance" / "data" / "build").exists()     # nothing written into the installed package
     assert not (tmp_path / "home" / ".cache" / "appliance" / "rootfs").exists()
 
