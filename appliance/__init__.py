@@ -43,7 +43,8 @@ def work_dir(root: Path = ROOT, cache: Path | None = None) -> Path:
 def invoked_as() -> str:
     """The command the user typed, for the commands we print: `invoke` in a checkout, else the installed
     `appliance`."""
-    return "invoke" if Path(sys.argv[0]).name in ("invoke", "inv") else "appliance"
+    typed = Path(sys.argv[0])
+    return "invoke" if typed.name in ("invoke", "inv") or typed.parts[-2:] == ("invoke", "__main__.py") else "appliance"
 
 
 def latest_image(cwd: Path | None = None) -> Path:

@@ -151,7 +151,7 @@ def test_emulate_refuses_at_once_on_a_keyless_image(tmp_path: Path) -> None:
     with pytest.raises(EmulateError) as err:
         emulate.check_key(image_with(tmp_path, []), mine)
     assert str(err.value) == ("cubieboard2-booth.img trusts no SSH key (its manifest lists none), so nobody can "
-                              "log in to it (build it with your key: invoke build, or --authorized-keys FILE)")
+                              "log in to it (build it with your key: appliance build, or --authorized-keys FILE)")
     emulate.check_key(image_with(tmp_path, None), mine)      # an image from before manifests listed keys
 
 
