@@ -34,9 +34,12 @@ __all__ = ["DEFAULT_BOARD", "FATAL", "GUEST_SERVED", "MILESTONES", "Board", "Con
            "headless", "interactive", "qemu", "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
 
 
-def _ssh_config(log_path: Path) -> Path:
+def _ssh_config(log_path: Path, key: Path) -> Path:
+    """The emulated board's ssh_config, for ssh -F and deploy --ssh-config: its host keys are new at every first
+    boot, so they are not checked; the key is the one the board was booted to trust."""
     path = log_path.with_name(log_path.name + ".ssh_config")
-    path.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+    path.write_text(f"Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+                    f"  IdentityFile {shlex.quote(str(key.absolute()))}\n")
     return path
 
 
@@ -85,7 +88,7 @@ def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Seq
         proc = spawn(argv)
         assert proc.stdout is not None
         console = Console(proc.stdout, log_path, t0)
-        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path), guest, console,
+        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path, key), guest, console,
                   scratch=disk if disk != img else None, argv=argv)
         # QEMU refuses a taken port at once; past a second it is booting.
         try:
@@ -137,8 +140,9 @@ def headless(img: Path, *, key: Path, log_path: Path, board: str | None = None, 
     """Boot img with the console to a log, print how to reach it, and keep it running for `stay` seconds
     (None: until interrupted; 0: power off once SSH answers). Returns the milestones."""
     with boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
-        print(f"dom0:    {b.ssh_command()}\nguest:   http://127.0.0.1:{b.http_port}/\nconsole: {b.console}",
-              flush=True)
+        print(f"dom0:    {b.ssh_command()}\nguest:   http://127.0.0.1:{b.http_port}/\nconsole: {b.console}\n"
+              f"deploy:  {invoked_as()} deploy --host root@127.0.0.1:{b.ssh_port} --ssh-config {b.ssh_config} "
+              "--site SITE --static DIR", flush=True)
         end = None if stay is None else time.monotonic() + stay
         while end is None or time.monotonic() < end:
             if not b.alive():
