@@ -225,7 +225,7 @@ def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file
                "board": "qemu-virt or orangepi-pc (default: what the image's manifest says QEMU can boot)",
                "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
                "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key, else "
-                      "yours in ~/.ssh that the image's manifest lists)",
+                      "yours in ~/.ssh or ssh-agent that the image's manifest lists)",
                "timeout": "power off after this many seconds (with --log/--check: also the deadline for SSH)",
                "check": "boot to a log, wait for dom0's SSH, print the milestones and power off", "debug": _DEBUG})
 def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=False, debug=False):
@@ -240,9 +240,7 @@ def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=F
     if not log and not check:
         raise Exit(code=e.interactive(img, board=board, timeout=secs))
     k = Path(key) if key else e.default_key(img)
-    e.check_key(e.check_image(img), k)      # a keyless image, or a key it does not trust: said at once
-    if k is None:
-        raise OptionError("--log and --check need --key, the SSH private key the image trusts")
+    e.check_key(e.check_image(img), k)   # keyless, a key it does not trust, none in ssh-agent: said at once
     marks = e.headless(img, key=k, log_path=Path(log or "build/emulate-console.log"), board=board,
                        timeout=secs or 600, stay=0 if check else secs)
     print("milestones (s from power-on): " + ", ".join(f"{n} {t:.1f}" for n, t in marks.items()))

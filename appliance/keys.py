@@ -57,18 +57,23 @@ def _tilde(p: Path, home: Path) -> str:
     return f"~/{p.relative_to(home)}" if p.is_relative_to(home) else str(p)
 
 
+def agent_keys() -> list[str]:
+    """The public keys ssh-agent holds (`ssh-add -L`), in its order; none without an agent that answers."""
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return []
+    try:
+        out = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=10, check=False,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []      # no ssh-add, or an agent that does not answer
+    return [x.strip() for x in out.stdout.splitlines() if is_key(x.strip())] if out.returncode == 0 else []
+
+
 def own_key() -> Key | None:
     """The user's own public key: ssh-agent's first (`ssh-add -L`), else the first ~/.ssh/id_*.pub in the
     order ssh tries them; None when there is neither."""
-    if os.environ.get("SSH_AUTH_SOCK"):
-        try:
-            out = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=10, check=False,
-                                 stdin=subprocess.DEVNULL)
-            for line in out.stdout.splitlines() if out.returncode == 0 else []:
-                if is_key(line.strip()):
-                    return Key(line.strip(), "ssh-agent (its first key)")
-        except (OSError, subprocess.TimeoutExpired):
-            pass       # no ssh-add, or an agent that does not answer: the files below
+    for line in agent_keys()[:1]:
+        return Key(line, "ssh-agent (its first key)")
     home = Path.home()
     found = sorted((home / ".ssh").glob("id_*.pub"),
                    key=lambda p: (_ORDER.index(p.stem) if p.stem in _ORDER else len(_ORDER), p.name))
