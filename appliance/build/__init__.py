@@ -132,8 +132,9 @@ def summary(ctx: Context) -> list[str]:
     sites = []
     for i, s in enumerate(rec.sites):
         folder = static_dir(cfg, i)
-        how = (f"bundle {rec.sites[i].bundle}" if s.bundle else f"static {config.rel(folder)}" if folder
-               else "the demo game")
+        shipped = folder is not None and folder.parent == cfg.root / "guest"
+        how = (f"bundle {rec.sites[i].bundle}" if s.bundle else f"the tool's {folder.name} site" if shipped and folder
+               else f"static {config.rel(folder)}" if folder else "the demo game")
         sites.append(f"{s.name} ({how}{', on demand' if s.on_demand else ''})")
     w = rec.wifi
     trusted = keys.fingerprints(ctx.keys) if ctx.keys else []
