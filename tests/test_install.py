@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,23 @@ def test_the_installed_copy_builds_from_the_same_files_as_the_checkout(site: Pat
     assert theirs["overlays"] == ours["overlays"]
     assert theirs["guest"] == ours["guest"] and "probes/success.txt" in ours["guest"]
     assert hashlib.sha256(b"").hexdigest() not in ours["guest"].values()
+
+
+@pytest.mark.unit
+def test_a_wheel_made_from_the_sdist_carries_the_same_files(site: Path, tmp_path: Path) -> None:
+    """The sdist replaces each link with the table (it would copy the file a link names, even the build host's
+    own /lib/systemd/system/…), and a wheel made from it holds what the checkout's wheel holds."""
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sdist")], cwd=ROOT, check=True,
+                   capture_output=True)
+    (sdist,) = (tmp_path / "sdist").glob("appliance-*.tar.gz")
+    subprocess.run([sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", "wheel", "--no-deps", "-w",
+                    str(tmp_path / "dist"), str(sdist)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("appliance-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        from_sdist = {n.removeprefix("appliance/data/"): hashlib.sha256(z.read(n)).hexdigest()
+                      for n in z.namelist() if n.startswith("appliance/data/")}
+    data = site / "appliance" / "data"
+    ours = {str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest() for p in data.rglob("*")
+            if p.is_file()}
+    assert from_sdist == ours
+    assert "overlays/booth/etc/resolv.conf" in json.loads((data / "symlinks.json").read_text())
