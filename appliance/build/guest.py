@@ -202,7 +202,7 @@ def build_task(recipe: str = "booth", cache: str | Path | None = None, static: P
     if static is not None:
         static_files(static)       # checked before the base tree is looked for
     bundle = build(cfg, site=static)
-    log.info(f"demo guest {bundle.version}: {bundle.path}")
+    log.info(f"{bundle.name} guest {bundle.version}: {bundle.path}")
     return bundle
 
 
