@@ -172,17 +172,18 @@ def init(c, dir=None, debug=False):
 
 def next_step(img: Path, warnings: list[str], program: str | None = None) -> str:
     """A build's last line: what to do next, and any warning that matters for it (an image nobody can log in to)."""
-    from appliance.flash import source
+    from appliance import latest_image
 
     program = program or _program()
-    image = "" if img.parent.resolve() == source.BUILD.resolve() else f" --image {img}"
+    image = "" if img.parent.resolve() == latest_image().parent.resolve() else f" --image {img}"
     return f"next: {program} flash{image} /dev/sdX (the card's whole disk)" + "".join(
         f"; WARNING: {w}" for w in warnings)
 
 
 def _program() -> str:
-    """The command the user typed: `invoke` in a checkout, else the installed `appliance`."""
-    return "invoke" if Path(sys.argv[0]).name in ("invoke", "inv") else "appliance"
+    from appliance import invoked_as
+
+    return invoked_as()
 
 
 @command(help={"all": "also drop the outputs (build/)", "debug": _DEBUG})
@@ -224,7 +225,7 @@ def flash(c, device=None, image=None, bmap=None, yes=False, force=False, to_file
                "board": "qemu-virt or orangepi-pc (default: what the image's manifest says QEMU can boot)",
                "log": "console to this file instead of the terminal; waits for SSH and prints the ports",
                "key": "SSH private key the image trusts (for --log/--check; default: the test suite's key, else "
-                      "yours in ~/.ssh that the image's manifest lists)",
+                      "yours in ~/.ssh or ssh-agent that the image's manifest lists)",
                "timeout": "power off after this many seconds (with --log/--check: also the deadline for SSH)",
                "check": "boot to a log, wait for dom0's SSH, print the milestones and power off", "debug": _DEBUG})
 def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=False, debug=False):
@@ -239,9 +240,7 @@ def emulate(c, image=None, board=None, log=None, key=None, timeout=None, check=F
     if not log and not check:
         raise Exit(code=e.interactive(img, board=board, timeout=secs))
     k = Path(key) if key else e.default_key(img)
-    e.check_key(e.check_image(img), k)      # a keyless image, or a key it does not trust: said at once
-    if k is None:
-        raise OptionError("--log and --check need --key, the SSH private key the image trusts")
+    e.check_key(e.check_image(img), k)   # keyless, a key it does not trust, none in ssh-agent: said at once
     marks = e.headless(img, key=k, log_path=Path(log or "build/emulate-console.log"), board=board,
                        timeout=secs or 600, stay=0 if check else secs)
     print("milestones (s from power-on): " + ", ".join(f"{n} {t:.1f}" for n, t in marks.items()))
@@ -434,9 +433,12 @@ def test(c, tier="all", pytest_args="", debug=False):
                "debug": _DEBUG})
 def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, runs=None, debug=False):
     """Print the benchmark figures: build times, image sizes, flash and boot speed (into build/bench/)."""
+    from appliance import ROOT, checkout
     from appliance import bench as b
 
     n = number("runs", runs, maximum=100, default=3)
+    if not checkout():
+        raise OptionError(f"the benchmarks run from a checkout (into its build/bench/); {ROOT} is not one")
     b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys, runs=n))
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import ROOT, MiB, cardsettings, default_cache
+from . import ROOT, MiB, cardsettings, checkout, default_cache, work_dir
 from .errors import RecipeError
 from .manager import manifest, names
 from .manager.settings import SITE_LIMITS
@@ -245,6 +245,11 @@ class Config:
     def image_name(self) -> str:
         return f"{self.board.name}-{self.recipe.name}"
 
+    @property
+    def work(self) -> Path:
+        """The build's lock, workspaces and guest bundles (appliance.work_dir)."""
+        return work_dir(self.root, self.cache)
+
 
 # ---------------------------------------------------------------- strict loading
 
@@ -409,8 +414,10 @@ def in_checkout(path: Path, root: Path = ROOT) -> bool:
 
 def default_out_dir(recipe: Path, root: Path = ROOT) -> Path:
     """Where a build writes its image: build/ in the checkout for a recipe inside it, else build/ beside the
-    recipe (a booth folder of one's own keeps its images)."""
-    return root / "build" if in_checkout(recipe, root) else recipe.parent / "build"
+    recipe (a booth folder of one's own keeps its images); a recipe an installed tool ships, ./build."""
+    if in_checkout(recipe, root):
+        return root / "build" if checkout(root) else Path.cwd() / "build"
+    return recipe.parent / "build"
 
 
 # Paths in a recipe are the recipe folder's: a booth folder of one's own can live anywhere. A bare name (no '/')

@@ -8,13 +8,18 @@ import base64
 import binascii
 import hashlib
 import os
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-LINE = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) "
-                  r"[A-Za-z0-9+/=]+( .*)?$")
+from .cardsettings import PUBLIC_KEY
+
+
+def is_key(line: str) -> bool:
+    """Whether a (stripped) line is a public key: the one rule, cardsettings', which the board applies too."""
+    return PUBLIC_KEY.fullmatch(line) is not None
+
+
 # ~/.ssh/id_*.pub in the order ssh itself tries them (ssh_config(5), IdentityFile), the rest after, by name
 _ORDER = ("id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk", "id_xmss", "id_dsa")
 
@@ -45,31 +50,36 @@ def fingerprint(line: str) -> str:
 
 def fingerprints(text: str) -> list[str]:
     """The fingerprints of an authorized_keys text's keys, in its order."""
-    return [fingerprint(line) for line in text.splitlines() if LINE.match(line.strip())]
+    return [fingerprint(line) for line in text.splitlines() if is_key(line.strip())]
 
 
 def _tilde(p: Path, home: Path) -> str:
     return f"~/{p.relative_to(home)}" if p.is_relative_to(home) else str(p)
 
 
+def agent_keys() -> list[str]:
+    """The public keys ssh-agent holds (`ssh-add -L`), in its order; none without an agent that answers."""
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return []
+    try:
+        out = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=10, check=False,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []      # no ssh-add, or an agent that does not answer
+    return [x.strip() for x in out.stdout.splitlines() if is_key(x.strip())] if out.returncode == 0 else []
+
+
 def own_key() -> Key | None:
     """The user's own public key: ssh-agent's first (`ssh-add -L`), else the first ~/.ssh/id_*.pub in the
     order ssh tries them; None when there is neither."""
-    if os.environ.get("SSH_AUTH_SOCK"):
-        try:
-            out = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=10, check=False,
-                                 stdin=subprocess.DEVNULL)
-            for line in out.stdout.splitlines() if out.returncode == 0 else []:
-                if LINE.match(line.strip()):
-                    return Key(line.strip(), "ssh-agent (its first key)")
-        except (OSError, subprocess.TimeoutExpired):
-            pass       # no ssh-add, or an agent that does not answer: the files below
+    for line in agent_keys()[:1]:
+        return Key(line, "ssh-agent (its first key)")
     home = Path.home()
     found = sorted((home / ".ssh").glob("id_*.pub"),
                    key=lambda p: (_ORDER.index(p.stem) if p.stem in _ORDER else len(_ORDER), p.name))
     for p in found:
         try:
-            lines = [x.strip() for x in p.read_text().splitlines() if LINE.match(x.strip())]
+            lines = [x.strip() for x in p.read_text().splitlines() if is_key(x.strip())]
         except OSError:
             continue
         if lines:

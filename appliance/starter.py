@@ -45,7 +45,7 @@ INDEX = """\
 <body>
 <h1>Welcome to {name}</h1>
 <p>This page is <code>site/index.html</code> in your booth folder. Edit it, add pages and pictures beside it,
-and build again, or send it to a running board with <code>invoke deploy --host HOST --site home --static site</code>.</p>
+and build again, or send it to a running board with <code>appliance deploy --host root@HOST --site home --static site</code>.</p>
 </body>
 </html>
 """
@@ -57,8 +57,10 @@ A booth folder: `booth.yaml` is the recipe, `site/` the static site visitors lan
 From this folder:
 
     appliance build --recipe booth.yaml --dry-run   # check it: one line per mistake, then a summary
-    appliance build --recipe booth.yaml             # the image goes to build/ here
-    appliance emulate --image build/latest          # boot it under QEMU
+    appliance build --recipe booth.yaml             # the image goes to build/ here (build/latest)
+    appliance flash /dev/sdX --hostname NAME        # build/latest onto a card
+    appliance emulate --log build/console.log       # or boot it under QEMU: prints how to log in and deploy
+    appliance deploy --host root@NAME.local --site home --static site   # this site to a running board
 
 (From the tool's checkout: `invoke build --recipe {recipe}`.)
 
@@ -81,7 +83,7 @@ def recipe_text(name: str) -> str:
     head, _, _ = text.partition("\nsites:")
     head = re.sub(r"^name: .*$", f"name: {name}", head, count=1, flags=re.M)
     body = head.split("\nname:", 1)[1]
-    return (f"# {name}: a booth of one's own, made by `invoke init` from the shipped recipe (recipes/booth.yaml).\n"
+    return (f"# {name}: a booth of one's own, made by `appliance init` from the shipped recipe (recipes/booth.yaml).\n"
             f"name:{body}\n{SITES}")
 
 

@@ -155,6 +155,8 @@ def test_clean_removes_only_what_appliance_made(tmp_path: Path) -> None:
     """The cache may be a folder shared with other programs (~/.cache): clean leaves what it did not make."""
     root, cache = tmp_path / "checkout", tmp_path / "cache"
     (root / "build" / ".work" / "x").mkdir(parents=True)
+    for marker in ("pyproject.toml", "tasks.py"):    # a checkout: its workspaces are in build/, not the cache
+        (root / marker).write_text("")
     for made in ("rootfs/abc/tree/etc", "initrd", "xz/cubieboard2-booth"):
         (cache / made).mkdir(parents=True)
         (cache / made / "data").write_bytes(b"ours")

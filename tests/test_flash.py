@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from cards import CARD_SIZE, SPL_OFFSET, Card, Loop, Loops, MiB, digest, same_bytes
 
-from appliance import bmap, flash, log
+import appliance
+from appliance import ROOT, bmap, flash, log
 from appliance.bench.flash import bench
 from appliance.errors import FlashError
 from appliance.loop import written_bytes
@@ -152,15 +153,21 @@ def test_the_bmap_is_found_next_to_the_image(tmp_path: Path, bmap_name: str) -> 
 
 
 @pytest.mark.unit
-def test_the_default_image_is_build_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flash.source, "BUILD", tmp_path)
-    with pytest.raises(FlashError, match="no image has been built yet"):
+def test_the_default_image_is_build_latest_of_the_booth_folder_else_the_checkouts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)                        # a booth folder of one's own, before its first build
+    assert appliance.latest_image() == ROOT / "build" / "latest"
+    monkeypatch.setattr(appliance, "ROOT", tmp_path / "elsewhere")     # a checkout with no image either
+    monkeypatch.setattr(appliance, "checkout", lambda root=None: True)
+    with pytest.raises(FlashError, match=r"no image has been built yet \(.*elsewhere/build/latest is missing\)"):
         flash.default_image()
-    (tmp_path / "cubieboard2-booth.img").write_bytes(b"")
-    (tmp_path / "cubieboard2-booth.bmap").write_bytes(b"")
-    (tmp_path / "latest").symlink_to("cubieboard2-booth.img")
-    assert flash.default_image() == tmp_path / "latest"
-    assert flash.find_bmap(tmp_path / "latest") == tmp_path / "cubieboard2-booth.bmap"
+    out = tmp_path / "build"
+    out.mkdir()
+    (out / "cubieboard2-booth.img").write_bytes(b"")
+    (out / "cubieboard2-booth.bmap").write_bytes(b"")
+    (out / "latest").symlink_to("cubieboard2-booth.img")
+    assert flash.default_image() == out / "latest"
+    assert flash.find_bmap(out / "latest") == out / "cubieboard2-booth.bmap"
 
 
 READERS = [flash.Disk(Path("/dev/sdb"), "Generic SD reader", 15_931_539_456, "usb", True, False, ()),

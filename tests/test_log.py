@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import commands, log
-from appliance.flash import source
+from appliance import ROOT, commands, log
 
 
 class Clock:
@@ -107,7 +106,7 @@ def test_a_quiet_command_has_a_heartbeat_and_its_own_lines_only_with_debug(tmp_p
 
 @pytest.mark.unit
 def test_a_build_ends_with_what_to_do_next() -> None:
-    img = source.BUILD / "cubieboard2-booth.img"
+    img = ROOT / "build" / "cubieboard2-booth.img"   # from the checkout, its build/
     assert commands.next_step(img, [], "invoke") == "next: invoke flash /dev/sdX (the card's whole disk)"
     log.again()          # what earlier builds in this process left
     log.warn("the image will have no SSH authorized key, so nobody can log in to it", again=True)

@@ -151,7 +151,7 @@ def test_emulate_refuses_at_once_on_a_keyless_image(tmp_path: Path) -> None:
     with pytest.raises(EmulateError) as err:
         emulate.check_key(image_with(tmp_path, []), mine)
     assert str(err.value) == ("cubieboard2-booth.img trusts no SSH key (its manifest lists none), so nobody can "
-                              "log in to it (build it with your key: invoke build, or --authorized-keys FILE)")
+                              "log in to it (build it with your key: appliance build, or --authorized-keys FILE)")
     emulate.check_key(image_with(tmp_path, None), mine)      # an image from before manifests listed keys
 
 
@@ -162,6 +162,25 @@ def test_emulates_default_key_is_one_the_image_trusts(home: Path, tmp_path: Path
     if (ROOT / "build/test/id_ed25519").exists():
         pytest.skip("the test suite's key exists here and comes first when the image lists it")
     assert emulate.default_key(img) == trusted
+
+
+def test_emulate_logs_in_with_a_key_only_ssh_agent_holds(tmp_path: Path, agent: Path) -> None:
+    """A key in ssh-agent alone (no ~/.ssh file, as after the README's step 1 with an agent) is the default; a
+    key of the agent's that the image does not list is refused at once, in one line."""
+    theirs, mine = keygen(tmp_path / "theirs", "theirs"), keygen(tmp_path / "mine", "mine")
+    img = image_with(tmp_path, [keygen_fingerprint(tmp_path / "theirs.pub")])
+    subprocess.run(["ssh-add", "-q", str(mine)], check=True, capture_output=True)
+    if (ROOT / "build/test/id_ed25519").exists():
+        assert emulate.default_key(img) == ROOT / "build/test/id_ed25519"   # listed by none: the first file
+    else:
+        assert emulate.default_key(img) is None
+    with pytest.raises(EmulateError) as err:
+        emulate.check_key(img, None)
+    assert str(err.value) == (f"no key of yours that {img.name} trusts ({keygen_fingerprint(tmp_path / 'theirs.pub')}):"
+                              " none in ssh-agent, none in ~/.ssh (give the private key with --key FILE)")
+    subprocess.run(["ssh-add", "-q", str(theirs)], check=True, capture_output=True)
+    emulate.check_key(img, None)
+    assert emulate.default_key(img) is None          # the agent logs in
 
 
 def test_emulate_check_on_a_keyless_image_is_one_line_at_once(tmp_path: Path, home: Path) -> None:

@@ -188,8 +188,8 @@ def test_the_dry_run_ends_with_a_summary(tmp_path: Path, monkeypatch: pytest.Mon
         "  board:    cubieboard2 (also boots qemu-virt)",
         f"  suite:    bookworm armhf (main, non-free-firmware), {n} packages "
         f"({len(config.read_yaml(recipe)['packages'])} of the recipe's)",
-        "  sites:    demo (the demo game, on demand), about (static mine/mysite), make (static "
-        f"{ROOT / 'guest/make'}, on demand)",
+        "  sites:    demo (the demo game, on demand), about (static mine/mysite), make (the tool's make site, "
+        "on demand)",
         "  wifi:     'Xen Booth', WPA2, channel 6, DE",
         "  login:    none (no key of yours was found: none in ssh-agent, no ~/.ssh/id_*.pub)",
         "  image:    mine/build/cubieboard2-mine.img",

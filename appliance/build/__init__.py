@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from .. import ROOT, config, default_cache, log
+from .. import ROOT, config, default_cache, log, work_dir
 from ..config import Config, default_out_dir, load
 from ..errors import ToolError
 from ..identity import derive
@@ -79,10 +79,10 @@ def verify(recipe: str, authorized_keys: str | None = None, *, out_dir: Path | N
 
 
 @contextlib.contextmanager
-def exclusive(root: Path) -> Iterator[None]:
-    """One build at a time per checkout: they share the rootfs cache and the workspace."""
-    (root / "build").mkdir(exist_ok=True)
-    with open(root / "build" / ".lock", "w") as lock:
+def exclusive(work: Path) -> Iterator[None]:
+    """One build at a time per checkout (or cache): they share the rootfs cache and the workspace."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -115,7 +115,7 @@ def build(recipe: str = "booth", *, dry_run: bool = False, authorized_keys: str 
             for line in summary(ctx):
                 log.info(f"  {line}")
         else:
-            with exclusive(cfg.root):
+            with exclusive(cfg.work):
                 run(ctx, steps)
     if ctx.keys is None and ctx.keyless:        # the last line, where it cannot be missed
         log.warn(f"{config.rel(ctx.outputs().img)} trusts no SSH key ({ctx.keyless}): nobody can log in to it, "
@@ -132,8 +132,9 @@ def summary(ctx: Context) -> list[str]:
     sites = []
     for i, s in enumerate(rec.sites):
         folder = static_dir(cfg, i)
-        how = (f"bundle {rec.sites[i].bundle}" if s.bundle else f"static {config.rel(folder)}" if folder
-               else "the demo game")
+        shipped = folder is not None and folder.parent == cfg.root / "guest"
+        how = (f"bundle {rec.sites[i].bundle}" if s.bundle else f"the tool's {folder.name} site" if shipped and folder
+               else f"static {config.rel(folder)}" if folder else "the demo game")
         sites.append(f"{s.name} ({how}{', on demand' if s.on_demand else ''})")
     w = rec.wifi
     trusted = keys.fingerprints(ctx.keys) if ctx.keys else []
@@ -197,9 +198,11 @@ def _drop_partial(out_dir: Path) -> None:
 def clean(everything: bool = False, root: Path = ROOT, cache: str | Path | None = None) -> None:
     """Drop the cache's entries the build made (never the rest of its folder), the workspaces, and with
     `everything` the outputs; after any build running in this checkout has finished."""
-    with log.step("Dropping caches" + (" and outputs" if everything else "")), exclusive(root):
-        clean_cache(Path(cache) if cache else default_cache(root))
-        shutil.rmtree(root / "build" / ".work", ignore_errors=True)
+    cached = Path(cache) if cache else default_cache(root)
+    work = work_dir(root, cached)
+    with log.step("Dropping caches" + (" and outputs" if everything else "")), exclusive(work):
+        clean_cache(cached)
+        shutil.rmtree(work / ".work", ignore_errors=True)
         shutil.rmtree(shm_dir(root), ignore_errors=True)
         if everything:
-            shutil.rmtree(root / "build", ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)

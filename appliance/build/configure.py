@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from .. import cardsettings, log, sites
+from .. import cardsettings, log, shipped_links, sites
 from .. import keys as keys_mod
 from ..config import Config, overlay_dir, rel, wifi_passphrase
 from ..errors import BuildError, RecipeError
@@ -64,9 +64,17 @@ def render_overlays(cfg: Config, ctx: dict[str, Any]) -> list[Rendered]:
     for d in overlay_dirs(cfg):
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(d)), undefined=jinja2.StrictUndefined,
                                  keep_trailing_newline=True, autoescape=False)
-        for path in sorted(d.rglob("*")):
+        links = shipped_links(d)      # an installed copy's, which are not on disk; nor are folders of links only
+        folders = {q for name in links for q in (d / name).parents if q.is_relative_to(d) and q != d}
+        for path in sorted({*d.rglob("*"), *(d / name for name in links), *folders}):
             rel = str(path.relative_to(d))
             if "__pycache__" in path.parts:
+                continue
+            if rel in links:
+                out.append(Rendered(rel, None, 0o777, link=links[rel]))
+                continue
+            if path in folders and not path.is_dir():
+                out.append(Rendered(rel, None, 0o755))
                 continue
             mode = path.lstat().st_mode & 0o7777
             if path.is_symlink():

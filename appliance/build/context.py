@@ -39,7 +39,7 @@ def workspace(cfg: Config) -> Path:
         roomy = st.f_bavail * st.f_frsize > 4 << 30
     except OSError:
         roomy = False
-    return (shm_dir(cfg.root) if roomy else cfg.root / "build" / ".work") / cfg.image_name
+    return (shm_dir(cfg.root) if roomy else cfg.work / ".work") / cfg.image_name
 
 
 def shm_dir(root: Path) -> Path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import config, cpio, kmod, log
+from .. import config, cpio, kmod, log, shipped_links
 from ..bundles import STORE, install_manager, store, user_bundle
 from ..bundles import check as check_bundles
 from ..config import Config
@@ -78,13 +78,22 @@ def static_files(site: Path) -> dict[str, Path]:
     return files
 
 
+def demo_files(root: Path) -> dict[str, Path]:
+    """The demo guest's files (root's guest/) by their path in it; a link (a portal probe's answer) as the file it
+    names, also in an installed copy, which has the links in a table."""
+    demo = root / "guest"
+    files = {str(p.relative_to(demo)): p for p in demo.rglob("*") if p.is_file()}
+    # lexically: a link's folder may hold nothing else, and then the installed copy has no such folder
+    files.update({rel: Path(os.path.normpath(demo / rel / ".." / to)) for rel, to in shipped_links(demo).items()})
+    return {rel: files[rel] for rel in sorted(files, key=Path)}
+
+
 def _inputs(cfg: Config, base: rootfs.Base, site: Path | None = None) -> dict[str, Path]:
     kver, vmlinuz = _kernel(base.tree)
     moddir = base.tree / "usr/lib/modules" / kver
     files = {"vmlinuz": vmlinuz, "busybox.deb": base.deb("busybox-static")}
     files.update({f"modules/{m}": moddir / m for m in kmod.module_paths(moddir, [NETFRONT])})
-    demo = cfg.root / "guest"
-    files.update({f"guest/{p.relative_to(demo)}": p for p in sorted(demo.rglob("*")) if p.is_file()})
+    files.update({f"guest/{rel}": p for rel, p in demo_files(cfg.root).items()})
     if site is not None:      # the demo's httpd and status page, serving the folder's files instead of the game
         files = {n: p for n, p in files.items() if not n.startswith("guest/site/") or n.startswith("guest/site/cgi-bin/")}
         files.update({f"guest/site/{n}": p for n, p in static_files(site).items()})
@@ -112,9 +121,9 @@ def bundle(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_REL
     files = _inputs(cfg, base, site)
     name = DEMO_NAME if site is None else STATIC_NAME
     version = f"{release}-{_digest(files, release)[:10]}" if site is None else f"site-{_digest(files, '')[:10]}"
-    out = cfg.root / "build" / "guests" / f"{name}-{version}"
+    out = cfg.work / "guests" / f"{name}-{version}"
     if (out / "guest.yaml").exists():
-        log.info(f"{name} guest {version} from cache ({out.relative_to(cfg.root)})")
+        log.info(f"{name} guest {version} from cache ({config.rel(out)})")
         return Bundle(out, name, version)
     with step(f"Building the {name} guest {version} (zImage + busybox httpd initramfs)"):
         kver, _ = _kernel(base.tree)
@@ -136,7 +145,7 @@ def bundle(cfg: Config, base: rootfs.Base | None = None, release: str = DEMO_REL
         for old in out.parent.glob(f"{DEMO_NAME}-{release}-*" if site is None else f".{STATIC_NAME}-*.tmp"):
             if old != out:
                 shutil.rmtree(old)  # earlier builds of this release: their inputs are gone
-        log.info(f"{out.relative_to(cfg.root)}: vmlinuz {files['vmlinuz'].stat().st_size >> 10} KiB, "
+        log.info(f"{config.rel(out)}: vmlinuz {files['vmlinuz'].stat().st_size >> 10} KiB, "
                  f"initrd.gz {len(initrd) >> 10} KiB")
     return Bundle(out, name, version)
 
@@ -193,7 +202,7 @@ def build_task(recipe: str = "booth", cache: str | Path | None = None, static: P
     if static is not None:
         static_files(static)       # checked before the base tree is looked for
     made = bundle(cfg, site=static)
-    log.info(f"demo guest {made.version}: {made.path}")
+    log.info(f"{made.name} guest {made.version}: {made.path}")
     return made
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .. import ROOT, keys, log, proc
+from .. import ROOT, invoked_as, keys, log, proc, work_dir
 from ..config import BoardSpec, load_board
 from ..errors import EmulateError
 from ..ssh import Result
@@ -33,14 +33,17 @@ __all__ = ["DEFAULT_BOARD", "FATAL", "GUEST_SERVED", "MILESTONES", "Board", "Con
            "headless", "interactive", "qemu", "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
 
 
-def _ssh_config(log_path: Path) -> Path:
+def _ssh_config(log_path: Path, key: Path | None) -> Path:
+    """The emulated board's ssh_config, for ssh -F and deploy --ssh-config: its host keys are new at every first
+    boot, so they are not checked; the key is the one the board was booted to trust (None: ssh-agent's)."""
     path = log_path.with_name(log_path.name + ".ssh_config")
-    path.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+    path.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n" +
+                    (f"  IdentityFile {shlex.quote(str(key.absolute()))}\n" if key is not None else ""))
     return path
 
 
 @contextlib.contextmanager
-def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, timeout: float = 600,
+def boot(img: Path, *, log_path: Path, key: Path | None, board: str | None = None, timeout: float = 600,
          extra_args: Sequence[str] = (), persistent: bool = False) -> Iterator[Board]:
     """Boot img under QEMU, wait until root can log in over SSH, yield the Board; power off on exit.
 
@@ -50,8 +53,8 @@ def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, time
     """
     img = check_image(img)
     spec = load_board(board or board_for(img))
-    key = Path(key)
-    if not key.is_file():
+    key = None if key is None else Path(key)         # None: a key ssh-agent holds
+    if key is not None and not key.is_file():
         raise EmulateError(f"{key}: no such SSH private key")
     check_key(img, key)
     log_path = Path(log_path)
@@ -69,7 +72,7 @@ def boot(img: Path, *, log_path: Path, key: Path, board: str | None = None, time
         b.stop()
 
 
-def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Sequence[str] = (), *,
+def start(spec: BoardSpec, img: Path, log_path: Path, key: Path | None, extra_args: Sequence[str] = (), *,
           persistent: bool = False) -> Board:
     """Start QEMU (not waiting for anything); if the SSH port was taken meanwhile, try again with another."""
     guest = guest_of(img)
@@ -84,7 +87,7 @@ def start(spec: BoardSpec, img: Path, log_path: Path, key: Path, extra_args: Seq
         proc = spawn(argv)
         assert proc.stdout is not None
         console = Console(proc.stdout, log_path, t0)
-        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path), guest, console,
+        b = Board(proc, spec, img, ssh_port, key, log_path, t0, _ssh_config(log_path, key), guest, console,
                   scratch=disk if disk != img else None, argv=argv)
         # QEMU refuses a taken port at once; past a second it is booting.
         try:
@@ -104,7 +107,7 @@ def interactive(img: Path, *, board: str | None = None, timeout: float | None = 
     spec = load_board(board or board_for(img))
     ssh_port = free_port()
     address, port = guest_of(img)
-    disk = sd_card(img, ROOT / "build") if spec.qemu and spec.qemu.disk == "sd" else img
+    disk = sd_card(img, work_dir()) if spec.qemu and spec.qemu.disk == "sd" else img
     argv = qemu_argv(spec, disk, ssh_port, serial="mon:stdio")
     ssh = f"ssh -p {ssh_port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
     log.info(f"{img.name} on {spec.name}; the image file is not modified")
@@ -131,13 +134,14 @@ def interactive(img: Path, *, board: str | None = None, timeout: float | None = 
             disk.unlink(missing_ok=True)
 
 
-def headless(img: Path, *, key: Path, log_path: Path, board: str | None = None, timeout: float = 600,
+def headless(img: Path, *, key: Path | None, log_path: Path, board: str | None = None, timeout: float = 600,
              stay: float | None = None) -> dict[str, float]:
     """Boot img with the console to a log, print how to reach it, and keep it running for `stay` seconds
     (None: until interrupted; 0: power off once SSH answers). Returns the milestones."""
     with boot(img, log_path=log_path, key=key, board=board, timeout=timeout) as b:
-        print(f"dom0:    {b.ssh_command()}\nguest:   http://127.0.0.1:{b.http_port}/\nconsole: {b.console}",
-              flush=True)
+        print(f"dom0:    {b.ssh_command()}\nguest:   http://127.0.0.1:{b.http_port}/\nconsole: {b.console}\n"
+              f"deploy:  {invoked_as()} deploy --host root@127.0.0.1:{b.ssh_port} --ssh-config {b.ssh_config} "
+              "--site SITE --static DIR", flush=True)
         end = None if stay is None else time.monotonic() + stay
         while end is None or time.monotonic() < end:
             if not b.alive():
@@ -148,22 +152,28 @@ def headless(img: Path, *, key: Path, log_path: Path, board: str | None = None, 
 
 def check_key(img: Path, key: Path | None) -> None:
     """Refuse at once a key the image does not trust (its manifest's fingerprints), rather than waiting out the
-    deadline for a login that cannot succeed (key None: only a keyless image is refused). An image whose manifest
+    deadline for a login that cannot succeed (key None: ssh-agent must hold one it trusts). An image whose manifest
     has no list (built before manifests had one) is let be."""
     trusted = manifest(img).get("authorized_keys")
     if not isinstance(trusted, list):
         return
     if not trusted:
         raise EmulateError(f"{img.name} trusts no SSH key (its manifest lists none), so nobody can log in to it",
-                           hint="build it with your key: invoke build, or --authorized-keys FILE")
-    fp = keys.private_fingerprint(key) if key is not None else None
+                           hint=f"build it with your key: {invoked_as()} build, or --authorized-keys FILE")
+    if key is None:
+        if not any(keys.fingerprint(line) in trusted for line in keys.agent_keys()):
+            raise EmulateError(f"no key of yours that {img.name} trusts ({', '.join(trusted)}): none in ssh-agent, "
+                               "none in ~/.ssh", hint="give the private key with --key FILE")
+        return
+    fp = keys.private_fingerprint(key)
     if fp is not None and fp not in trusted:
         raise EmulateError(f"{key}: its public key {fp} is not one {img.name} trusts ({', '.join(trusted)})")
 
 
 def default_key(img: Path | None = None) -> Path | None:
     """The first of the test suite's key (the images `invoke test` builds trust it) and the user's own in ~/.ssh
-    that the image's manifest lists; without a list, or with none of them on it, the first of them."""
+    that the image's manifest lists, else None when ssh-agent holds one it lists (the agent logs in); without a
+    list, or with none of them on it, the first of them."""
     test_key = ROOT / "build" / "test" / "id_ed25519"
     found = [*([test_key] if test_key.exists() else []), *keys.own_private_keys()]
     trusted = manifest(check_image(img)).get("authorized_keys") if img is not None else None
@@ -171,4 +181,6 @@ def default_key(img: Path | None = None) -> Path | None:
         for key in found:
             if keys.private_fingerprint(key) in trusted:
                 return key
+        if any(keys.fingerprint(line) in trusted for line in keys.agent_keys()):
+            return None
     return found[0] if found else None      # boot() then says why it cannot log in with it

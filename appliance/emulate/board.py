@@ -50,7 +50,7 @@ class Board:
     spec: BoardSpec
     image: Path
     ssh_port: int
-    key: Path
+    key: Path | None          # None: a key ssh-agent holds
     console: Path
     started: float
     ssh_config: Path
@@ -90,7 +90,8 @@ class Board:
         return f"paramiko://root@127.0.0.1:{self.ssh_port}?timeout=60&ssh_config={self.ssh_config}"
 
     def ssh_command(self) -> str:
-        return shlex.join(["ssh", "-i", str(self.key), "-p", str(self.ssh_port), "-o", "StrictHostKeyChecking=no",
+        key = ["-i", str(self.key)] if self.key is not None else []
+        return shlex.join(["ssh", *key, "-p", str(self.ssh_port), "-o", "StrictHostKeyChecking=no",
                            "-o", "UserKnownHostsFile=/dev/null", "root@127.0.0.1"])
 
     def alive(self) -> bool:

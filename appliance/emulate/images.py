@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import ROOT
+from .. import ROOT, invoked_as
 from ..config import Config, load, load_board
 from ..errors import EmulateError
 
@@ -19,7 +19,7 @@ DEFAULT_BOARD = "qemu-virt"
 def check_image(img: Path) -> Path:
     img = Path(img).resolve()  # build/latest is a symlink to the .img
     if not img.is_file():
-        raise EmulateError(f"{img}: no such image file", hint="run invoke build")
+        raise EmulateError(f"{img}: no such image file", hint=f"run {invoked_as()} build")
     if img.suffix != ".img":
         raise EmulateError(f"{img}: QEMU boots a raw .img; decompress {img.name} first")
     return img

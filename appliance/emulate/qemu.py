@@ -71,6 +71,7 @@ def scratch_copy(img: Path, work: Path, suffix: str = "scratch") -> Path:
     """A copy of img for QEMU to write to; the image itself stays untouched. The copy is sparse, so only the
     image's data is copied."""
     copy = work / f"{img.stem}.{suffix}.img"
+    work.mkdir(parents=True, exist_ok=True)       # an installed tool's work folder may not exist yet
     copy.unlink(missing_ok=True)
     log.run(["cp", "--sparse=always", "--reflink=auto", img, copy], what=f"copying {img.name} to a scratch disk")
     return copy

@@ -10,21 +10,20 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from .. import ROOT, log
+from .. import invoked_as, latest_image, log
 from ..bmap import BlockMap, parse
 from ..errors import FlashError
 
-BUILD = ROOT / "build"
 CHUNK = 4 << 20
 DECOMPRESSORS = {".xz": ["xz", "-dc", "-T0"], ".gz": ["gzip", "-dc"], ".zst": ["zstd", "-dcq"]}
 
 
 def default_image() -> Path:
-    """The image the last build wrote (build/latest)."""
-    latest = BUILD / "latest"
+    """The image the last build wrote (appliance.latest_image)."""
+    latest = latest_image()
     if not latest.exists():
         raise FlashError(f"no image has been built yet ({latest} is missing)",
-                         hint="run invoke build, or pass --image")
+                         hint=f"run {invoked_as()} build, or pass --image")
     return latest
 
 
@@ -110,7 +109,7 @@ class Image:
 def open_image(image: Path, bmap: Path | None) -> tuple[Path, BlockMap, bool]:
     """The resolved image, its block map (or a full one), and whether that came from a .bmap."""
     if not image.exists():
-        raise FlashError(f"the image {image} does not exist", hint="run invoke build, or pass --image")
+        raise FlashError(f"the image {image} does not exist", hint=f"run {invoked_as()} build, or pass --image")
     real = image.resolve()
     if not _raw_name(real).endswith(".img"):
         raise FlashError(f"{image} is not an image: expected .img, .img.xz, .img.gz or .img.zst")
