@@ -38,6 +38,7 @@ class Channel:
 def channel(board: Board, site: SiteSpec, tmp: Path, every: int = 10) -> Iterator[Channel]:
     """A release channel in tmp served by `git daemon` on the host, followed by the board's site (its pull.json
     written on the board) until the block ends; then the board follows nothing again, as built."""
+    tmp.mkdir(parents=True, exist_ok=True)
     keys = {}
     for name in ("alice", "mallory"):
         keys[name] = tmp / name
