@@ -100,12 +100,12 @@ def bench(board: Board, cfg: Config) -> dict[str, Any]:
                 t0 = board_time(board)
                 row = d.deploy(target, g, site.name, tty=False)
             seen = v.counts()
-        figures["push: deploy -> new version serving, s"] = serving_after(seen, pushed.version, t0)
-        figures["push: deploy to its end (drain, prune), s"] = row.seconds
-        figures["push: bytes uploaded / the bundle's"] = f"{row.sent} / {bundle_bytes(pushed.path)}"
+        figures["push: deploy -> serving, s"] = serving_after(seen, pushed.version, t0)
+        figures["push: deploy -> its end (drain, prune), s"] = row.seconds
+        figures["push: uploaded / bundle bytes"] = f"{row.sent} / {bundle_bytes(pushed.path)}"
         figures["push: failed / total requests"] = f"{seen['failed']} / {seen['ok'] + seen['failed']}"
         with channel(board, site, tmp / "channel") as ch:
-            for label, b in (("first release", first), ("release of changed static files", second)):
+            for label, b in (("new site", first), ("static change", second)):
                 with log.step(f"Releasing static site {b.version} ({label}) to a channel the board follows"):
                     before = fetched_bytes(board, site.name)
                     with steady_visitor(board, url) as v:
@@ -119,11 +119,11 @@ def bench(board: Board, cfg: Config) -> dict[str, Any]:
                 if not str(out.get("result", "")).startswith(f"took {b.version}"):
                     figures[f"pull, {label}"] = f"failed: the board did not take {b.version}: {out}"
                     break
-                figures[f"pull, {label}: release -> new version serving, s"] = serving_after(seen, b.version, t0)
-                figures[f"pull, {label}: release -> check done (drain, prune), s"] = round(done, 1)
-                figures[f"pull, {label}: bytes fetched / the bundle's"] = (
+                figures[f"pull, {label}: release -> serving, s"] = serving_after(seen, b.version, t0)
+                figures[f"pull, {label}: release -> check done, s"] = round(done, 1)
+                figures[f"pull, {label}: fetched / bundle bytes"] = (
                     f"{fetched_bytes(board, site.name) - before} / {bundle_bytes(b.path)}")
                 figures[f"pull, {label}: failed / total requests"] = f"{seen['failed']} / {seen['ok'] + seen['failed']}"
-    figures["pull: the timer adds to release -> serving"] = "up to its interval (the shortest `every`) + a quarter"
+    figures["pull: the timer adds to -> serving"] = "up to its interval + a quarter"
     return figures
 
