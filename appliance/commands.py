@@ -430,16 +430,37 @@ def test(c, tier="all", pytest_args="", debug=False):
                "skip_boot": "skip the QEMU boot benchmark",
                "authorized_keys": "an SSH public key file for the images (default: a throwaway key made for the run)",
                "runs": "runs of each benchmark (default 3): a figure is their median, printed with the spread",
+               "only": "only these sections of the emulated board's benchmark, comma-separated (switch, deploy, "
+                       "pull, wake), on one boot of --image: no build, flash or boot figures",
+               "image": "with --only: the .img to boot (default: build/latest, the last built)",
+               "key": "with --only: the SSH private key the image trusts (default: as `emulate` picks it)",
                "debug": _DEBUG})
-def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, runs=None, debug=False):
+def bench(c, skip_cold=False, skip_flash=False, skip_boot=False, authorized_keys=None, runs=None, only=None,
+          image=None, key=None, debug=False):
     """Print the benchmark figures: build times, image sizes, flash and boot speed (into build/bench/)."""
+    from pathlib import Path
+
     from appliance import ROOT, checkout
     from appliance import bench as b
 
     n = number("runs", runs, maximum=100, default=3)
     if not checkout():
         raise OptionError(f"the benchmarks run from a checkout (into its build/bench/); {ROOT} is not one")
-    b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys, runs=n))
+    if only is None:
+        if image or key:
+            raise OptionError("--image and --key go with --only (the whole benchmark builds its own images)")
+        b.report(b.run(cold=not skip_cold, flash=not skip_flash, boot=not skip_boot, keys=authorized_keys, runs=n))
+        return
+    sections = [choice("only", x.strip(), b.SECTIONS) for x in only.split(",")]
+    from appliance import emulate as e
+    from appliance import flash as f
+
+    img = Path(image) if image else f.default_image()
+    k = Path(key) if key else e.default_key(img)
+    e.check_key(e.check_image(img), k)
+    if k is None:
+        raise OptionError("--only needs --key, the SSH private key the image trusts")
+    b.report(b.sections(img, k, sections, runs=n))
 
 
 def _cache(c: Any) -> str | None:

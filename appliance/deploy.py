@@ -352,11 +352,14 @@ def deploy(target: Target, g: Guest, site: str | None = None, *, progress: Calla
 
 
 def _after_cut(target: Target, site: str, version: str, cut: SshError) -> dict[str, Any]:
-    """The connection broke during the switch, which the board finishes regardless: ask it before calling the
-    deploy failed. A new session gets the site's deploy lock once the old one has finished the switch; its first
-    answer says which version is current."""
+    """The connection broke during the switch, which the board finishes (or rolls back) regardless: ask it before
+    calling the deploy failed. A new session gets the site's deploy lock once the old one has finished the switch;
+    its first answer says which version is current. While the board answers "busy" this waits for the switch; a
+    board that cannot be reached is asked again for 3 connection timeouts (a wifi drop that comes back), then
+    the deploy ends with a line saying how to ask it later."""
     log.info(f"{target.label}: the connection broke during the switch ({cut}); asking the board what it did")
     end = time.monotonic() + SWITCH_S
+    unreachable = None
     while True:
         try:
             conn = target.connect()
@@ -368,7 +371,17 @@ def _after_cut(target: Target, site: str, version: str, cut: SshError) -> dict[s
                 conn.close()
             break
         except (SshError, DeployError) as exc:
-            if isinstance(exc, DeployError) and "busy" not in str(exc) or time.monotonic() > end:
+            now = time.monotonic()
+            if isinstance(exc, SshError):
+                unreachable = unreachable or now
+                if now - unreachable >= 3 * target.timeout:
+                    raise DeployError(f"{target.label}: the link went down during the switch ({cut}) and the board "
+                                      f"has not answered since ({exc}); it finishes the switch to {version}, or keeps "
+                                      f"the old version serving, on its own: `appliance status --host "
+                                      f"{target.host}` says which") from None
+            else:
+                unreachable = None
+            if isinstance(exc, DeployError) and "busy" not in str(exc) or now > end:
                 raise DeployError(f"{target.label}: the connection broke during the switch ({cut}), and the board "
                                   f"did not say what it did: {exc}") from None
             time.sleep(1)

@@ -32,7 +32,8 @@ def _git(work: Path, *args: str, check: bool = True, input: str | None = None) -
         raise ReleaseError(f"git: cannot run it: {exc.strerror}") from None
     if check and p.returncode:
         tail = (p.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise ReleaseError(f"git {args[0]}: {tail}")
+        verb = next(a for i, a in enumerate(args) if a != "-c" and (i == 0 or args[i - 1] != "-c"))
+        raise ReleaseError(f"git {verb}: {tail}")
     return p
 
 
@@ -41,7 +42,7 @@ def signing_key(key: Path | None) -> str:
     if key is not None:
         if not key.is_file():
             raise ReleaseError(f"{key}: no such key file")
-        return str(key)
+        return str(key.resolve())      # git signs in a clone elsewhere: a relative path would name nothing there
     try:
         p = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, check=False, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -70,9 +71,11 @@ def release(channel: str, site: str, m: manifest.Manifest, folder: Path, *, bran
     check_branch(branch, "release")
     sign = signing_key(key)
     where = f"{channel}@{branch}"
+    # a local channel named relative to here: git clones from a temporary folder, where it would name nothing
+    source = str(Path(channel).resolve()) if "://" not in channel and Path(channel).exists() else channel
     with tempfile.TemporaryDirectory(prefix="appliance-release-") as tmp:
         work = Path(tmp) / "channel"
-        _git(Path(tmp), "clone", "--quiet", "--no-checkout", "--", channel, str(work))
+        _git(Path(tmp), "clone", "--quiet", "--no-checkout", "--", source, str(work))
         if _git(work, "rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}", check=False).returncode:
             _git(work, "checkout", "--quiet", "--orphan", branch)          # the branch's first release
         else:

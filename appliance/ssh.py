@@ -30,6 +30,7 @@ from .errors import HostKeyError, SshError
 
 Policy = Literal["yes", "accept-new", "no"]      # OpenSSH's StrictHostKeyChecking values
 FAILURES = (paramiko.SSHException, OSError, EOFError, invoke.exceptions.ThreadException)
+ALIVE_S = 5.0       # seconds between the keepalives a wait for an answer sends (OpenSSH's ServerAliveInterval)
 
 
 @dataclass(frozen=True)
@@ -348,14 +349,21 @@ class Process:
             raise SshError(f"{self.conn.spec}: {self.cmd!r}: the connection dropped ({exc})") from None
 
     def receive(self, timeout: float) -> str:
-        """The next line; SshError when the command ended or dropped first, with its stderr's tail."""
+        """The next line; SshError when the command ended or dropped first, with its stderr's tail, or when the
+        link died: the server must answer a keepalive every ALIVE_S s, and one unanswered for the connection's
+        timeout ends the wait then (a board's long step, as a switch, goes on there without us)."""
         self.chan.settimeout(timeout)
         try:
-            raw = self._out.readline()
+            with _Alive(self.conn) as alive:
+                raw = self._out.readline()
         except TimeoutError:
             raise SshError(f"{self.conn.spec}: {self.cmd!r} gave no answer within {timeout:g} s") from None
         except FAILURES as exc:
+            if alive.dead:
+                raise SshError(alive.dead) from None
             raise SshError(f"{self.conn.spec}: {self.cmd!r}: the connection dropped ({exc})") from None
+        if alive.dead:
+            raise SshError(alive.dead)
         if not raw:
             raise SshError(f"{self.conn.spec}: {self.cmd!r} ended without an answer: {self.stderr() or 'no output'}")
         return raw.decode(errors="replace")
@@ -375,6 +383,44 @@ class Process:
         with contextlib.suppress(*FAILURES):
             self.chan.shutdown_write()
             self.chan.close()
+
+
+class _Alive:
+    """While a command's answer is awaited: a keepalive with a reply (as OpenSSH's ServerAliveInterval) every
+    ALIVE_S s; when one goes unanswered for the connection's timeout the link is dead: the connection is closed
+    (the wait ends at once) and `dead` says so. TCP alone notices a silent link after about 15 minutes."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.dead = conn, ""
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _Alive:
+        threading.Thread(target=self._watch, args=(self.conn.transport,), daemon=True).start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._stop.set()
+
+    @staticmethod
+    def _ask(t: paramiko.Transport, answered: threading.Event) -> None:
+        with contextlib.suppress(*FAILURES):
+            t.global_request("keepalive@openssh.com", wait=True)   # any reply, even a refusal, will do
+        answered.set()
+
+    def _watch(self, t: paramiko.Transport) -> None:
+        while not self._stop.wait(ALIVE_S):
+            answered = threading.Event()
+            threading.Thread(target=self._ask, args=(t, answered), daemon=True).start()
+            if answered.wait(self.conn.timeout):
+                continue
+            with self._lock:
+                if not self._stop.is_set():
+                    self.dead = (f"{self.conn.spec}: no answer to a keepalive for {self.conn.timeout:g} s: the link "
+                                 f"is down")
+                    self.conn.close()
+            return
 
 
 class Tunnel:

@@ -155,9 +155,10 @@ class Link:
 
 
 def start(dir: Path, client_key: Path, log_level: str = "INFO", extra: str = "", netns: str | None = None,
-          host_key: Path | None = None) -> Sshd:
+          host_key: Path | None = None, port: int | None = None) -> Sshd:
     """An sshd on a random port of 127.0.0.1 (of the network namespace netns, if given); extra: more sshd_config
-    lines; host_key: the key it presents (default: one made for it)."""
+    lines; host_key: the key it presents (default: one made for it); port: this one (a server come back, say with
+    another key) rather than a free one."""
     dir.mkdir(parents=True, exist_ok=True)
     if host_key is None:
         host_key = keygen(dir / "host_key")
@@ -170,7 +171,7 @@ def start(dir: Path, client_key: Path, log_level: str = "INFO", extra: str = "",
     bin_dir.mkdir(exist_ok=True)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)     # sshd's privilege separation directory
     for attempt in range(5):
-        port = _port()
+        port = port or _port()
         (dir / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
 HostKey {host_key}

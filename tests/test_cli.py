@@ -38,6 +38,8 @@ REFUSALS = [
     (["bench", "--runs", "abc"], "--runs: 'abc' is not a whole number"),
     (["bench", "--runs", "1.5"], "--runs: '1.5' is not a whole number"),
     (["bench", "--runs", "0"], "--runs: 0 is out of range (give a number from 1 to 100)"),
+    (["bench", "--only", "deploy,nonsense"], "--only: 'nonsense' is not one of switch, deploy, pull, wake"),
+    (["bench", "--image", "x.img"], "--image and --key go with --only (the whole benchmark builds its own images)"),
     (["test", "--tier", "fast"], "--tier: 'fast' is not one of unit, root, ssh, browser, image, system, all"),
     (["status"], "name the board with --host HOST (or --hosts FILE)"),
 ]

@@ -337,3 +337,47 @@ def test_a_client_on_a_dead_link_gives_up_in_one_line_and_comes_back(board: Boar
     assert d.deploy(target(sshd), g).ok and current(board) == "2.0"
     print(f"\nthe client on a dead link gave up after {gave_up:.1f} s (timeout 15 s)")
     assert gave_up < 60, "within a few of its timeouts, not hung"
+
+
+def test_a_link_that_dies_during_the_switch_is_noticed_and_the_board_finishes_alone(board: Board, sshd: Sshd,
+                                                                                    tmp_path: Path):
+    sshd.manager(manager_env(board, APPLIANCE_SESSION_IDLE="5"), board.dom0)
+    board.version("1.0", "serve:page one")
+    board.supervise("1.0")
+    folder = slow_bundle(tmp_path, "2.0", "page two", seconds=8).folder
+    visitor = board.visit()
+    wait_for(lambda: len(visitor.lines()) >= 20, 10, "the visitor's first pages")
+    link, lock, out = Link(sshd.port), board.tmp / "run/demo/lock", []
+    t = via(sshd, link, tmp_path)
+    t.timeout = 5
+
+    def run() -> None:
+        try:
+            with d.source(folder) as g:
+                d.deploy(t, g)
+            out.append("deployed")
+        except Exception as exc:
+            out.append(str(exc))
+
+    client = threading.Thread(target=run, daemon=True)
+    try:
+        client.start()
+        wait_for(lambda: lock.exists() and '"switch"' in lock.read_text(), 60, "the switch to begin")
+        link.cut()
+        t0 = time.monotonic()
+        client.join(120)
+        gave_up = time.monotonic() - t0
+        assert not client.is_alive(), "the client noticed the dead link (it waited for the switch's 900 s before)"
+    finally:
+        link.close()
+    assert len(out) == 1 and re.fullmatch(
+        r"via-link: the link went down during the switch \(via-link: no answer to a keepalive for 5 s: the link is "
+        r"down\) and the board has not answered since \(.+\); it finishes the switch to 2\.0, or keeps the old "
+        r"version serving, on its own: `appliance status --host via-link` says which", out[0]), out
+    wait_for(lambda: current(board) == "2.0" and not lock_info(board), 60, "the board to finish the switch alone")
+    lines = visitor.finish()
+    assert failures(lines) == [] and pages(lines) == ["ok 200 page one", "ok 200 page two"]
+    assert d.status(target(sshd))["sites"]["demo"]["current"] == "2.0"
+    print(f"\nthe link died as the switch began: the client gave up in one line {gave_up:.1f} s later "
+          f"(timeout 5 s; it waited up to the switch's 900 s before); the board finished the switch alone")
+    assert gave_up < 3 * 5 + 3 * 10, "a keepalive's timeout, then three of asking again, each about a timeout"

@@ -10,32 +10,21 @@ Run (root, after `invoke build`; the lead's one QEMU at a time):
 from __future__ import annotations
 
 import json
-import shlex
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from appliance import config, release
+from appliance.bench import pull as bench_pull
+from appliance.bench.pull import Channel
 from appliance.bench.switch import manager, steady_visitor
 from appliance.build import guest
 from appliance.emulate import Board, wait_for
 
 pytestmark = pytest.mark.system
 SERVING_S = 300
-HOST = "10.0.2.2"          # the host, as QEMU's user network shows it to the board
-
-
-@dataclass
-class Channel:
-    bare: Path
-    url: str               # as the board fetches it
-    keys: dict[str, Path]
-    signers: Path
 
 
 @pytest.fixture(scope="module")
@@ -67,29 +56,9 @@ def serving(board: Board, site: config.SiteSpec) -> str | None:
 
 @pytest.fixture(scope="module")
 def channel(tmp_path_factory: pytest.TempPathFactory, board: Board, site: config.SiteSpec) -> Iterator[Channel]:
-    tmp = tmp_path_factory.mktemp("channel")
-    keys = {}
-    for name in ("alice", "mallory"):
-        keys[name] = tmp / name
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(keys[name])], check=True)
-    line = "alice@ci namespaces=\"git\" " + " ".join((tmp / "alice.pub").read_text().split()[:2])
-    (tmp / "allowed_signers").write_text(line + "\n")
-    bare = tmp / "channel.git"
-    subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=stable", str(bare)], check=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    daemon = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={tmp}",
-                               "--listen=127.0.0.1", f"--port={port}", str(tmp)], stderr=subprocess.DEVNULL)
-    conf = {"sites": {site.name: {"url": f"git://{HOST}:{port}/channel.git", "branch": "stable", "every": 10,
-                                  "signers": [line]}}}
-    board.run(f"printf '%s\\n' {shlex.quote(json.dumps(conf))} > /etc/appliance/pull.json")
-    try:
-        yield Channel(bare, conf["sites"][site.name]["url"], keys, tmp / "allowed_signers")
-    finally:
-        board.run(": > /etc/appliance/pull.json", check=False)        # as built: no site follows a channel
-        daemon.terminate()
-        daemon.wait(10)
+    """The benchmark's channel (`git daemon` on the host), which the board's site follows for this module."""
+    with bench_pull.channel(board, site, tmp_path_factory.mktemp("channel")) as ch:
+        yield ch
 
 
 def test_the_board_takes_a_signed_release_while_a_visitor_loads_it(board, cfg, site, channel):

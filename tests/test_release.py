@@ -221,6 +221,27 @@ def test_invoke_release_prints_one_line_and_errors_are_one_line(tmp_path: Path, 
                                            f"channel's last for demo (and at most {1 << 53})\n")
 
 
+def test_a_channel_and_a_key_named_relative_to_here_are_found(tmp_path: Path, channel: Path):
+    """The README's CI example gives `--key ../ci_key`; git signs and clones from a temporary folder, where a
+    relative path named nothing ('git -c: fatal: failed to write commit object')."""
+    alice = keypair(tmp_path, "alice")
+    m, d = bundle(tmp_path, "1.0")
+    (d / "guest.yaml").write_text(json.dumps({"version": "1.0", "kernel": "vmlinuz", "sha256": m.sha256,
+                                              "memory": 64}))
+    here = tmp_path / "ci"
+    here.mkdir()
+    invoke = [str(Path(sys.executable).parent / "appliance"), "release"]      # from a folder of one's own
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    rel = os.path.relpath(channel, here)
+    p = subprocess.run([*invoke, "--channel", rel, "--site", "demo", "--key", os.path.relpath(alice, here),
+                        os.path.relpath(d, here)], cwd=here, capture_output=True, text=True, check=False, env=env)
+    commit = run("git", f"--git-dir={channel}", "rev-parse", "stable")
+    assert (p.returncode, p.stdout) == (0, f"{rel}@stable: demo 1.0 (serial 1) {commit[:12]}\n"), p.stderr
+    p = subprocess.run([*invoke, "--channel", rel, "--site", "demo", "--key", str(tmp_path / "no-key"),
+                        os.path.relpath(d, here)], cwd=here, capture_output=True, text=True, check=False, env=env)
+    assert (p.returncode, p.stderr) == (1, f"appliance: ERROR: {tmp_path / 'no-key'}: no such key file\n")
+
+
 def test_status_shows_a_broken_pull_state_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from appliance.manager.context import Context
     from appliance.manager.settings import Site, Slot

@@ -19,9 +19,10 @@ from .. import ROOT
 from ..errors import EmulateError
 from .report import Figure, combine, report
 
-__all__ = ["Figure", "combine", "report", "run"]
+__all__ = ["SECTIONS", "Figure", "combine", "report", "run", "sections"]
 
 WORK = ROOT / "build" / "bench"
+SECTIONS = ("switch", "deploy", "pull", "wake")     # the emulated board's benchmarks, after its boot
 
 
 @contextlib.contextmanager
@@ -59,3 +60,13 @@ def run(*, cold: bool = True, flash: bool = True, boot: bool = True, keys: str |
             figures["boot"] = combine([boot_bench.bench(out.img, private, log_path=WORK / "boot-console.log")
                                        for _ in range(runs)])
     return figures
+
+
+def sections(img: Path, key: Path, names: list[str], runs: int = 3) -> dict[str, Any]:
+    """`bench --only`: the named sections of the emulated board's benchmark on an image already built (each run
+    one boot), without the build, flash, boot and `xl create` figures."""
+    from . import boot as boot_bench
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    return combine([boot_bench.bench(img, key, log_path=WORK / "boot-console.log", only=names)
+                    for _ in range(runs)])

@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import ROOT, emulate, log
 from ..errors import EmulateError
+from . import pull as bench_pull
 from . import switch as bench_switch
 from . import timeline
 from . import wake as bench_wake
@@ -68,10 +69,11 @@ print(json.dumps({"xl_create": t1 - t0, "http": t2 - t0 if ok else None}))
 
 
 def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_path: Path | None = None,
-          timeout: float = 600, switch: bool = True) -> dict[str, Any]:
+          timeout: float = 600, switch: bool = True, only: list[str] | None = None) -> dict[str, Any]:
     """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board, and
-    (with switch) the blue-green switch against destroy-then-create under a steady visitor, and the same for
-    `invoke deploy` of new releases, with an upload cut halfway and resumed."""
+    (with switch) the blue-green switch against destroy-then-create under a steady visitor, the same for
+    `invoke deploy` of new releases, with an upload cut halfway and resumed, pull mode beside a push deploy, and
+    the on-demand wakes. only: just those sections (switch, deploy, pull, wake) after the boot, nothing else."""
     img = Path(img).resolve()
     key = key or emulate.default_key()
     if key is None:
@@ -95,6 +97,8 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
                 time.sleep(0.2)
         else:
             log.warn(f"the guest did not answer {url} within {timeout:.0f} s")
+        if only is not None:
+            return _sections(b, cfg, url, timeout, only)
         for name, t in sorted(b.milestones.items(), key=lambda kv: kv[1]):
             figures[f"power-on -> {name}, s"] = t
         slow = []
@@ -120,14 +124,21 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
         except (ValueError, IndexError, KeyError):
             log.warn(f"the xl create benchmark failed: {(out.err or out.out).strip()[-300:]}")
         if switch:
-            ready = f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}"
-            if b.run(ready, check=False, timeout=timeout + 30).rc == 0:   # serving again after the xl benchmark
-                figures["switch"] = bench_switch.bench(b, cfg)
-                figures["deploy"] = bench_switch.deploys(b, cfg)
-                figures["on demand"] = bench_wake.wakes(b, cfg)
-            else:
-                log.warn(f"the site did not serve again at {url}: no switch benchmark")
+            figures.update(_sections(b, cfg, url, timeout, ["switch", "deploy", "pull", "wake"]))   # all of them
     return figures
+
+
+def _sections(b: emulate.Board, cfg: Any, url: str, timeout: float, names: list[str]) -> dict[str, Any]:
+    """The running board's benchmarks named, once the site serves (again, after the xl benchmark)."""
+    ready = f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}"
+    if b.run(ready, check=False, timeout=timeout + 30).rc != 0:
+        log.warn(f"the site did not serve at {url}: no {', '.join(names)} benchmark")
+        return {}
+    run = {"switch": ("switch", lambda: bench_switch.bench(b, cfg)),
+           "deploy": ("deploy", lambda: bench_switch.deploys(b, cfg)),
+           "pull": ("pull mode beside a push deploy", lambda: bench_pull.bench(b, cfg)),
+           "wake": ("on demand", lambda: bench_wake.wakes(b, cfg))}
+    return {title: fn() for name, (title, fn) in run.items() if name in names}
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ ANSWERS_S = 300
 PACE_S = 0.25
 VISITOR = """import json, os, sys, time, urllib.request
 url, out, stop, pace = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-n = {"ok": 0, "failed": 0, "versions": [], "errors": []}
+n = {"ok": 0, "failed": 0, "versions": [], "errors": [], "seen": {}}
 while not os.path.exists(stop):
     next_at = time.monotonic() + pace
     try:
@@ -41,6 +41,7 @@ while not os.path.exists(stop):
         n["ok"] += 1
         if not n["versions"] or n["versions"][-1] != v:
             n["versions"].append(v)
+        n["seen"].setdefault(v, time.time())      # the board's clock: a version's first answer
     except Exception as exc:
         n["failed"] += 1
         n["errors"] = (n["errors"] + [f"{time.time():.3f} {repr(exc)[:160]}"])[-5:]
@@ -59,7 +60,8 @@ class Visiting:
 
     def counts(self) -> dict[str, Any]:
         r = self.board.run(f"cat {self.out} 2>/dev/null", check=False)
-        return dict(json.loads(r.out)) if r.out.strip() else {"ok": 0, "failed": 0, "versions": [], "errors": []}
+        return dict(json.loads(r.out)) if r.out.strip() else {"ok": 0, "failed": 0, "versions": [], "errors": [],
+                                                              "seen": {}}
 
     def wait_answers(self, more: int) -> dict[str, Any]:
         start = self.counts()["ok"]
@@ -86,6 +88,18 @@ def steady_visitor(board: Board, url: str, netns: str | None = None) -> Iterator
         v.wait_answers(3)
     finally:
         board.run(f"touch {stop}", check=False)
+
+
+def board_time(board: Board) -> float:
+    """The board's clock now, read just before an operation starts (the visitor's times are the board's; the
+    reading is late by about half an SSH round trip)."""
+    return float(board.run("date +%s.%N").out.strip())
+
+
+def serving_after(seen: dict[str, Any], version: str, t0: float) -> float | str:
+    """Seconds from t0 (the board's clock) to the steady visitor's first answer from version."""
+    at = (seen.get("seen") or {}).get(version)
+    return round(at - t0, 1) if at else f"never served {version}"
 
 
 def manager(board: Board, args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
@@ -136,19 +150,21 @@ def deploys(board: Board, cfg: Config) -> dict[str, Any]:
     target = d.Target(f"root@127.0.0.1:{board.ssh_port}", ssh_config=board.ssh_config, key=board.key, timeout=60)
     figures: dict[str, Any] = {}
     for mode, release, cold in (("blue-green", "3.0", False), ("destroy-then-create", "4.0", True)):
-        bundle = demo_guest.bundle(cfg, release=release).path
+        bundle = demo_guest.bundle(cfg, release=release)
         with log.step(f"Deploying demo {release} ({mode}) under a steady visitor"):
-            with steady_visitor(board, url) as v, d.source(bundle) as g:
+            with steady_visitor(board, url) as v, d.source(bundle.path) as g:
+                t0 = board_time(board)
                 try:
                     row = d.deploy(target, g, site.name, cold=cold, tty=False)
                     figures[f"{mode} deploy (upload, verify, switch), s"] = row.seconds
                 except DeployError as exc:
                     figures[f"{mode} deploy (upload, verify, switch), s"] = f"failed: {exc}"
             seen = v.counts()
+        figures[f"{mode} deploy -> new version serving, s"] = serving_after(seen, bundle.version, t0)
         figures[f"{mode} deploy: failed / total requests"] = f"{seen['failed']} / {seen['ok'] + seen['failed']}"
-    bundle = demo_guest.bundle(cfg, release="5.0").path
-    with log.step("Deploying demo 5.0 with its upload cut halfway, then again"), d.source(bundle) as g:
-        total = sum(p.stat().st_size for p in bundle.iterdir() if p.name != "guest.yaml")
+    resumed = demo_guest.bundle(cfg, release="5.0").path
+    with log.step("Deploying demo 5.0 with its upload cut halfway, then again"), d.source(resumed) as g:
+        total = sum(p.stat().st_size for p in resumed.iterdir() if p.name != "guest.yaml")
 
         def cut(sent: int) -> None:
             if sent >= total // 2:

@@ -299,10 +299,27 @@ def git(repo: Path, *args: str, timeout: float = 60, stdout: Any = subprocess.PI
     p = subprocess.CompletedProcess(proc.args, proc.returncode, out[0], tail[0])
     if check and (p.returncode == -signal.SIGXFSZ or f"died of signal {int(signal.SIGXFSZ)}".encode() in p.stderr):
         raise Error(f"git {args[0]}: a file it wrote reached {file_max()} bytes, the limit of one file; refused")
+    if check and p.returncode and (changed := host_key_changed(p.stderr.decode(errors="replace"))):
+        raise Error(changed)
     if check and p.returncode:
         last = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"]
         raise Error(f"git {args[0]}: {last[0][:300]}")
     return p
+
+
+def host_key_changed(stderr: str) -> str | None:
+    """ssh's many-line warning about a channel server's changed host key as one line (None if it is not that).
+    ssh refused it already (accept-new trusts a first key only); the board keeps serving what it has."""
+    host = re.search(r"Host key for (\S+) has changed", stderr)
+    if not host:
+        return None
+    sent = re.search(r"The fingerprint for the (\S+) key sent by the remote host is\s+(\S+?)\.?\s", stderr)
+    held = re.search(r"Offending \S+ key in (.+):(\d+)", stderr)
+    what = f"{sent[1]} {sent[2]}" if sent else "another key"
+    where = f"line {held[2]} of {held[1]}" if held else "its known_hosts"
+    return (f"{host[1]}: the host key of the channel's server has CHANGED ({what}, not the key on {where}); "
+            f"refused, as it could be another machine; if the server was re-installed, delete that line and the "
+            f"next check trusts its new key")
 
 
 def _read_all(pipe: Any, out: list[bytes]) -> None:
