@@ -74,6 +74,33 @@ def test_the_benchmarks_recipe_passes_the_dry_run(tmp_path: Path, inside: bool) 
         assert any(r.rel == "etc/bench-stamp" for r in ctx.rendered)
 
 
+def test_the_benchmarks_image_has_a_visitor_from_power_on(tmp_path: Path) -> None:
+    """The bench image loads the simulated radios at boot and starts the visitor (the one copy in
+    appliance/emulate/visitor.py) early, pointed at the default site's first name on the booth's SSID."""
+    path, stamp = bench_build.recipe(tmp_path)
+    overlay = stamp.parent.parent
+    recipe = config.load("booth").recipe
+    assert (overlay / "etc/modules-load.d/appliance-bench-visitor.conf").read_text().split() == ["mac80211_hwsim"]
+    script = overlay / "usr/local/sbin/appliance-visitor"
+    assert script.read_bytes() == (ROOT / "appliance/emulate/visitor.py").read_bytes()
+    assert script.stat().st_mode & 0o111
+    unit = (overlay / "etc/systemd/system/appliance-bench-visitor.service").read_text()
+    assert f'--ssid "{recipe.wifi.ssid}"' in unit and f"--url http://{recipe.sites[0].names[0]}/" in unit
+    assert "DefaultDependencies=no" in unit
+    link = overlay / "etc/systemd/system/sysinit.target.wants/appliance-bench-visitor.service"
+    assert (link.parent / link.readlink()).resolve() == (overlay / "etc/systemd/system/appliance-bench-visitor."
+                                                         "service").resolve()
+    bench_build.recipe(tmp_path)     # again, as every bench run does: the link is made anew
+    assert link.is_symlink()
+
+
+def test_the_benchmarks_visitor_needs_an_open_network(tmp_path: Path) -> None:
+    data = config.read_yaml(ROOT / "recipes/booth.yaml")
+    data["wifi"]["open"] = False
+    with pytest.raises(RecipeError, match="wifi.open is false"):
+        bench_build.visitor_overlay(tmp_path, data)
+
+
 @pytest.mark.parametrize("overlay, message", [
     ("../../etc", "overlays[2]: '../../etc' leaves the recipe's folder (an overlay is copied into the image, as "
                   "root's)"),

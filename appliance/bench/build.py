@@ -16,17 +16,54 @@ import yaml
 
 from .. import ROOT, MiB, config
 from .. import build as builder
+from ..errors import RecipeError
 from . import timeline
 from .report import combine
 
+# A phone on the booth's wifi from power-on: the bench image's second simulated radio (mac80211_hwsim makes two;
+# the access point takes the first), timed by its console lines (emulate/visitor.py). Only in the bench's image.
+VISITOR_UNIT = """[Unit]
+Description=A simulated phone on the booth's wifi from power-on (invoke bench's image only)
+DefaultDependencies=no
+After=local-fs.target systemd-modules-load.service
+
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/sbin/appliance-visitor --console --deadline 900 --ssid "{ssid}" --url {url}
+"""
+
+
+def visitor_overlay(overlay: Path, data: dict[str, Any]) -> None:
+    """The simulated radios and the visitor that uses one of them, into the bench overlay."""
+    if not data["wifi"].get("open", True):
+        raise RecipeError("the boot benchmark's visitor joins an open network: recipes/booth.yaml's "
+                                 "wifi.open is false")
+    site = data["sites"][0]
+    port = site.get("port", 80)
+    url = f"http://{site['names'][0]}{'' if port == 80 else f':{port}'}{site.get('health_path', '/')}"
+    files = {"etc/modules-load.d/appliance-bench-visitor.conf": "mac80211_hwsim\n",
+             "usr/local/sbin/appliance-visitor": (ROOT / "appliance/emulate/visitor.py").read_text(),
+             "etc/systemd/system/appliance-bench-visitor.service": VISITOR_UNIT.format(ssid=data["wifi"]["ssid"],
+                                                                                       url=url)}
+    for rel, text in files.items():
+        (overlay / rel).parent.mkdir(parents=True, exist_ok=True)
+        (overlay / rel).write_text(text)
+    (overlay / "usr/local/sbin/appliance-visitor").chmod(0o755)
+    wants = overlay / "etc/systemd/system/sysinit.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "appliance-bench-visitor.service"
+    link.unlink(missing_ok=True)
+    link.symlink_to("../appliance-bench-visitor.service")
+
 
 def recipe(work: Path) -> tuple[Path, Path]:
-    """The booth recipe as `bench`, with an overlay of its own whose one file the warm rebuild edits."""
+    """The booth recipe as `bench`, with an overlay of its own whose one file the warm rebuild edits, and the
+    simulated wifi visitor."""
     overlay = work / "overlays" / "bench"     # the recipe folder's own overlay, named as a shipped one is
     (overlay / "etc").mkdir(parents=True, exist_ok=True)
     stamp = overlay / "etc" / "bench-stamp"
     stamp.write_text("0\n")
     data = config.read_yaml(ROOT / "recipes/booth.yaml")
+    visitor_overlay(overlay, data)
     data["name"] = "bench"
     data["overlays"] = [*data["overlays"], "bench"]
     path = work / "bench.yaml"
