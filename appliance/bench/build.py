@@ -20,14 +20,17 @@ from ..errors import RecipeError
 from . import timeline
 from .report import combine
 
-# A phone on the booth's wifi from power-on: the bench image's second simulated radio (mac80211_hwsim makes two;
+# A phone on the booth's wifi from power-on, on the bench image's second simulated radio (mac80211_hwsim makes two;
 # the access point takes the first), timed by its console lines (emulate/visitor.py). Only in the bench's image.
+# The radios appear when udev's coldplug has been triggered: a USB dongle's driver is loaded then (by its modalias),
+# so the simulated dongle comes no earlier than a real one would.
 VISITOR_UNIT = """[Unit]
 Description=A simulated phone on the booth's wifi from power-on (invoke bench's image only)
 DefaultDependencies=no
-After=local-fs.target systemd-modules-load.service
+After=systemd-udev-trigger.service
 
 [Service]
+ExecStartPre=/sbin/modprobe mac80211_hwsim
 ExecStart=/usr/bin/python3 /usr/local/sbin/appliance-visitor --console --deadline 900 --ssid "{ssid}" --url {url}
 """
 
@@ -40,8 +43,7 @@ def visitor_overlay(overlay: Path, data: dict[str, Any]) -> None:
     site = data["sites"][0]
     port = site.get("port", 80)
     url = f"http://{site['names'][0]}{'' if port == 80 else f':{port}'}{site.get('health_path', '/')}"
-    files = {"etc/modules-load.d/appliance-bench-visitor.conf": "mac80211_hwsim\n",
-             "usr/local/sbin/appliance-visitor": (ROOT / "appliance/emulate/visitor.py").read_text(),
+    files = {"usr/local/sbin/appliance-visitor": (ROOT / "appliance/emulate/visitor.py").read_text(),
              "etc/systemd/system/appliance-bench-visitor.service": VISITOR_UNIT.format(ssid=data["wifi"]["ssid"],
                                                                                        url=url)}
     for rel, text in files.items():
