@@ -253,3 +253,12 @@ def test_an_overlay_of_the_folder_that_is_a_symlink_out_of_it_is_refused(tmp_pat
         config.load(str(tmp_path / "r.yaml"))
     assert str(err.value) == "r.yaml: overlays[0]: 'overlays/base' leaves the recipe's folder (an overlay is copied " \
                              "into the image, as root's)"
+
+
+def test_the_cold_builds_time_splits_into_mmdebstrap_and_the_rest() -> None:
+    steps = {"Checking recipe bench": 0.1, "Installing 120 packages into an armhf bookworm tree (mmdebstrap, qemu-user)":
+             120.0, "Making the filesystems and the image": 9.0}
+    got = bench_build.split(steps, 160.0)
+    assert got == {"cold build: mmdebstrap, s": 120.0, "cold build: the rest, s": 40.0,
+                   "cold build: mmdebstrap's share, %": 75.0}
+    assert bench_build.split({}, 0.0)["cold build: mmdebstrap's share, %"] == 0.0   # a build with no base to make
