@@ -77,10 +77,10 @@ print(json.dumps({"xl_create": t1 - t0, "http": t2 - t0 if ok else None}))
 
 
 def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_path: Path | None = None,
-          timeout: float = 600, switch: bool = True) -> dict[str, Any]:
+          timeout: float = 600, switch: bool = True, wake: bool = True) -> dict[str, Any]:
     """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board, and
     (with switch) the blue-green switch against destroy-then-create under a steady visitor, and the same for
-    `invoke deploy` of new releases, with an upload cut halfway and resumed."""
+    `invoke deploy` of new releases, with an upload cut halfway and resumed; (with wake) the on-demand wakes."""
     img = Path(img).resolve()
     key = key or emulate.default_key()
     if key is None:
@@ -147,12 +147,14 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             figures["xl create -> first HTTP 200, s"] = round(times["http"], 2) if times["http"] else None
         except (ValueError, IndexError, KeyError):
             log.warn(f"the xl create benchmark failed: {(out.err or out.out).strip()[-300:]}")
-        if switch:
+        if switch or wake:
             ready = f"python3 -c {shlex.quote(_POLL)} {shlex.quote(url)} {timeout}"
             if b.run(ready, check=False, timeout=timeout + 30).rc == 0:   # serving again after the xl benchmark
-                figures["switch"] = bench_switch.bench(b, cfg)
-                figures["deploy"] = bench_switch.deploys(b, cfg)
-                figures["on demand"] = bench_wake.wakes(b, cfg)
+                if switch:
+                    figures["switch"] = bench_switch.bench(b, cfg)
+                    figures["deploy"] = bench_switch.deploys(b, cfg)
+                if wake:
+                    figures["on demand"] = bench_wake.wakes(b, cfg)
             else:
                 log.warn(f"the site did not serve again at {url}: no switch benchmark")
     return figures
