@@ -75,7 +75,7 @@ def test_the_benchmarks_recipe_passes_the_dry_run(tmp_path: Path, inside: bool) 
 
 
 def test_the_benchmarks_image_has_a_visitor_from_power_on(tmp_path: Path) -> None:
-    """The bench image loads the simulated radios once udev's coldplug is triggered and starts the visitor (the one copy in
+    """The bench image loads the simulated radios once the booth's early coldplug of USB devices has run and starts the visitor (the one copy in
     appliance/emulate/visitor.py) early, pointed at the default site's first name on the booth's SSID."""
     path, stamp = bench_build.recipe(tmp_path)
     overlay = stamp.parent.parent
@@ -86,7 +86,7 @@ def test_the_benchmarks_image_has_a_visitor_from_power_on(tmp_path: Path) -> Non
     unit = (overlay / "etc/systemd/system/appliance-bench-visitor.service").read_text()
     assert f'--ssid "{recipe.wifi.ssid}"' in unit and f"--url http://{recipe.sites[0].names[0]}/" in unit
     assert "DefaultDependencies=no" in unit and "ExecStartPre=/sbin/modprobe mac80211_hwsim" in unit
-    assert "After=systemd-udev-trigger.service" in unit.splitlines()
+    assert "After=appliance-coldplug-wifi.service" in unit.splitlines()
     link = overlay / "etc/systemd/system/sysinit.target.wants/appliance-bench-visitor.service"
     assert (link.parent / link.readlink()).resolve() == (overlay / "etc/systemd/system/appliance-bench-visitor."
                                                          "service").resolve()

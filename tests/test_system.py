@@ -135,15 +135,22 @@ def test_the_root_is_checked_in_the_initramfs_and_not_again(board):
 
 
 def test_the_guest_path_comes_first_and_the_rest_of_the_boot_after_it(board):
-    """appliance-guest tells systemd it is ready once the always-on sites served; udev's coldplug, networkd and
-    SSH's host keys started after that, and the manager did not wait for them."""
+    """appliance-guest tells systemd it is ready once the always-on sites served; udev's coldplug and SSH's host
+    keys started after that, and the manager did not wait for them. What a visitor needs did not wait for the
+    guests or the coldplug: DHCP and DNS (dnsmasq), networkd (the visitors' bridge) and the wifi dongle's early
+    coldplug started beside the guest path, and neither they nor the access point are ordered after sysinit.target (the whole coldplug)."""
     def t(unit: str, prop: str) -> int:
         return int(board.run(f"systemctl show -P {prop} {unit}").out.strip())
 
     ready = t("appliance-guest.service", "ActiveEnterTimestampMonotonic")
     assert ready > t("appliance-guest.service", "ExecMainStartTimestampMonotonic") > 0
-    for unit in ("systemd-udev-trigger.service", "systemd-networkd.service", "appliance-ssh-hostkeys.service"):
+    for unit in ("systemd-udev-trigger.service", "appliance-ssh-hostkeys.service"):
         assert t(unit, "InactiveExitTimestampMonotonic") >= ready, f"{unit} started before the guests were up"
+    for unit in ("dnsmasq.service", "systemd-networkd.service", "appliance-coldplug-wifi.service"):
+        assert 0 < t(unit, "InactiveExitTimestampMonotonic") < ready, f"{unit} waited for the guests"
+    for unit in ("dnsmasq.service", "hostapd.service", "systemd-networkd.service"):
+        after = board.run(f"systemctl show -P After {unit}").out.split()
+        assert not {"sysinit.target", "basic.target", "systemd-udev-trigger.service"} & set(after), (unit, after)
     journal = board.run("journalctl -b -u appliance-guest --no-pager -o cat").out
     assert "every always-on site started; the rest of the boot goes on" in journal
 

@@ -22,12 +22,13 @@ from .report import combine
 
 # A phone on the booth's wifi from power-on, on the bench image's second simulated radio (mac80211_hwsim makes two;
 # the access point takes the first), timed by its console lines (emulate/visitor.py). Only in the bench's image.
-# The radios appear when udev's coldplug has been triggered: a USB dongle's driver is loaded then (by its modalias),
-# so the simulated dongle comes no earlier than a real one would.
+# The radios appear once the booth's early coldplug of USB devices has run (overlays/booth's
+# appliance-coldplug-wifi.service): a USB dongle's driver is loaded then (by its modalias), so the simulated dongle
+# comes no earlier than a real one would.
 VISITOR_UNIT = """[Unit]
 Description=A simulated phone on the booth's wifi from power-on (invoke bench's image only)
 DefaultDependencies=no
-After=systemd-udev-trigger.service
+After=appliance-coldplug-wifi.service
 
 [Service]
 ExecStartPre=/sbin/modprobe mac80211_hwsim
