@@ -70,7 +70,8 @@ out = subprocess.run(["journalctl", "-u", "appliance-guest", "-o", "json", since
                      capture_output=True, text=True).stdout
 for line in out.splitlines():
     e = json.loads(line)
-    t, msg = int(e["__MONOTONIC_TIMESTAMP"]) / 1e6, str(e.get("MESSAGE", ""))
+    # the manager's lines start with its name ("appliance-guest: starting demo ...")
+    t, msg = int(e["__MONOTONIC_TIMESTAMP"]) / 1e6, str(e.get("MESSAGE", "")).split("appliance-guest: ", 1)[-1]
     if t < t0:
         continue
     if msg.startswith("starting %s " % site):
