@@ -74,6 +74,33 @@ def test_the_benchmarks_recipe_passes_the_dry_run(tmp_path: Path, inside: bool) 
         assert any(r.rel == "etc/bench-stamp" for r in ctx.rendered)
 
 
+def test_the_benchmarks_image_has_a_visitor_from_power_on(tmp_path: Path) -> None:
+    """The bench image loads the simulated radios once the booth's early coldplug of USB devices has run and starts the visitor (the one copy in
+    appliance/emulate/visitor.py) early, pointed at the default site's first name on the booth's SSID."""
+    path, stamp = bench_build.recipe(tmp_path)
+    overlay = stamp.parent.parent
+    recipe = config.load("booth").recipe
+    script = overlay / "usr/local/sbin/appliance-visitor"
+    assert script.read_bytes() == (ROOT / "appliance/emulate/visitor.py").read_bytes()
+    assert script.stat().st_mode & 0o111
+    unit = (overlay / "etc/systemd/system/appliance-bench-visitor.service").read_text()
+    assert f'--ssid "{recipe.wifi.ssid}"' in unit and f"--url http://{recipe.sites[0].names[0]}/" in unit
+    assert "DefaultDependencies=no" in unit and "ExecStartPre=/sbin/modprobe mac80211_hwsim" in unit
+    assert "After=appliance-coldplug-wifi.service" in unit.splitlines()
+    link = overlay / "etc/systemd/system/sysinit.target.wants/appliance-bench-visitor.service"
+    assert (link.parent / link.readlink()).resolve() == (overlay / "etc/systemd/system/appliance-bench-visitor."
+                                                         "service").resolve()
+    bench_build.recipe(tmp_path)     # again, as every bench run does: the link is made anew
+    assert link.is_symlink()
+
+
+def test_the_benchmarks_visitor_needs_an_open_network(tmp_path: Path) -> None:
+    data = config.read_yaml(ROOT / "recipes/booth.yaml")
+    data["wifi"]["open"] = False
+    with pytest.raises(RecipeError, match="wifi.open is false"):
+        bench_build.visitor_overlay(tmp_path, data)
+
+
 @pytest.mark.parametrize("overlay, message", [
     ("../../etc", "overlays[2]: '../../etc' leaves the recipe's folder (an overlay is copied into the image, as "
                   "root's)"),
@@ -226,3 +253,12 @@ def test_an_overlay_of_the_folder_that_is_a_symlink_out_of_it_is_refused(tmp_pat
         config.load(str(tmp_path / "r.yaml"))
     assert str(err.value) == "r.yaml: overlays[0]: 'overlays/base' leaves the recipe's folder (an overlay is copied " \
                              "into the image, as root's)"
+
+
+def test_the_cold_builds_time_splits_into_mmdebstrap_and_the_rest() -> None:
+    steps = {"Checking recipe bench": 0.1, "Installing 120 packages into an armhf bookworm tree (mmdebstrap, qemu-user)":
+             120.0, "Making the filesystems and the image": 9.0}
+    got = bench_build.split(steps, 160.0)
+    assert got == {"cold build: mmdebstrap, s": 120.0, "cold build: the rest, s": 40.0,
+                   "cold build: mmdebstrap's share, %": 75.0}
+    assert bench_build.split({}, 0.0)["cold build: mmdebstrap's share, %"] == 0.0   # a build with no base to make

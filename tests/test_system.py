@@ -25,6 +25,7 @@ from conftest import AWAKE_S
 from appliance import config
 from appliance.bench.switch import STORE, manager, steady_visitor, upload
 from appliance.emulate import Board, EmulateError, wait_for
+from appliance.emulate import visitor as emulate_visitor
 
 pytestmark = pytest.mark.system
 
@@ -134,15 +135,22 @@ def test_the_root_is_checked_in_the_initramfs_and_not_again(board):
 
 
 def test_the_guest_path_comes_first_and_the_rest_of_the_boot_after_it(board):
-    """appliance-guest tells systemd it is ready once the always-on sites served; udev's coldplug, networkd and
-    SSH's host keys started after that, and the manager did not wait for them."""
+    """appliance-guest tells systemd it is ready once the always-on sites served; udev's coldplug and SSH's host
+    keys started after that, and the manager did not wait for them. What a visitor needs did not wait for the
+    guests or the coldplug: DHCP and DNS (dnsmasq), networkd (the visitors' bridge) and the wifi dongle's early
+    coldplug started beside the guest path, and neither they nor the access point are ordered after sysinit.target (the whole coldplug)."""
     def t(unit: str, prop: str) -> int:
         return int(board.run(f"systemctl show -P {prop} {unit}").out.strip())
 
     ready = t("appliance-guest.service", "ActiveEnterTimestampMonotonic")
     assert ready > t("appliance-guest.service", "ExecMainStartTimestampMonotonic") > 0
-    for unit in ("systemd-udev-trigger.service", "systemd-networkd.service", "appliance-ssh-hostkeys.service"):
+    for unit in ("systemd-udev-trigger.service", "appliance-ssh-hostkeys.service"):
         assert t(unit, "InactiveExitTimestampMonotonic") >= ready, f"{unit} started before the guests were up"
+    for unit in ("dnsmasq.service", "systemd-networkd.service", "appliance-coldplug-wifi.service"):
+        assert 0 < t(unit, "InactiveExitTimestampMonotonic") < ready, f"{unit} waited for the guests"
+    for unit in ("dnsmasq.service", "hostapd.service", "systemd-networkd.service"):
+        after = board.run(f"systemctl show -P After {unit}").out.split()
+        assert not {"sysinit.target", "basic.target", "systemd-udev-trigger.service"} & set(after), (unit, after)
     journal = board.run("journalctl -b -u appliance-guest --no-pager -o cat").out
     assert "every always-on site started; the rest of the boot goes on" in journal
 
@@ -227,39 +235,24 @@ class Visitor:
 
 @pytest.fixture(scope="module")
 def visitor(board: Board, radios: Radios, recipe: config.Recipe) -> Iterator[Visitor]:
-    """The second radio in its own network namespace, associated with the AP and holding a DHCP lease."""
+    """The second radio in its own network namespace, associated with the AP and holding a DHCP lease: the same
+    simulated phone the bench image runs from power-on (appliance/emulate/visitor.py)."""
     ns, i = NETNS, radios.visitor
-    board.run(f"ip netns del {ns} 2>/dev/null; ip netns add {ns} && iw phy {radios.visitor_phy} set netns name {ns}"
-              f" && ip -n {ns} link set lo up && ip -n {ns} link set {i} up")
-    connect = f"ip netns exec {ns} iw dev {i} connect {shlex.quote(recipe.wifi.ssid)}"
+    with board.connection().sftp() as sftp:
+        sftp.put(str(Path(emulate_visitor.__file__)), "/run/appliance-visitor")
+    args = f"--ssid {shlex.quote(recipe.wifi.ssid)} --iface {i} --netns {ns} --deadline {RADIO_S}"
     try:
-        if recipe.wifi.open:
-            board.run(connect)
-        else:
+        if not recipe.wifi.open:
             psk = config.wifi_passphrase(recipe, config.recipe_path("booth"))
-            conf = f'network={{\n ssid="{recipe.wifi.ssid}"\n psk="{psk}"\n key_mgmt=WPA-PSK\n}}\n'
-            board.run(f"printf %s {shlex.quote(conf)} > /run/visitor-wpa.conf && ip netns exec {ns} wpa_supplicant"
-                      f" -B -i {i} -c /run/visitor-wpa.conf -P /run/visitor-wpa.pid")
-
-        def associated() -> bool | None:
-            if "Connected to" in board.run(f"ip netns exec {ns} iw dev {i} link", check=False).out:
-                return True
-            if recipe.wifi.open:
-                # `iw connect` tries once, and under TCG the AP's answer can miss the station's 100 ms window
-                # (hostapd: "did not acknowledge authentication response"): a phone tries again, so does this one
-                board.run(f"ip netns exec {ns} iw dev {i} disconnect; {connect}", check=False)
-            return None
-
-        wait_for(f"the visitor associated with '{recipe.wifi.ssid}'", associated, RADIO_S, interval=5, board=board)
-        # klibc's ipconfig is the DHCP client dom0 has (initramfs-tools depends on it).
-        board.run(f"rm -f /run/net-{i}.conf; ip netns exec {ns} /usr/lib/klibc/bin/ipconfig -t 30 -c dhcp -d {i}",
-                  timeout=90)
-        lease = dict(re.findall(r"^(\w+)='?([^'\n]*)'?$", board.run(f"cat /run/net-{i}.conf").out, re.MULTILINE))
-        dns = lease.get("IPV4DNS0", "")
-        board.run(f"mkdir -p /etc/netns/{ns} && echo 'nameserver {dns}' > /etc/netns/{ns}/resolv.conf")
-        yield Visitor(i, lease.get("IPV4ADDR", ""), dns)
+            board.run(f"umask 077; printf %s {shlex.quote(psk)} > /run/visitor-psk")
+            args += " --psk-file /run/visitor-psk"
+        r = board.run(f"python3 /run/appliance-visitor {args}", check=False, timeout=RADIO_S + 60)
+        m = re.search(r"^appliance-visitor: lease (\S+) dns (\S+) on ", r.out, re.MULTILINE)
+        assert r.rc == 0 and m, f"the visitor took no lease:\n{r.out}{r.err}"
+        yield Visitor(i, m.group(1), m.group(2))
     finally:
-        board.run(f"[ -f /run/visitor-wpa.pid ] && kill $(cat /run/visitor-wpa.pid); rm -f /run/visitor-wpa.*;"
+        board.run(f"[ -f /run/visitor-wpa.pid ] && kill $(cat /run/visitor-wpa.pid); rm -f /run/visitor-wpa.* "
+                  f"/run/visitor-psk /run/appliance-visitor;"
                   f" ip netns del {ns}; rm -rf /etc/netns/{ns}", check=False)
 
 

@@ -65,10 +65,36 @@ def test_the_boot_picture_has_every_phase_the_boot_reached(tmp_path):
     for label, took in (("Xen until dom0", "4.4 s"), ("guest: boots until its page", "20.9 s"),
                         ("dom0: systemd until SSH", "138.3 s"), ("unit systemd-udev-trigger.service", "12.0 s")):
         assert label in texts and took in texts
-    assert "first page 101.3 s" in texts and "goal 45 s" in texts
+    assert "guest's 200 101.3 s" in texts and "goal 45 s" in texts
     bars = root.findall(f"{SVG}rect")[1:]
-    assert len(bars) == len(timeline.PHASES) + len(slow)
+    assert len(bars) == len([p for p in timeline.PHASES if p[0] != "visitor"]) + len(slow)
+    assert "visitor: joins the wifi" not in texts       # no visitor, no lane
     assert all(float(b.get("x")) + float(b.get("width")) <= timeline.W for b in bars)
+
+
+VISITOR = {"visitor radio": 35.0, "visitor associated": 41.5, "visitor lease": 44.0, "visitor resolved": 44.8,
+           "visitor first page": 52.3}
+
+
+def test_the_visitor_has_a_lane_from_its_radio_to_its_first_page(tmp_path):
+    root = ET.parse(timeline.boot_svg({**MILESTONES, **VISITOR}, tmp_path / "boot.svg", goal=30)).getroot()
+    texts = _texts(root)
+    for label, took in (("visitor: joins the wifi", "6.5 s"), ("visitor: gets a lease", "2.5 s"),
+                        ("visitor: resolves the name", "0.8 s"), ("visitor: loads the page", "7.5 s")):
+        assert label in texts and took in texts
+    assert "visitor's page 52.3 s" in texts and "goal 30 s" in texts
+    bars = [b for b in root.findall(f"{SVG}rect") if b.get("fill") == timeline.COLOURS["visitor"]]
+    assert len(bars) == 4
+    # one after the other, from the radio to the page
+    xs = [float(b.get("x")) for b in bars]
+    assert xs == sorted(xs) and len(set(xs)) == 4
+
+
+def test_a_visitor_that_got_no_lease_draws_only_its_association(tmp_path):
+    early = {**MILESTONES, "visitor radio": 35.0, "visitor associated": 41.5}
+    root = ET.parse(timeline.boot_svg(early, tmp_path / "boot.svg")).getroot()
+    assert len([b for b in root.findall(f"{SVG}rect") if b.get("fill") == timeline.COLOURS["visitor"]]) == 1
+    assert not any(t and t.startswith("visitor's page") for t in _texts(root))
 
 
 def test_a_boot_that_stopped_early_draws_only_what_it_reached(tmp_path):
@@ -77,7 +103,7 @@ def test_a_boot_that_stopped_early_draws_only_what_it_reached(tmp_path):
     texts = _texts(root)
     assert "6.7 s" in texts and "2.4 s" in texts and "Xen until dom0" in texts    # every row is labelled
     assert len(root.findall(f"{SVG}rect")) == 1 + 2                                # but only two bars drawn
-    assert not any(t and t.startswith("first page") for t in texts)
+    assert not any(t and t.startswith(("guest's 200", "visitor's page")) for t in texts)
 
 
 def test_names_are_escaped_in_the_picture(tmp_path):
@@ -90,12 +116,12 @@ def test_names_are_escaped_in_the_picture(tmp_path):
 
 
 def test_marks_close_together_keep_their_labels_apart(tmp_path):
-    # The README's picture had "goal 35 s" and "first page 36.2 s" drawn on top of each other.
+    # The README's picture had "goal 35 s" and the first page's label drawn on top of each other.
     marks = {**MILESTONES, "guest HTTP 200 on the bridge": 36.2}
     root = ET.parse(timeline.boot_svg(marks, tmp_path / "boot.svg", goal=35)).getroot()
     labels = {t.text: (float(t.get("x")), float(t.get("y"))) for t in root.iter(f"{SVG}text")
-              if t.text and t.text.startswith(("goal", "first page"))}
-    (goal_x, goal_y), (page_x, page_y) = labels["goal 35 s"], labels["first page 36.2 s"]
+              if t.text and t.text.startswith(("goal", "guest's 200"))}
+    (goal_x, goal_y), (page_x, page_y) = labels["goal 35 s"], labels["guest's 200 36.2 s"]
     width = timeline.CHAR_W * len("goal 35 s")
     assert goal_y != page_y or page_x > goal_x + width           # on another line, or clear of each other
     title_y = float(next(t for t in root.iter(f"{SVG}text") if t.get("font-size") == "15").get("y"))

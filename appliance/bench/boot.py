@@ -1,8 +1,10 @@
-"""Benchmark: from power-on to the guest serving, under QEMU (TCG), and the launcher's `xl create` latency.
+"""Benchmark: from power-on to a visitor's first page on the booth's wifi, under QEMU (TCG), and the launcher's
+`xl create` latency.
 
-Console milestones (U-Boot, boot.scr, Xen, dom0's kernel and init, the launcher's start and its first
-HTTP 200 from the guest across the bridge) are timed as the serial lines arrive; dom0's SSH login and the
-guest's HTTP 200 once SSH answers are polled. All are seconds from power-on.
+Console milestones (U-Boot, boot.scr, Xen, dom0's kernel and init, the launcher's start and its first HTTP 200 from
+the guest across the bridge, and the bench image's simulated phone: radio, association, lease, name, page) are timed
+as the serial lines arrive; dom0's SSH login and the guest's HTTP 200 once SSH answers are polled; the access
+point's and DHCP/DNS's units are read from systemd. All are seconds from power-on.
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ from . import timeline
 from . import wake as bench_wake
 from .report import report
 
-GOAL_S = 35.0  # first HTTP 200 from the guest, from power-on (issue 14)
+# Goals from power-on (issue 28): the visitor's first page, dom0's SSH, and the guest's own first 200 no later than
+# the figure recorded before the visitor was measured (issue 28: 23.25 s, the median of three boots)
+VISITOR_GOAL_S = 30.0
+SSH_GOAL_S = 40.0
+GUEST_BEFORE_S = 23.25
 POLLED = "guest HTTP 200, polled over SSH"  # once dom0's SSH answers
-# What issue 14 measured before the boot put the guest first (a fresh 2-core host): printed beside this run's figure
-# as a recorded reference, not measured again
-RECORDED = "59.1 (qemu-virt), 115.6 (orangepi-pc): recorded in issue 14"
+# What earlier issues measured: printed beside this run's figures as recorded references, not measured again
+RECORDED = "59.1 (qemu-virt), 115.6 (orangepi-pc): recorded in issue 14; 23.25 (qemu-virt) in issue 28"
+RECORDED_VISITOR = "not measured; dnsmasq ready at ~53 s, SSH at ~57 s: recorded in issue 28"
+# The visitors' side, read from systemd once SSH answers: the moment each unit became active
+UNITS = {"hostapd up": "hostapd.service", "dnsmasq ready": "dnsmasq.service",
+         "guest manager ready": "appliance-guest.service", "udev coldplug done": "systemd-udev-trigger.service"}
 
 # Polls a URL from inside dom0 until it answers 200: one process, so the poll costs no SSH round trips.
 _POLL = """import sys, time, urllib.request
@@ -69,11 +78,13 @@ print(json.dumps({"xl_create": t1 - t0, "http": t2 - t0 if ok else None}))
 
 
 def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_path: Path | None = None,
-          timeout: float = 600, switch: bool = True, only: list[str] | None = None) -> dict[str, Any]:
-    """Boot img once and time each milestone; then time `xl create` -> HTTP 200 on the running board, and
-    (with switch) the blue-green switch against destroy-then-create under a steady visitor, the same for
-    `invoke deploy` of new releases, with an upload cut halfway and resumed, pull mode beside a push deploy, and
-    the on-demand wakes. only: just those sections (switch, deploy, pull, wake) after the boot, nothing else."""
+          timeout: float = 600, switch: bool = True, wake: bool = True, only: list[str] | None = None
+          ) -> dict[str, Any]:
+    """Boot img once and time each milestone (the simulated visitor's among them); then time `xl create` -> HTTP
+    200 on the running board, and (with switch) the blue-green switch against destroy-then-create under a steady
+    visitor, the same for `invoke deploy` of new releases, with an upload cut halfway and resumed, and pull mode
+    beside a push deploy; (with wake) the on-demand wakes. only: just those sections (switch, deploy, pull, wake)
+    after the boot, nothing else."""
     img = Path(img).resolve()
     key = key or emulate.default_key()
     if key is None:
@@ -99,21 +110,40 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             log.warn(f"the guest did not answer {url} within {timeout:.0f} s")
         if only is not None:
             return _sections(b, cfg, url, timeout, only)
-        for name, t in sorted(b.milestones.items(), key=lambda kv: kv[1]):
-            figures[f"power-on -> {name}, s"] = t
+        # the visitor tries from power-on; its page may come after SSH
+        end = time.monotonic() + timeout
+        while not {emulate.VISITOR_PAGE, emulate.VISITOR_GAVE_UP} & set(b.milestones) and time.monotonic() < end:
+            b.check_alive("waiting for the visitor's first page")
+            time.sleep(0.5)
+        if emulate.VISITOR_PAGE not in b.milestones:
+            log.warn(f"the simulated visitor loaded no page (console: {b.console})")
+        milestones = b.milestones
         slow = []
-        if "dom0 kernel" in b.milestones:
+        if "dom0 kernel" in milestones:
             show = b.run("systemctl show -p Id -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic "
-                         "'*'", check=False)
-            slow = timeline.units(show.out, b.milestones["dom0 kernel"])
+                         "'*'", check=False).out
+            k = milestones["dom0 kernel"]
+            active = {u[0]: u for u in timeline.units(show, k, top=10_000)}
+            milestones.update({name: active[unit][2] for name, unit in UNITS.items() if unit in active})
+            wanted = [active[u] for u in ("hostapd.service", "dnsmasq.service") if u in active]
+            slow = wanted + [u for u in timeline.units(show, k) if u not in wanted]
+        for name, t in sorted(milestones.items(), key=lambda kv: kv[1]):
+            figures[f"power-on -> {name}, s"] = round(t, 2)
         figures["boot timeline, picture"] = str(timeline.boot_svg(
-            b.milestones, log_path.with_name("boot.svg"), slow_units=slow, goal=GOAL_S,
+            milestones, log_path.with_name("boot.svg"), slow_units=slow, goal=VISITOR_GOAL_S,
             title=f"{img.name} on {board} under QEMU (TCG)"))
         # The first 200 is the launcher's health check on the bridge (its console line), when dom0 serves
         # before it lets anyone log in; else the poll that starts once SSH answers.
-        served = min((t for name, t in b.milestones.items() if name in (emulate.GUEST_SERVED, POLLED)), default=None)
+        served = min((t for name, t in milestones.items() if name in (emulate.GUEST_SERVED, POLLED)), default=None)
+        page, ssh = milestones.get(emulate.VISITOR_PAGE), milestones.get("ssh")
+        figures["power-on -> the visitor's first page, s"] = page
+        figures[f"visitor's first page within the {VISITOR_GOAL_S:.0f} s goal"] = page is not None and \
+            page <= VISITOR_GOAL_S
+        figures["before: power-on -> the visitor's first page, s"] = RECORDED_VISITOR
+        figures[f"dom0 SSH within the {SSH_GOAL_S:.0f} s goal"] = ssh is not None and ssh <= SSH_GOAL_S
         figures["power-on -> first HTTP 200 from the guest, s"] = served
-        figures[f"guest serving within the {GOAL_S:.0f} s goal"] = served is not None and served <= GOAL_S
+        figures[f"guest's first 200 no later than before ({GUEST_BEFORE_S} s)"] = served is not None and \
+            served <= GUEST_BEFORE_S
         figures["before: power-on -> first HTTP 200, s"] = RECORDED
         out = b.run(f"python3 -c {shlex.quote(_CREATE)} {shlex.quote(site.name)} {shlex.quote(site.health_path)}",
                     check=False, timeout=600)
@@ -123,8 +153,9 @@ def bench(img: Path, key: Path | None = None, *, board: str | None = None, log_p
             figures["xl create -> first HTTP 200, s"] = round(times["http"], 2) if times["http"] else None
         except (ValueError, IndexError, KeyError):
             log.warn(f"the xl create benchmark failed: {(out.err or out.out).strip()[-300:]}")
-        if switch:
-            figures.update(_sections(b, cfg, url, timeout, ["switch", "deploy", "pull", "wake"]))   # all of them
+        names = (["switch", "deploy", "pull"] if switch else []) + (["wake"] if wake else [])
+        if names:
+            figures.update(_sections(b, cfg, url, timeout, names))
     return figures
 
 

@@ -1,6 +1,6 @@
 """Timelines to look at, as standalone SVG: the boot (the console's milestones on one time axis, a row per phase,
-coloured by its lane: the boot loader, Xen, dom0 and the guest, with dom0's slowest systemd units below them) and
-the build's steps.
+coloured by its lane: the boot loader, Xen, dom0, the guest and a visitor on the wifi, with dom0's slowest systemd
+units below them) and the build's steps.
 
 `invoke bench` writes build/bench/boot.svg and build/bench/build.svg; the README shows a boot one.
 """
@@ -21,9 +21,14 @@ PHASES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("dom0", "systemd until SSH", ("dom0 systemd",), ("ssh",)),
     ("guest", "boots until its page", ("guest started",), ("guest HTTP 200 on the bridge",
                                                            "guest HTTP 200, polled over SSH")),
+    # the simulated phone: from its radio's appearing in dom0 to the default site's page (emulate/visitor.py)
+    ("visitor", "joins the wifi", ("visitor radio",), ("visitor associated",)),
+    ("visitor", "gets a lease", ("visitor associated",), ("visitor lease",)),
+    ("visitor", "resolves the name", ("visitor lease",), ("visitor resolved",)),
+    ("visitor", "loads the page", ("visitor resolved",), ("visitor first page",)),
 )
-COLOURS = {"boot loader": "#8f7a66", "Xen": "#d9534f", "dom0": "#3e7cb1", "guest": "#5cb85c", "unit": "#9bbbd9",
-           "step": "#edc22e"}
+COLOURS = {"boot loader": "#8f7a66", "Xen": "#d9534f", "dom0": "#3e7cb1", "guest": "#5cb85c", "visitor": "#9b59b6",
+           "unit": "#9bbbd9", "step": "#edc22e"}
 UNITS = 8               # dom0's slowest units shown
 W, LEFT, RIGHT, ROW, TOP = 980, 250, 70, 24, 56
 MARK_LINE, CHAR_W = 14, 7.0    # a mark's label line height, and a generous character width (12 px sans-serif)
@@ -106,22 +111,28 @@ class _Svg:
 
 def boot_svg(milestones: Mapping[str, float], path: Path, *, slow_units: Sequence[tuple[str, float, float]] = (),
              goal: float | None = None, title: str = "Boot under QEMU") -> Path:
-    """The boot's phases in their lanes, the first HTTP 200 (and the goal) marked, dom0's slowest units below."""
+    """The boot's phases in their lanes, the guest's first HTTP 200, the visitor's first page and the goal marked,
+    dom0's slowest units below."""
     served = _first(milestones, ("guest HTTP 200 on the bridge", "guest HTTP 200, polled over SSH"))
     end = max([*milestones.values(), *(u[2] for u in slow_units), goal or 0])
-    svg = _Svg(title, end * 1.04, len(PHASES) + len(slow_units))
-    for row, (lane, text, a, b) in enumerate(PHASES):
+    # the visitor's lane only for a boot that had one (the bench image's)
+    phases = [p for p in PHASES if p[0] != "visitor" or "visitor radio" in milestones]
+    svg = _Svg(title, end * 1.04, len(phases) + len(slow_units))
+    for row, (lane, text, a, b) in enumerate(phases):
         svg.label(row, text if lane == "Xen" else f"{lane}: {text}")
         start, stop = _first(milestones, a), _first(milestones, b)
         if start is not None and stop is not None:
             svg.bar(row, start, stop, COLOURS[lane], f"{stop - start:.1f} s")
-    for row, (name, start, stop) in enumerate(slow_units, len(PHASES)):
+    for row, (name, start, stop) in enumerate(slow_units, len(phases)):
         svg.label(row, f"unit {name}")
         svg.bar(row, start, stop, COLOURS["unit"], f"{stop - start:.1f} s")
     if goal is not None:
         svg.mark(goal, f"goal {goal:g} s", "#999")
     if served is not None:
-        svg.mark(served, f"first page {served:.1f} s", COLOURS["guest"])
+        svg.mark(served, f"guest's 200 {served:.1f} s", COLOURS["guest"])
+    page = milestones.get("visitor first page")
+    if page is not None:
+        svg.mark(page, f"visitor's page {page:.1f} s", COLOURS["visitor"])
     return svg.write(path)
 
 

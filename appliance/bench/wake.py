@@ -39,6 +39,93 @@ print(json.dumps({"s": t, "ok": first == b"H"}))
 """
 
 
+# On dom0: a destroyed site woken by a connection, each part of the way stamped on dom0's monotonic clock (the
+# journal's too): the manager's "starting" line (xl create begins), the guest's console lines (its init runs; httpd
+# is started), the manager's "answers at" line (its health check passed), and the first byte of the page.
+_PARTS = """import glob, json, os, socket, subprocess, sys, threading, time
+address, port, site = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+logs = "/var/log/xen/console/guest-%s.*.log" % site
+seen, done = {}, threading.Event()
+sizes = {p: os.path.getsize(p) for p in glob.glob(logs)}
+def watch():
+    while not done.is_set():
+        for p in glob.glob(logs):
+            with open(p, "rb") as f:
+                f.seek(sizes.get(p, 0))
+                text = f.read().decode(errors="replace")
+            for key, pattern in (("init", ": starting"), ("httpd", "serving http")):
+                if pattern in text and key not in seen:
+                    seen[key] = time.monotonic()
+        time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
+t0 = time.monotonic()
+s = socket.create_connection((address, port), timeout=300)
+s.sendall(b"GET / HTTP/1.0\\r\\nHost: bench\\r\\n\\r\\n")
+ok = s.recv(1) == b"H"
+seen["first byte"] = time.monotonic()
+time.sleep(0.1)
+done.set()
+since = "--since=-%ds" % (int(time.monotonic() - t0) + 5)
+out = subprocess.run(["journalctl", "-u", "appliance-guest", "-o", "json", since, "--no-pager"],
+                     capture_output=True, text=True).stdout
+for line in out.splitlines():
+    e = json.loads(line)
+    # the manager's lines start with its name ("appliance-guest: starting demo ...")
+    t, msg = int(e["__MONOTONIC_TIMESTAMP"]) / 1e6, str(e.get("MESSAGE", "")).split("appliance-guest: ", 1)[-1]
+    if t < t0:
+        continue
+    if msg.startswith("starting %s " % site):
+        seen.setdefault("xl create", t)
+    elif msg.startswith("%s " % site) and " answers at " in msg:
+        seen.setdefault("health", t)
+print(json.dumps({"ok": ok, **{k: round(v - t0, 3) for k, v in seen.items()}}))
+"""
+# the parts, in the order they happen: (figure, from, to)
+PARTS = (("trigger -> xl create begins (the manager's own path)", None, "xl create"),
+         ("xl create begins -> the guest's init runs (xl, Xen, the guest's kernel)", "xl create", "init"),
+         ("init runs -> httpd started (netfront, address)", "init", "httpd"),
+         ("httpd started -> the health check passes", "httpd", "health"),
+         ("health check -> first byte (pointed, passed on)", "health", "first byte"))
+
+
+def parts(board: Board, address: str, port: int, site: str) -> dict[str, Any]:
+    """A destroyed site's wake by a connection, each part in seconds (None where a stamp is missing)."""
+    r = board.run(f"python3 -c {shlex.quote(_PARTS)} {address} {port} {shlex.quote(site)}", check=False,
+                  timeout=400)
+    try:
+        got = json.loads(r.out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        log.warn(f"the wake's parts were not measured: {(r.err or r.out).strip()[-300:]}")
+        return {}
+    out: dict[str, Any] = {}
+    for name, a, b in PARTS:
+        start, end = (0.0 if a is None else got.get(a)), got.get(b)
+        out[f"{name}, s"] = round(end - start, 2) if start is not None and end is not None else None
+    return out
+
+
+# On dom0: the median time of one `xl` command (the manager runs several on a wake's way) and of one `nft` command.
+_CALLS = """import json, statistics, subprocess, time
+def took(*argv):
+    times = []
+    for _ in range(5):
+        t = time.monotonic()
+        subprocess.run(argv, capture_output=True)
+        times.append(time.monotonic() - t)
+    return round(statistics.median(times), 3)
+print(json.dumps({"xl domid": took("xl", "domid", "Domain-0"), "xl info": took("xl", "info"),
+                  "nft list tables": took("nft", "list", "tables")}))
+"""
+
+
+def calls(board: Board) -> dict[str, Any]:
+    r = board.run(f"python3 -c {shlex.quote(_CALLS)}", check=False, timeout=120)
+    try:
+        return {f"one `{k}`, s": v for k, v in json.loads(r.out.strip().splitlines()[-1]).items()}
+    except (ValueError, IndexError):
+        return {}
+
+
 def first_byte(board: Board, address: str, port: int, name: str = "") -> float | None:
     r = board.run(f"python3 -c {shlex.quote(_FIRST_BYTE)} {address} {port} {shlex.quote(name)} {WAKE_DNS[0]} "
                   f"{WAKE_DNS[1]}", check=False, timeout=400)
@@ -107,6 +194,12 @@ def wakes(board: Board, cfg: Config) -> dict[str, Any]:
                     st = manager(board, f"status {game.name}")[1]
                 figures[f"{stop}: wake by {how} -> first byte, s"] = t
                 figures[f"{stop}: the manager's wake (trigger -> health check passed), ms"] = st.get("wake_ms")
+            if stop == "destroy":       # once more, each part of the way
+                first_byte(board, game.address, game.port)
+                wait_for(f"{game.name} asleep", lambda: manager(board, f"status {game.name}")[1].get("state")
+                         == "asleep" or None, SLEEP_S, interval=1, board=board)
+                figures["destroy: the wake by a connection, in parts"] = {
+                    **parts(board, game.address, game.port, game.name), **calls(board)}
             if stop == "pause":     # a paused guest keeps its memory; what destroyed ones free is memory()'s
                 figures[f"Xen free memory, {game.name} paused / serving, MiB"] = f"{asleep} / {free_mib(board)}"
         figures.update(memory(board, [s for s in sites if s.on_demand]))

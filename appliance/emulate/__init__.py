@@ -24,13 +24,14 @@ from ..errors import EmulateError
 from ..ssh import Result
 from . import qemu
 from .board import Board, wait_for
-from .console import FATAL, GUEST_SERVED, MILESTONES, Console
+from .console import FATAL, GUEST_SERVED, MILESTONES, VISITOR_GAVE_UP, VISITOR_PAGE, Console
 from .images import DEFAULT_BOARD, board_for, check_image, guest_of, manifest, recipe_of
 from .qemu import bios, free_port, qemu_argv, scratch_copy, sd_card, spawn
 
 __all__ = ["DEFAULT_BOARD", "FATAL", "GUEST_SERVED", "MILESTONES", "Board", "Console", "EmulateError", "Result",
            "bios", "board_for", "boot", "check_image", "check_key", "default_key", "free_port", "guest_of",
-           "headless", "interactive", "qemu", "qemu_argv", "recipe_of", "sd_card", "start", "wait_for"]
+           "headless", "interactive", "qemu", "qemu_argv", "recipe_of", "sd_card", "start", "VISITOR_GAVE_UP",
+           "VISITOR_PAGE", "wait_for"]
 
 
 def _ssh_config(log_path: Path, key: Path | None) -> Path:

@@ -13,6 +13,8 @@ from typing import IO
 
 # The launcher's own health check, an HTTP GET to the guest across the bridge, answered 200.
 GUEST_SERVED = "guest HTTP 200 on the bridge"
+VISITOR_PAGE = "visitor first page"
+VISITOR_GAVE_UP = "visitor gave up"
 # The first console line matching each pattern marks a milestone (seconds from power-on).
 MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
     ("spl", re.compile(rb"^U-Boot SPL \d{4}\.")),          # boards that boot U-Boot from the card
@@ -25,6 +27,13 @@ MILESTONES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
     ("guest started", re.compile(rb"appliance-guest: starting ")),
     (GUEST_SERVED, re.compile(rb"appliance-guest: .* answers at http")),
     ("login prompt", re.compile(rb" login: ")),
+    # the bench image's simulated phone on the booth's wifi (emulate/visitor.py), from power-on
+    ("visitor radio", re.compile(rb"appliance-visitor: radio ")),
+    ("visitor associated", re.compile(rb"appliance-visitor: associated")),
+    ("visitor lease", re.compile(rb"appliance-visitor: lease ")),
+    ("visitor resolved", re.compile(rb"appliance-visitor: resolved ")),
+    (VISITOR_PAGE, re.compile(rb"appliance-visitor: first page ")),
+    (VISITOR_GAVE_UP, re.compile(rb"appliance-visitor: gave up")),
 )
 # Console lines after which waiting longer cannot help; the error quotes the console's tail.
 FATAL: tuple[tuple[re.Pattern[bytes], str], ...] = (

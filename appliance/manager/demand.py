@@ -193,7 +193,7 @@ class DemandSite(Watcher):
         for s in self.site.slots:       # a paused guest that is not the one to wake holds memory for nothing
             if self.ctx.xl.domid(s.domain) is not None:
                 self.ctx.xl.destroy(s.domain)
-        launch.start(self.ctx, self.site, slot, version, self.stop)
+        launch.start(self.ctx, self.site, slot, version, self.stop, room_made=True)
         self.slot, self.version, self.port, self.memory = slot, version, m.port, m.memory
 
     def make_room(self, need: int) -> None:

@@ -44,12 +44,15 @@ def console_tail(ctx: Context, slot: Slot, offset: int = 0, lines: int = CONSOLE
     return [line for line in clean if line][-lines:]
 
 
-def start(ctx: Context, site: Site, slot: Slot, version: str, stop: threading.Event | None = None) -> Manifest:
+def start(ctx: Context, site: Site, slot: Slot, version: str, stop: threading.Event | None = None, *,
+          room_made: bool = False) -> Manifest:
     """Start a version in a slot and wait for its health check on the slot's own address. On any failure the
-    new domain is destroyed and GuestFailed says why, with its console's tail."""
+    new domain is destroyed and GuestFailed says why, with its console's tail. room_made: the caller has just
+    checked Xen's free memory (a wake's make_room): not asked again, as one `xl info` took 2 s of a wake under
+    QEMU (`invoke bench`); xl create still refuses a guest that does not fit."""
     stop = stop or threading.Event()
     m = ctx.store(site).load(version, site.defaults())
-    free = ctx.xl.free_memory()
+    free = m.memory if room_made else ctx.xl.free_memory()
     if m.memory > free:
         raise GuestFailed(f"site {site.name}: version {version} needs {m.memory} MiB and Xen has {free} MiB "
                           f"free (out of memory)", [])
