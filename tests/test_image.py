@@ -243,6 +243,22 @@ def test_rebuild_is_bit_identical(built_image, test_key, tmp_path):
         before.unlink()
 
 
+def test_the_workspaces_filesystem_does_not_change_the_image(built_image, test_key, tmp_path, monkeypatch):
+    """The build's workspace is tmpfs when /dev/shm has room, else build/.work on disk: the image must not show
+    which (mke2fs's count of the bytes it wrote differed between the two, in the superblock)."""
+    import appliance.build as b
+
+    if os.environ.get("APPLIANCE_TEST_REUSE"):
+        pytest.skip("the reused image may come from other inputs")
+    on_disk = built_image.img.parent / "disk-workspace"
+    monkeypatch.setattr(b, "workspace", lambda cfg: cfg.root / "build" / ".work" / cfg.image_name)
+    try:
+        out = b.build("booth", authorized_keys=str(test_key.with_suffix(".pub")), out_dir=on_disk)
+        assert not (diff := differences(built_image.img, out.img, tmp_path)), "\n".join(diff)
+    finally:
+        shutil.rmtree(on_disk, ignore_errors=True)
+
+
 def test_the_base_tree_does_not_depend_on_the_day_it_was_made(image_rootfs):
     """What differed between two cold builds on different days: every account's last-change day in /etc/shadow
     (the day mmdebstrap ran) and the header of every .pyc (timestamp-based, or checked by hash when

@@ -86,8 +86,10 @@ def make_root_fs(tree: Path, out: Path, size: int, ident: Identity, sde: int) ->
 
 def fix_times(tree: Path, fs: Path, sde: int) -> None:
     """mke2fs -d copies each file's ctime (the time of the copy) and atime (which its own reading may have
-    just set, relatime); set both to SDE for reproducibility."""
-    cmds = [f'sif "/" ctime @{sde}', f'sif "/" atime @{sde}']
+    just set, relatime); set both to SDE for reproducibility. The superblock's count of bytes ever written goes to
+    0 (and so stays: e2fsprogs adds to it only when it is not 0): it counts how mke2fs wrote, which depends on the
+    workspace's filesystem (tmpfs or disk) as well as the tree, and made two builds of the same tree differ."""
+    cmds = [f'sif "/" ctime @{sde}', f'sif "/" atime @{sde}', "ssv kbytes_written 0"]
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in dirnames + filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), tree)
