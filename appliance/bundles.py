@@ -7,6 +7,8 @@ The demo guest, and laying each site's guest into an image, are the build's (app
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -158,22 +160,30 @@ def store(tree: Path, bundle: Path, site: SiteSpec, *, current: bool = True) -> 
 MANAGER = "usr/local/lib/appliance"    # /usr/local/sbin/appliance-guest imports appliance.manager from here
 
 
+_COMPILE = """
+import importlib.util, py_compile, sys
+args = sys.argv[1:]
+for out, shown in zip(args[::2], args[1::2]):
+    py_compile.compile(out, cfile=importlib.util.cache_from_source(out), dfile=shown, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
 def install_manager(cfg: Config, tree: Path) -> None:
     """The board's guest manager and the card settings' rules (cardsettings.py): the very package the host imports,
     with its bytecode made here (the board's python3 is the same 3.11; a hash-checked .pyc does not depend on file
-    times, so the image stays the same)."""
-    import importlib.util
-    import py_compile
-
+    times, so the image stays the same). The bytecode is made by a fresh interpreter with a fixed hash seed: marshal
+    writes a code object differently when its strings are referenced elsewhere in the process (a host that had
+    imported cardsettings made another .pyc of it), and a set constant's order follows the hash seed."""
     dest = tree / MANAGER / "appliance"
     shutil.rmtree(dest, ignore_errors=True)
     src = Path(manifest.__file__).parent
+    outs: list[str] = []
     for p in [src.parent / "__init__.py", src.parent / "cardsettings.py", *sorted(src.glob("*.py"))]:
         out = dest / p.relative_to(src.parent)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, out)
-        py_compile.compile(str(out), cfile=importlib.util.cache_from_source(str(out)),
-                           dfile=f"/{MANAGER}/appliance/{p.relative_to(src.parent)}", doraise=True,
-                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        outs += [str(out), f"/{MANAGER}/appliance/{p.relative_to(src.parent)}"]
+    subprocess.run([sys.executable, "-s", "-c", _COMPILE, *outs], check=True, env={"PYTHONHASHSEED": "0"})
     for d in [dest, *dest.rglob("*")]:
         d.chmod(0o755 if d.is_dir() else 0o644)
