@@ -1120,6 +1120,25 @@ def rule_counter(d: Double, chain: str, comment: str) -> int:
 
 
 @pytest.mark.skipif(needs is not None, reason=needs or "")
+def loading_and_sniffing(d: Double, site: dict[str, Any]) -> tuple[subprocess.Popen[str], str, subprocess.Popen[str]]:
+    """Visitor v0 loading the site's page over and over (its first page in; the count in the progress file), and a
+    DNS sniffer listening on v0's port (stopped by touching stop-sniff)."""
+    progress = str(d.tmp / "v0.progress")
+    fetch = d.helper("v0", "fetch", f"http://{site['address']}:{site['port']}/", d.stop, progress)
+    wait_for("the visitor's first page", lambda: os.path.exists(progress) and
+             int(Path(progress).read_text().split()[0]) > 0)
+    sniff = d.helper("v0", "sniff_dns", "eth0", str(d.tmp / "stop-sniff"))
+    assert sniff.stdout is not None and sniff.stdout.readline().strip() == "listening"
+    return fetch, progress, sniff
+
+
+def send_frames(d: Double, ns: str, name: str, frames: list[bytes], repeat: int = 50) -> None:
+    """Namespace ns sends the raw frames on its eth0, `repeat` times each."""
+    path = d.tmp / f"{name}.frames"
+    path.write_text("\n".join(f.hex() for f in frames))
+    d.call(ns, "send", "eth0", str(path), str(repeat))
+
+
 def test_a_visitor_is_bound_to_its_lease(tmp_path: Path):
     """While a visitor fetches the page in a loop, another visitor (with a lease of its own) claims its address by
     ARP, sends a DHCPRELEASE of its lease, sends DNS queries from its address, and sends frames in each VLAN
@@ -1134,17 +1153,10 @@ def test_a_visitor_is_bound_to_its_lease(tmp_path: Path):
         att = d.lease_for("att", "att.lease")
         v0_mac, att_mac = mac_bytes(d.mac("v0", "eth0")), mac_bytes(d.mac("att", "eth0"))
         dom0_mac, dom0 = mac_bytes(d.mac("d", ctx["recipe"].network.bridge)), net["address"]
-        progress = str(d.tmp / "v0.progress")
-        fetch = d.helper("v0", "fetch", f"http://{site['address']}:{site['port']}/", d.stop, progress)
-        wait_for("the visitor's first page", lambda: os.path.exists(progress) and
-                 int(Path(progress).read_text().split()[0]) > 0)
-        sniff = d.helper("v0", "sniff_dns", "eth0", str(d.tmp / "stop-sniff"))
-        assert sniff.stdout is not None and sniff.stdout.readline().strip() == "listening"
+        fetch, progress, sniff = loading_and_sniffing(d, site)
 
         def send(name: str, frames: list[bytes], repeat: int = 50) -> None:
-            path = d.tmp / f"{name}.frames"
-            path.write_text("\n".join(f.hex() for f in frames))
-            d.call("att", "send", "eth0", str(path), str(repeat))
+            send_frames(d, "att", name, frames, repeat)
 
         # DNS queries from the visitor's address (their answers would go to it: first, while dom0 still knows its MAC)
         send("dns", [udp_frame(att_mac, dom0_mac, v0["ip"], dom0, 40000 + i, 53, _dns_query("demo.booth"))
@@ -1209,17 +1221,10 @@ def test_a_wired_host_cannot_spoof_a_visitor(tmp_path: Path):
         wired = d.lease_for("lan", "lan.lease")
         v0_mac, lan_mac = mac_bytes(d.mac("v0", "eth0")), mac_bytes(d.mac("lan", "eth0"))
         dom0_mac, dom0 = mac_bytes(d.mac("d", br)), net["address"]
-        progress = str(d.tmp / "v0.progress")
-        fetch = d.helper("v0", "fetch", f"http://{site['address']}:{site['port']}/", d.stop, progress)
-        wait_for("the visitor's first page", lambda: os.path.exists(progress) and
-                 int(Path(progress).read_text().split()[0]) > 0)
-        sniff = d.helper("v0", "sniff_dns", "eth0", str(d.tmp / "stop-sniff"))
-        assert sniff.stdout is not None and sniff.stdout.readline().strip() == "listening"
+        fetch, progress, sniff = loading_and_sniffing(d, site)
 
         def send(ns: str, name: str, frames: list[bytes], repeat: int = 50) -> None:
-            path = d.tmp / f"{name}.frames"
-            path.write_text("\n".join(f.hex() for f in frames))
-            d.call(ns, "send", "eth0", str(path), str(repeat))
+            send_frames(d, ns, name, frames, repeat)
 
         release = bootp(1, random.getrandbits(32), v0_mac, {53: b"\x07", 54: socket.inet_aton(dom0)})
         release = release[:12] + socket.inet_aton(v0["ip"]) + release[16:]            # ciaddr
