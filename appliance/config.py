@@ -174,6 +174,7 @@ class OnDemand:
 
     idle: int = 60
     stop: Literal["destroy", "pause"] = "destroy"
+    wake_at_boot: bool = False      # woken as the board starts (the captive site: every phone's first page)
 
 
 @dataclass(frozen=True)

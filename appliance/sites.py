@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe
+from .config import OnDemand, Recipe
 from .manager import settings
 from .manager.settings import SLOTS, WAKE_DNS
 
@@ -38,12 +38,17 @@ def slot(rec: Recipe, index: int, j: int) -> dict[str, str]:
     return {"address": str(ip), "mac": "00:16:3e:" + ":".join(f"{b:02x}" for b in ip.packed[1:])}
 
 
+def on_demand(o: OnDemand) -> dict[str, Any]:
+    """A site's on_demand as sites.json has it (wake_at_boot only when set)."""
+    return {"idle": o.idle, "stop": o.stop, **({"wake_at_boot": True} if o.wake_at_boot else {})}
+
+
 def resolved(rec: Recipe) -> list[dict[str, Any]]:
     """Every site with its slots, in recipe order (the first is the default site)."""
     return [{"name": s.name, "names": list(s.names), "address": s.address, "port": s.port, "memory": s.memory_mib,
              "vcpus": s.vcpus, "health_path": s.health_path, "deadline": s.deadline, "drain": s.drain,
              "keep": s.keep,
-             "on_demand": {"idle": s.on_demand.idle, "stop": s.on_demand.stop} if s.on_demand else None,
+             "on_demand": on_demand(s.on_demand) if s.on_demand else None,
              "slots": {name: slot(rec, i, j) for j, name in enumerate(SLOTS)}}
             for i, s in enumerate(rec.sites)]
 

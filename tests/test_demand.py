@@ -258,7 +258,9 @@ def test_status_page_says_why():
     ({"idle": 30}, "sites.demo.on_demand: stop is missing"),
     ({"idle": 30, "stop": "sleep"}, "sites.demo.on_demand.stop: 'sleep' must be destroy or pause"),
     ({"idle": 1, "stop": "pause"}, "sites.demo.on_demand.idle: 1 must be a number of seconds from 2 to 86400"),
-    ({"idle": 30, "stop": "pause", "ttl": 3}, "sites.demo.on_demand: unknown key 'ttl' (known: idle, stop)"),
+    ({"idle": 30, "stop": "pause", "ttl": 3},
+     "sites.demo.on_demand: unknown key 'ttl' (known: idle, stop, wake_at_boot)"),
+    ({"idle": 30, "stop": "pause", "wake_at_boot": "yes"}, "sites.demo.on_demand.wake_at_boot: 'yes' must be true or false"),
 ])
 def test_bad_on_demand_in_sites_json(tmp_path: Path, on_demand: dict[str, Any], message: str):
     p = tmp_path / "sites.json"
@@ -299,7 +301,8 @@ def test_an_on_demand_site_in_the_rendered_files():
     assert rule == ['ip daddr . tcp dport { 10.42.0.2 . 80, 10.42.0.4 . 80 } accept comment "an on-demand '
                     'site\'s activator, while it sleeps"']
     board = json.loads(sleepy["etc/appliance/sites.json"])["sites"]
-    assert board["demo"]["on_demand"] == {"idle": 120, "stop": "destroy"} and board["about"]["on_demand"] is None
+    assert board["demo"]["on_demand"] == {"idle": 120, "stop": "destroy", "wake_at_boot": True}
+    assert board["about"]["on_demand"] is None
     assert board["make"]["on_demand"] == {"idle": 120, "stop": "pause"}
 
 

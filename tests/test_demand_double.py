@@ -145,3 +145,21 @@ def test_a_switch_while_the_site_sleeps_serves_the_new_version_then_idles(sleepy
     wait_for(lambda: sleepy.state().get("state") == want, IDLE + 15, f"the switched guest to be {want} when idle")
     rc, running = sleepy.run("status", "demo")
     assert rc == 0 and running["current"] == "2.0" and running["ok"], running
+
+
+def test_a_site_that_wakes_at_boot_serves_before_any_visitor_then_idles(tmp_path: Path):
+    """`wake_at_boot` (the booth's captive site): the manager wakes it as it starts, with no visitor and no query;
+    the page says the boot woke it; then it idles and sleeps as any on-demand site does."""
+    with make_board(tmp_path, {"idle": IDLE, "stop": "destroy", "wake_at_boot": True}) as b:
+        b.version("1.0", "slow-start:2:page one", deadline=30)
+        os.symlink("1.0", tmp_path / "store/demo/current")
+        b.procs.append(b.manager("run"))
+        wait_for(lambda: b.state().get("state") == "serving", 60, "the site woken at boot")
+        st = b.state()
+        assert (st["trigger"], st["wakes_today"], st["version"]) == ("boot", 1, "1.0"), st
+        assert domain(b, "domid").returncode == 0, "its guest runs before any visitor asked"
+        wait_for(lambda: b.state().get("state") == "asleep", IDLE + 15, "the site asleep after idle")
+        first = fetch(b)
+        assert (first["status"], first["body"]) == (200, "page one"), first
+        st = b.state()
+        assert (st["state"], st["trigger"], st["wakes_today"]) == ("serving", "connection", 2), st

@@ -50,6 +50,7 @@ class Slot:
 class OnDemand:
     idle: float      # seconds with no query, no new connection and no open one before the guest is stopped
     stop: str        # destroy (frees its memory) or pause (kept for an instant wake)
+    wake_at_boot: bool = False   # woken as the manager starts, then idle as usual (Knative's initial scale)
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,13 @@ class _Reader:
         return value
 
     def on_demand(self, value: object, key: str) -> OnDemand:
-        o = self.mapping(value, key, ("idle", "stop"))
+        o = self.mapping(value, key, ("idle", "stop"), ("wake_at_boot",))
         if o["stop"] not in STOPS:
             raise self.fail(f"{key}.stop", f"{o['stop']!r} must be destroy or pause")
-        return OnDemand(self.seconds(o["idle"], f"{key}.idle", *SITE_LIMITS["idle"]), o["stop"])
+        at_boot = o.get("wake_at_boot", False)
+        if not isinstance(at_boot, bool):
+            raise self.fail(f"{key}.wake_at_boot", f"{at_boot!r} must be true or false")
+        return OnDemand(self.seconds(o["idle"], f"{key}.idle", *SITE_LIMITS["idle"]), o["stop"], at_boot)
 
     def front(self, value: object, key: str) -> Front:
         d = self.mapping(value, key, (), tuple(FRONT_KEYS))
