@@ -312,6 +312,8 @@ def main(argv: list[str]) -> None:
     elif cmd in ("pause", "unpause"):
         if args[0] not in have:
             raise SystemExit(f"xl stand-in: no domain {args[0]}")
+        if cmd == "unpause" and not have[args[0]].get("paused"):
+            raise SystemExit("libxl: error: unpausing domain: Invalid argument")   # as Xen's EINVAL
         os.killpg(have[args[0]]["pid"], signal.SIGSTOP if cmd == "pause" else signal.SIGCONT)
         have[args[0]]["paused"] = cmd == "pause"
         (doms.dir / f"{args[0]}.json").write_text(json.dumps(have[args[0]]))

@@ -169,10 +169,7 @@ class DemandSite(Watcher):
         except Busy as exc:
             raise Error(str(exc)) from None
         try:
-            if was == "paused" and self.slot and self.ctx.xl.paused(self.slot.domain):
-                self.ctx.xl.unpause(self.slot.domain)
-                log(f"site {self.site.name}: unpaused {self.slot.domain} ({trigger})")
-            else:
+            if not (was == "paused" and self.slot and self._unpaused(trigger)):
                 self._boot()
             self.ctx.net.point(self.site.address, self.site.port, self.slot.address, self.port)  # type: ignore
         finally:
@@ -181,6 +178,22 @@ class DemandSite(Watcher):
         self.last, self.ids = time.monotonic(), self._connections()[0]
         log(f"site {self.site.name}: woken by a {trigger} in {self.figures.wake_ms} ms ({self.version} in "
             f"{self.slot.domain})")  # type: ignore[union-attr]
+
+    def _unpaused(self, trigger: str) -> bool:
+        """Unpause the site's paused guest: no `xl list` first (one xl process is a fifth of a second on the
+        emulated board: most of a paused wake); an unpause that fails asks whether the domain is there at all
+        (a guest gone meanwhile is booted again)."""
+        assert self.slot is not None
+        try:
+            self.ctx.xl.unpause(self.slot.domain)
+        except Error as exc:
+            if self.ctx.xl.domid(self.slot.domain) is None:
+                log(f"site {self.site.name}: {self.slot.domain} was gone; booting it again ({exc})")
+                return False
+            log(f"site {self.site.name}: {self.slot.domain} was running already ({exc})")
+            return True
+        log(f"site {self.site.name}: unpaused {self.slot.domain} ({trigger})")
+        return True
 
     def _boot(self) -> None:
         store = self.ctx.store(self.site)

@@ -138,12 +138,6 @@ class Xl:
     def unpause(self, name: str) -> None:
         self._check(self.run("unpause", name, timeout=30), f"unpause {name}")
 
-    def paused(self, name: str) -> bool:
-        """Whether the domain is there and paused (`xl list NAME`'s state column has a p)."""
-        p = self.run("list", name, timeout=30)
-        rows = [line.split() for line in p.stdout.splitlines()[1:] if line.split()]
-        return p.returncode == 0 and any(r[0] == name and len(r) > 4 and "p" in r[4] for r in rows)
-
     def list(self) -> list[str]:
         """The names of the running domains but Domain-0."""
         out = self._check(self.run("list", timeout=30), "list")
