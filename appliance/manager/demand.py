@@ -203,10 +203,11 @@ class DemandSite(Watcher):
         m = store.load(version, self.site.defaults())
         self.make_room(m.memory)
         slot = life.start_slot(self.ctx, self.site)
+        running = set(self.ctx.xl.list())       # one xl process, not one for each slot
         for s in self.site.slots:       # a paused guest that is not the one to wake holds memory for nothing
-            if self.ctx.xl.domid(s.domain) is not None:
+            if s.domain in running:
                 self.ctx.xl.destroy(s.domain)
-        launch.start(self.ctx, self.site, slot, version, self.stop, room_made=True)
+        launch.start(self.ctx, self.site, slot, version, self.stop, checked=m)
         self.slot, self.version, self.port, self.memory = slot, version, m.port, m.memory
 
     def make_room(self, need: int) -> None:

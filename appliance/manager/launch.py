@@ -45,18 +45,19 @@ def console_tail(ctx: Context, slot: Slot, offset: int = 0, lines: int = CONSOLE
 
 
 def start(ctx: Context, site: Site, slot: Slot, version: str, stop: threading.Event | None = None, *,
-          room_made: bool = False) -> Manifest:
+          checked: Manifest | None = None) -> Manifest:
     """Start a version in a slot and wait for its health check on the slot's own address. On any failure the
-    new domain is destroyed and GuestFailed says why, with its console's tail. room_made: the caller has just
-    checked Xen's free memory (a wake's make_room): not asked again, as one `xl info` took 2 s of a wake under
-    QEMU (`invoke bench`); xl create still refuses a guest that does not fit."""
+    new domain is destroyed and GuestFailed says why, with its console's tail. checked: the version's manifest,
+    loaded by a caller (a wake) that has just made room in Xen's memory for it and emptied the slot: neither is
+    asked again, nor are its files hashed again (one `xl info` took 2 s of a wake under QEMU, one `xl domid`
+    0.2 s: `invoke bench`); xl create still refuses a guest that does not fit or a name that is taken."""
     stop = stop or threading.Event()
-    m = ctx.store(site).load(version, site.defaults())
-    free = m.memory if room_made else ctx.xl.free_memory()
+    m = checked or ctx.store(site).load(version, site.defaults())
+    free = m.memory if checked else ctx.xl.free_memory()
     if m.memory > free:
         raise GuestFailed(f"site {site.name}: version {version} needs {m.memory} MiB and Xen has {free} MiB "
                           f"free (out of memory)", [])
-    if ctx.xl.domid(slot.domain) is not None:
+    if not checked and ctx.xl.domid(slot.domain) is not None:
         log(f"{slot.domain} is already running; destroying it to start {version} there")
         ctx.xl.destroy(slot.domain)
     cfg = ctx.run / site.name / f"{slot.name}.cfg"
