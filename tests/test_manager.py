@@ -835,3 +835,17 @@ def test_xl_is_the_running_xens_own(tmp_path: Path):
     (version / "minor").write_text("17/../../x\n")
     assert xl.direct("xl", version, lib) == "xl"
     assert xl.direct("xl", tmp_path / "no-hypervisor", lib) == "xl"
+
+
+def test_the_idle_look_runs_below_the_rest_of_dom0(tmp_path: Path):
+    """The once-a-second conntrack look of each serving on-demand site gives way to everything else on dom0's one
+    CPU (at boot the visitors' path waited for it); the drain's look is not lowered (a switch waits on it)."""
+    seen = tmp_path / "niceness"
+    fake = tmp_path / "conntrack"
+    fake.write_text(f"#!/bin/sh\nnice >> {seen}\n")
+    fake.chmod(0o755)
+    net = Net(conntrack=str(fake))
+    assert net.connections("10.42.0.2", "10.42.1.10") == (set(), 0)
+    base = os.nice(0)
+    net.unfinished("10.42.1.10")
+    assert [int(n) for n in seen.read_text().split()] == [min(19, base + 20), base]
