@@ -31,7 +31,8 @@ GUEST_BEFORE_S = 23.25
 POLLED = "guest HTTP 200, polled over SSH"  # once dom0's SSH answers
 # What earlier issues measured: printed beside this run's figures as recorded references, not measured again
 RECORDED = "59.1 (qemu-virt), 115.6 (orangepi-pc): recorded in issue 14; 23.25 (qemu-virt) in issue 28"
-RECORDED_VISITOR = "not measured; dnsmasq ready at ~53 s, SSH at ~57 s: recorded in issue 28"
+RECORDED_VISITOR = ("95.9 (quiet host, one boot: before the visitors' path's priority and wake_at_boot); 141.4 "
+                    "and 159.5 (loaded host) earlier: recorded in issue 28's notes")
 # The visitors' side, read from systemd once SSH answers: the moment each unit became active
 UNITS = {"hostapd up": "hostapd.service", "dnsmasq ready": "dnsmasq.service",
          "guest manager ready": "appliance-guest.service", "udev coldplug done": "systemd-udev-trigger.service"}
