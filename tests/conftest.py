@@ -124,7 +124,8 @@ def booted_board(built_image, test_key):
     _root_required()
     from appliance import emulate
 
-    with emulate.boot(built_image.img, log_path=TEST_DIR / "console.log", key=test_key, persistent=True) as board:
+    with emulate.boot(built_image.img, log_path=TEST_DIR / "console.log", key=test_key, persistent=True,
+                      settled=True) as board:
         # The on-demand sites stay awake an hour once woken (changed on the board, kept across its reboots), so
         # that no test finds a site gone to sleep between two of its steps; test_system's on-demand tests make
         # the idle short while they look at it, and put it back.

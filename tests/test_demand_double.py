@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from test_switch_double import SERVICE, STANDIN, Board, failures, make_board, wait_for
 
+from appliance.manager import demand
+
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
 
@@ -150,7 +152,8 @@ def test_a_switch_while_the_site_sleeps_serves_the_new_version_then_idles(sleepy
 def test_a_site_that_wakes_at_boot_serves_before_any_visitor_then_idles(tmp_path: Path):
     """`wake_at_boot` (the booth's captive site): the manager wakes it as it starts, with no visitor and no query;
     the page says the boot woke it; then it idles and sleeps as any on-demand site does."""
-    with make_board(tmp_path, {"idle": IDLE, "stop": "destroy", "wake_at_boot": True}) as b:
+    idle = 10      # long enough that the look below comes before the idle stop
+    with make_board(tmp_path, {"idle": idle, "stop": "destroy", "wake_at_boot": True}) as b:
         b.version("1.0", "slow-start:2:page one", deadline=30)
         os.symlink("1.0", tmp_path / "store/demo/current")
         b.procs.append(b.manager("run"))
@@ -158,7 +161,9 @@ def test_a_site_that_wakes_at_boot_serves_before_any_visitor_then_idles(tmp_path
         st = b.state()
         assert (st["trigger"], st["wakes_today"], st["version"]) == ("boot", 1, "1.0"), st
         assert domain(b, "domid").returncode == 0, "its guest runs before any visitor asked"
-        wait_for(lambda: b.state().get("state") == "asleep", IDLE + 15, "the site asleep after idle")
+        made = json.loads((tmp_path / "xl/demo.blue.json").read_text())
+        assert made["nice"] == demand.BOOT_WAKE_NICE, "xl create ran below the visitors' path's priority"
+        wait_for(lambda: b.state().get("state") == "asleep", idle + 15, "the site asleep after idle")
         first = fetch(b)
         assert (first["status"], first["body"]) == (200, "page one"), first
         st = b.state()

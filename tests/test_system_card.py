@@ -35,7 +35,7 @@ def card_board(built_image, test_key: Path) -> Iterator[Board]:
     flash.flash(built_image.img, card, to_file=True,
                 settings=Settings(NAME, SSID, PASSPHRASE, (key.with_suffix(".pub").read_text().strip(),)))
     try:
-        with boot(card, log_path=TEST_DIR / "console-card.log", key=key) as b:
+        with boot(card, log_path=TEST_DIR / "console-card.log", key=key, settled=True) as b:
             yield b
     finally:
         card.unlink(missing_ok=True)

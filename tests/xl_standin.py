@@ -151,7 +151,8 @@ def create(cfg: Path) -> None:
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "guest",
                                  kernel, port.group(1), name, ip.group(2)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
-    d = {"name": name, "domid": domid, "pid": proc.pid, "netns": ns, "memory": memory}
+    d = {"name": name, "domid": domid, "pid": proc.pid, "netns": ns, "memory": memory,
+         "nice": os.nice(0)}    # the priority xl create ran at (a wake at boot runs below the visitors' path)
     (doms.dir / f"{name}.json").write_text(json.dumps(d))
 
 

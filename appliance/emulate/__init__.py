@@ -45,8 +45,9 @@ def _ssh_config(log_path: Path, key: Path | None) -> Path:
 
 @contextlib.contextmanager
 def boot(img: Path, *, log_path: Path, key: Path | None, board: str | None = None, timeout: float = 600,
-         extra_args: Sequence[str] = (), persistent: bool = False) -> Iterator[Board]:
+         extra_args: Sequence[str] = (), persistent: bool = False, settled: bool = False) -> Iterator[Board]:
     """Boot img under QEMU, wait until root can log in over SSH, yield the Board; power off on exit.
+    settled: wait for the rest of the boot too (systemd's queue empty), here and after a reboot or power cut.
 
     board: which emulated board (default: the image's own if QEMU has it, else one its card also boots).
     persistent: the board writes to a scratch copy of img (beside the log, removed at power-off) instead of a
@@ -62,8 +63,11 @@ def boot(img: Path, *, log_path: Path, key: Path | None, board: str | None = Non
     log_path.parent.mkdir(parents=True, exist_ok=True)
     b = start(spec, img, log_path, key, extra_args, persistent=persistent)
     try:
-        b.wait_ssh(timeout)
+        took = b.wait_ssh(timeout)
         b.mark("ssh")
+        if settled:
+            b.settled = True
+            b.settle(timeout - took)
         assert b._tunnel is not None
         b._tunnel.start()
         log.info(f"{spec.name}: dom0 answers SSH on 127.0.0.1:{b.ssh_port} after {b.milestones['ssh']:.1f} s; "

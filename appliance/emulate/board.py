@@ -62,6 +62,7 @@ class Board:
     scratch: Path | None = None            # a disk copy QEMU writes to (SD boards, persistent boots), removed at power-off
     host_key: str | None = None
     argv: list[str] = field(default_factory=list)   # how QEMU was started, to power it on again
+    settled: bool = False                  # after SSH answers, wait for the rest of the boot too (tests)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -212,14 +213,24 @@ class Board:
     def boot_id(self) -> str:
         return self.run("cat /proc/sys/kernel/random/boot_id", timeout=30).out.strip()
 
+    def settle(self, timeout: float) -> str:
+        """Wait until systemd's boot job queue is empty; its state (running, degraded). dom0's SSH answers as soon
+        as its host keys exist, before udev's whole coldplug, avahi or the first boot's growroot are done: tests
+        that look at the booted board start after them (`settled`)."""
+        return self.run("systemctl is-system-running --wait", check=False, timeout=max(timeout, 30)).out.strip()
+
     def reboot(self, timeout: float) -> float:
-        """Reboot dom0 (and so the machine: Xen resets it) and wait for SSH on the new boot; seconds taken."""
+        """Reboot dom0 (and so the machine: Xen resets it) and wait for SSH on the new boot (and, if settled,
+        for the rest of it); seconds taken."""
         old = self.boot_id()
         with contextlib.suppress(EmulateError):
             # The connection may die before the command returns; that is the reboot starting.
             self.run("systemctl reboot", check=False, timeout=30)
         self.close()
-        return self.wait_ssh(timeout, unless_boot_id=old)
+        took = self.wait_ssh(timeout, unless_boot_id=old)
+        if self.settled:
+            self.settle(timeout - took)
+        return took
 
     # ------------------------------------------------------------ HTTP
 
@@ -267,7 +278,10 @@ class Board:
         self.proc = qemu.spawn(self.argv)
         assert self.proc.stdout is not None
         self._console = Console(self.proc.stdout, self.console, self.started)
-        return self.wait_ssh(timeout)
+        took = self.wait_ssh(timeout)
+        if self.settled:
+            self.settle(timeout - took)
+        return took
 
     def stop(self) -> None:
         """Power off at once: every write went to the throw-away overlay, so nothing is lost."""

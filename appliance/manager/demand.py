@@ -18,6 +18,8 @@ query or connection to the health check's answer), the connections served since,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -34,6 +36,8 @@ from .settings import OnDemand, Site, Slot
 from .watcher import GONE, Watcher
 
 POLL_S = 1.0          # how often a serving guest's connections are counted (one `conntrack -L`)
+BOOT = "boot"         # the trigger of a wake_at_boot site's wake
+BOOT_WAKE_NICE = -5   # that wake's priority for dom0's CPU (the manager runs at -10)
 
 
 class NoRoom(Error):
@@ -119,6 +123,11 @@ class DemandSite(Watcher):
             return self._waking
 
     def _wake_into(self, done: Future[tuple[str, int]], trigger: str, t0: float) -> None:
+        if trigger == BOOT:
+            # this thread and the xl processes it starts (they inherit it): below the visitors' path (-8), which
+            # the page needs first, above the rest of the boot (0), which nobody at the booth waits for
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BOOT_WAKE_NICE)
         try:
             done.set_result(self.wake(trigger, t0))
         except Error as exc:
@@ -361,7 +370,7 @@ class DemandSite(Watcher):
             # by the time the wifi is up instead of waking under the first visitor (then idle as usual)
             log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); "
                 f"woken at boot")
-            self.waking("boot", time.monotonic())
+            self.waking(BOOT, time.monotonic())
         else:
             log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); asleep "
                 f"until a visitor asks")
