@@ -849,3 +849,15 @@ def test_the_idle_look_runs_below_the_rest_of_dom0(tmp_path: Path):
     base = os.nice(0)
     net.unfinished("10.42.1.10")
     assert [int(n) for n in seen.read_text().split()] == [min(19, base + 20), base]
+
+
+def test_libxenctrl_is_used_only_on_xen_and_never_for_a_stand_in(tmp_path: Path):
+    """The paused wake's one library call happens on Xen's dom0 only; elsewhere (and for the namespace double's xl
+    stand-in, whatever the host) xl does the unpause."""
+    assert xl.XenCtrl.here(tmp_path / "no-hypervisor") is None
+    (tmp_path / "type").write_text("kvm\n")
+    assert xl.XenCtrl.here(tmp_path / "type") is None
+    standin = xl.Xl(f"{sys.executable} /nonexistent/xl_standin.py")
+    with pytest.raises(Error, match="xl unpause demo.blue failed"):
+        standin.unpause("demo.blue", 7)
+    assert standin._ctrl is None

@@ -409,6 +409,9 @@ def test_an_idle_game_sleeps_and_the_next_visitor_wakes_it(board, visitor, guest
     page, st = json.loads(body), site_status(board, game.name)
     assert st["state"] == "serving" and st["wakes_today"] == before + 1, st
     assert st["trigger"] == ("dns query" if stop == "destroy" else "connection"), st
+    if stop == "pause":
+        said = board.run("journalctl -b -u appliance-guest -o cat --no-pager | grep ': unpaused ' | tail -1").out
+        assert f"unpaused {game.name}." in said and "by libxenctrl)" in said, said
     assert isinstance(st["wake_ms"], int) and st["wake_ms"] > 0, st
     told = {k: page.get(k) for k in ("woken", "wake_ms", "trigger", "wakes_today")}
     assert told == {k: st[k] for k in told}, "the page's figures are dom0's: the guest was told before it answered"

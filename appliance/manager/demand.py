@@ -83,6 +83,7 @@ class DemandSite(Watcher):
     after: threading.Event | None = None
     state: str = "asleep"            # a life.Phase: asleep, waking, serving, stopping, paused
     memory: int = 0
+    paused_domid: int | None = None  # the paused guest's domain id, taken when it was paused: its wake is one call
     last: float = field(default_factory=time.monotonic)
     held: int = 0                    # connections the activator is passing on
     ids: set[int] = field(default_factory=set)
@@ -193,15 +194,16 @@ class DemandSite(Watcher):
         emulated board: most of a paused wake); an unpause that fails asks whether the domain is there at all
         (a guest gone meanwhile is booted again)."""
         assert self.slot is not None
+        domid, self.paused_domid = self.paused_domid, None
         try:
-            self.ctx.xl.unpause(self.slot.domain)
+            how = self.ctx.xl.unpause(self.slot.domain, domid)
         except Error as exc:
             if self.ctx.xl.domid(self.slot.domain) is None:
                 log(f"site {self.site.name}: {self.slot.domain} was gone; booting it again ({exc})")
                 return False
             log(f"site {self.site.name}: {self.slot.domain} was running already ({exc})")
             return True
-        log(f"site {self.site.name}: unpaused {self.slot.domain} ({trigger})")
+        log(f"site {self.site.name}: unpaused {self.slot.domain} ({trigger}, by {how})")
         return True
 
     def _boot(self) -> None:
@@ -340,8 +342,10 @@ class DemandSite(Watcher):
             pause = self.policy.stop == "pause" and not destroy
             if pause and was == "serving":
                 self.ctx.xl.pause(slot.domain)
+                self.paused_domid = self.ctx.xl.domid(slot.domain)
             elif not pause:
                 self.ctx.xl.destroy(slot.domain)
+                self.paused_domid = None
             log(f"site {self.site.name}: idle: {'paused' if pause else 'destroyed'} {slot.domain}")
             with self.cv:
                 self.state = "paused" if pause else "asleep"

@@ -4,10 +4,13 @@ goes between quotes is checked here again, whatever the manifest validator alrea
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import shlex
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,9 +76,42 @@ def direct(command: str, version: Path = Path("/sys/hypervisor/version"), lib: P
     return str(own) if re.fullmatch(r"\d+\.\d+", xen) and os.access(own, os.X_OK) else command
 
 
+class XenCtrl:
+    """Xen's own control library (libxenctrl, the one xl itself calls), for the one call on a visitor's way that
+    an xl process would make slow: unpausing a paused guest (one xl process costs 0.17 s on the emulated board,
+    most of a paused wake; the library call, well under a millisecond)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        lib.xc_interface_open.restype = ctypes.c_void_p
+        lib.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        lib.xc_domain_unpause.restype = ctypes.c_int
+        lib.xc_domain_unpause.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        self.lib, self.lock = lib, threading.Lock()
+        self.xch = lib.xc_interface_open(None, None, 0)
+        if not self.xch:
+            raise OSError("xc_interface_open failed")
+
+    @classmethod
+    def here(cls, hypervisor: Path = Path("/sys/hypervisor/type")) -> XenCtrl | None:
+        """The library, on Xen's dom0 where it is installed; else None (xl does it all)."""
+        try:
+            if hypervisor.read_text().strip() != "xen":
+                return None
+            name = ctypes.util.find_library("xenctrl")
+            return cls(ctypes.CDLL(name)) if name else None
+        except OSError:
+            return None
+
+    def unpause(self, domid: int) -> bool:
+        with self.lock:
+            return int(self.lib.xc_domain_unpause(self.xch, domid)) == 0
+
+
 class Xl:
     def __init__(self, command: str = "xl") -> None:
         self.argv = shlex.split(direct(command))
+        self._ctrl: XenCtrl | None = None
+        self._looked = command != "xl"      # a stand-in (the namespace double) has no Xen to call
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cmd = [*self.argv, *args]
@@ -135,8 +171,15 @@ class Xl:
     def pause(self, name: str) -> None:
         self._check(self.run("pause", name, timeout=30), f"pause {name}")
 
-    def unpause(self, name: str) -> None:
+    def unpause(self, name: str, domid: int | None = None) -> str:
+        """Unpause the domain: by libxenctrl when its domid is known and the library is here, else (or if that
+        call fails) by xl; which of the two did it."""
+        if not self._looked:
+            self._ctrl, self._looked = XenCtrl.here(), True
+        if domid is not None and self._ctrl is not None and self._ctrl.unpause(domid):
+            return "libxenctrl"
         self._check(self.run("unpause", name, timeout=30), f"unpause {name}")
+        return "xl"
 
     def list(self) -> list[str]:
         """The names of the running domains but Domain-0."""
