@@ -171,7 +171,7 @@ class SwitchingNet(FakeNet):
         self.removed.append((address, port))
         self.map.pop((address, port), None)
 
-    def connections(self, service: str, backend: str) -> tuple[set[int], int]:
+    def connections(self, service: str, backend: str, background: bool = True) -> tuple[set[int], int]:
         while self.during_look:
             self.during_look.pop(0)()
         self.next_id += 1                   # a steady visitor: a new connection every look

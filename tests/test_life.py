@@ -124,7 +124,7 @@ class HookedNet(FakeNet):
         self.removed.append((address, port))
         self.map.pop((address, port), None)
 
-    def connections(self, service: str, backend: str) -> tuple[set[int], int]:
+    def connections(self, service: str, backend: str, background: bool = True) -> tuple[set[int], int]:
         self.hook.tick()
         return set(), 0
 

@@ -185,7 +185,7 @@ class DemandSite(Watcher):
         finally:
             lock.release()
         self.started(trigger, t0)
-        self.last, self.ids = time.monotonic(), self._connections()[0]
+        self.last, self.ids = time.monotonic(), self._connections(background=False)[0]   # a visitor waits
         log(f"site {self.site.name}: woken by a {trigger} in {self.figures.wake_ms} ms ({self.version} in "
             f"{self.slot.domain})")  # type: ignore[union-attr]
 
@@ -236,11 +236,11 @@ class DemandSite(Watcher):
 
     # ---------------------------------------------------------------- idling
 
-    def _connections(self) -> tuple[set[int], int]:
+    def _connections(self, background: bool = True) -> tuple[set[int], int]:
         if self.slot is None:
             return set(), 0
         try:
-            return self.ctx.net.connections(self.site.address, self.slot.address)
+            return self.ctx.net.connections(self.site.address, self.slot.address, background)
         except Error as exc:
             log(str(exc))
             return set(self.ids), 1          # cannot tell: counted as busy, never stopped blind
