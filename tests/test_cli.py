@@ -114,9 +114,12 @@ def test_ctrl_c_exits_130(program: str, tmp_path: Path) -> None:
         listener.settimeout(60)
         port = listener.getsockname()[1]
         (tmp_path / "ssh_config").write_text("")
+        # as a terminal's foreground command gets it: SIGINT's default action, even when this test runs in a
+        # background job of a non-interactive shell, whose children inherit SIGINT ignored (as nohup does)
         proc = subprocess.Popen([program, "status", "--host", f"root@127.0.0.1:{port}", "--ssh-config",
                                  str(tmp_path / "ssh_config"), "--known-hosts", str(tmp_path / "known_hosts")],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             conn, _ = listener.accept()      # it is connected, waiting for a banner that never comes
             with conn:
