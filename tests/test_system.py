@@ -147,12 +147,12 @@ def test_the_guest_path_comes_first_and_the_rest_of_the_boot_after_it(board):
     for unit in ("systemd-udev-trigger.service", "appliance-ssh-hostkeys.service"):
         assert t(unit, "InactiveExitTimestampMonotonic") >= ready, f"{unit} started before the guests were up"
     # what each unit waited for this boot: its After= units, and theirs, among the units that ran (one query)
-    after: dict[str, set[str]] = {}
+    waits_for: dict[str, set[str]] = {}
     ran: set[str] = set()
     for block in board.run("systemctl show -p Id -p After -p InactiveExitTimestampMonotonic '*'").out.split("\n\n"):
         props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
         if "Id" in props:
-            after[props["Id"]] = set(props.get("After", "").split())
+            waits_for[props["Id"]] = set(props.get("After", "").split())
             if props.get("InactiveExitTimestampMonotonic", "0") not in ("", "0"):
                 ran.add(props["Id"])
     for unit in ("dnsmasq.service", "systemd-networkd.service", "appliance-coldplug-wifi.service", "hostapd.service"):
@@ -160,7 +160,7 @@ def test_the_guest_path_comes_first_and_the_rest_of_the_boot_after_it(board):
         assert unit in ran or unit == "hostapd.service", f"{unit} did not start"
         waited, todo = set(), [unit]
         while todo:
-            for u in after.get(todo.pop(), set()) & ran - waited:
+            for u in waits_for.get(todo.pop(), set()) & ran - waited:
                 waited.add(u)
                 todo.append(u)
         assert not {"appliance-guest.service", "systemd-udev-trigger.service"} & waited, f"{unit} waited for the guests"

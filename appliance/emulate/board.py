@@ -219,6 +219,14 @@ class Board:
         that look at the booted board start after them (`settled`)."""
         return self.run("systemctl is-system-running --wait", check=False, timeout=max(timeout, 30)).out.strip()
 
+    def _back(self, timeout: float, unless_boot_id: str | None = None) -> float:
+        """After a reboot or power cut: wait for SSH, then (if settled) for the rest of the boot; seconds until
+        SSH answered."""
+        took = self.wait_ssh(timeout, unless_boot_id=unless_boot_id)
+        if self.settled:
+            self.settle(timeout - took)
+        return took
+
     def reboot(self, timeout: float) -> float:
         """Reboot dom0 (and so the machine: Xen resets it) and wait for SSH on the new boot (and, if settled,
         for the rest of it); seconds taken."""
@@ -227,10 +235,7 @@ class Board:
             # The connection may die before the command returns; that is the reboot starting.
             self.run("systemctl reboot", check=False, timeout=30)
         self.close()
-        took = self.wait_ssh(timeout, unless_boot_id=old)
-        if self.settled:
-            self.settle(timeout - took)
-        return took
+        return self._back(timeout, unless_boot_id=old)
 
     # ------------------------------------------------------------ HTTP
 
@@ -278,10 +283,7 @@ class Board:
         self.proc = qemu.spawn(self.argv)
         assert self.proc.stdout is not None
         self._console = Console(self.proc.stdout, self.console, self.started)
-        took = self.wait_ssh(timeout)
-        if self.settled:
-            self.settle(timeout - took)
-        return took
+        return self._back(timeout)
 
     def stop(self) -> None:
         """Power off at once: every write went to the throw-away overlay, so nothing is lost."""

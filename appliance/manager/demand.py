@@ -368,16 +368,14 @@ class DemandSite(Watcher):
             self.ctx.net.remove(self.site.address, self.site.port)
         self.stop_slots()                 # what a previous run left: nobody asked for it yet
         self.write()
+        # wake_at_boot is the recipe's, not changed on the board: the captive site, every phone's first page, is
+        # serving by the time the wifi is up instead of waking under the first visitor (then idle as usual)
         assert self.site.on_demand is not None
-        if self.site.on_demand.wake_at_boot:
-            # the recipe's, not changed on the board: the captive site, every phone's first page, is serving
-            # by the time the wifi is up instead of waking under the first visitor (then idle as usual)
-            log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); "
-                f"woken at boot")
+        at_boot = self.site.on_demand.wake_at_boot
+        log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); "
+            f"{'woken at boot' if at_boot else 'asleep until a visitor asks'}")
+        if at_boot:
             self.waking(BOOT, time.monotonic())
-        else:
-            log(f"site {self.site.name}: on demand (idle {self.policy.idle:g} s, then {self.policy.stop}); asleep "
-                f"until a visitor asks")
         while not self.stop.wait(POLL_S):
             try:
                 self.tick(time.monotonic())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import shlex
@@ -110,8 +111,12 @@ class XenCtrl:
 class Xl:
     def __init__(self, command: str = "xl") -> None:
         self.argv = shlex.split(direct(command))
-        self._ctrl: XenCtrl | None = None
-        self._looked = command != "xl"      # a stand-in (the namespace double) has no Xen to call
+        self._real = command == "xl"        # a stand-in (the namespace double) has no Xen to call
+
+    @functools.cached_property
+    def _ctrl(self) -> XenCtrl | None:
+        """libxenctrl, looked for at the first unpause (not at start-up: most runs never unpause)."""
+        return XenCtrl.here() if self._real else None
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cmd = [*self.argv, *args]
@@ -174,8 +179,6 @@ class Xl:
     def unpause(self, name: str, domid: int | None = None) -> str:
         """Unpause the domain: by libxenctrl when its domid is known and the library is here, else (or if that
         call fails) by xl; which of the two did it."""
-        if not self._looked:
-            self._ctrl, self._looked = XenCtrl.here(), True
         if domid is not None and self._ctrl is not None and self._ctrl.unpause(domid):
             return "libxenctrl"
         self._check(self.run("unpause", name, timeout=30), f"unpause {name}")
