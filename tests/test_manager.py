@@ -862,3 +862,49 @@ def test_libxenctrl_is_used_only_on_xen_and_never_for_a_stand_in(tmp_path: Path)
     with pytest.raises(Error, match="xl unpause demo.blue failed"):
         standin.unpause("demo.blue", 7)
     assert standin._ctrl is None
+
+
+NFT_PROBE = r"""
+import json, sys
+from appliance.manager.net import Net
+from appliance.manager.errors import Error
+n = Net(sys.argv[1])
+n._nft("flush ruleset\ntable inet appliance {\n map svc { type ipv4_addr . inet_service : ipv4_addr . inet_service; }\n}\n",
+       "setup")
+seen = []
+n.point("10.42.0.2", 80, "10.42.100.10", 80)
+seen.append(sorted(n.elements().items()))
+n.point("10.42.0.2", 80, "10.42.100.11", 8080)          # moved: the old element goes in the same batch
+n.point("10.42.0.3", 80, "10.42.100.12", 80)
+seen.append(sorted(n.elements().items()))
+n.remove("10.42.0.2", 80)
+seen.append(sorted(n.elements().items()))
+try:
+    n._nft("add element inet appliance nosuch { 10.0.0.1 . 80 : 10.0.0.2 . 80 }\n", "a missing map")
+except Error as exc:
+    seen.append(str(exc).split(":")[0])
+print(json.dumps({"lib": n._lib is not None, "seen": seen}))
+"""
+
+
+@pytest.mark.root
+def test_the_map_moves_the_same_by_libnftables_as_by_the_nft_command(tmp_path: Path):
+    """The manager's plain `nft` is the library (no process on a visitor's way); a command of its own (a stand-in,
+    here the same nft by its path) runs as a process. Both move, list and refuse alike, in a namespace of their own."""
+    ns = f"appl-nft-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        got = {}
+        for nft in ("nft", "/usr/sbin/nft"):
+            p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", NFT_PROBE, nft], cwd=ROOT,
+                               capture_output=True, text=True, check=False, timeout=60)
+            assert p.returncode == 0, p.stderr
+            got[nft] = json.loads(p.stdout)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert got["nft"]["lib"] and not got["/usr/sbin/nft"]["lib"]
+    assert got["nft"]["seen"] == got["/usr/sbin/nft"]["seen"] == [
+        [[["10.42.0.2", 80], ["10.42.100.10", 80]]],
+        [[["10.42.0.2", 80], ["10.42.100.11", 8080]], [["10.42.0.3", 80], ["10.42.100.12", 80]]],
+        [[["10.42.0.3", 80], ["10.42.100.12", 80]]],
+        "nft -f - (a missing map) failed"]

@@ -6,11 +6,15 @@ own address.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import ipaddress
 import json
 import re
 import shlex
 import subprocess
+import threading
 from pathlib import Path
 
 from .errors import Error
@@ -38,9 +42,66 @@ def _addr(address: str, port: int) -> str:
     return f"{ip} . {port}"
 
 
+class NftLib:
+    """libnftables, the library the nft command is a front of: the same commands and the same one-transaction
+    batches, without a process each. On a visitor's way (a wake points the site at its guest) one nft process cost
+    0.15-0.22 s of the emulated board's one CPU, and a move took two (the look, then the batch): `invoke bench`."""
+
+    JSON = 1 << 4          # NFT_CTX_OUTPUT_JSON (nftables/libnftables.h)
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_int
+        for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_char_p
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_output_set_flags.restype = None
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        self.lib, self.lock = lib, threading.Lock()
+        self.ctx = lib.nft_ctx_new(0)
+        if not self.ctx or lib.nft_ctx_buffer_output(self.ctx) or lib.nft_ctx_buffer_error(self.ctx):
+            raise OSError("nft_ctx_new failed")
+
+    @classmethod
+    def here(cls) -> NftLib | None:
+        try:
+            name = ctypes.util.find_library("nftables")
+            return cls(ctypes.CDLL(name)) if name else None
+        except OSError:
+            return None
+
+    def run(self, commands: str, json_out: bool = False) -> tuple[int, str, str]:
+        """(status, output, errors) of one buffer of commands, as `nft [-j] -f -` gives them."""
+        with self.lock:
+            self.lib.nft_ctx_output_set_flags(self.ctx, self.JSON if json_out else 0)
+            status = int(self.lib.nft_run_cmd_from_buffer(self.ctx, commands.encode()))
+            out = self.lib.nft_ctx_get_output_buffer(self.ctx) or b""
+            err = self.lib.nft_ctx_get_error_buffer(self.ctx) or b""
+        return status, out.decode(errors="replace"), err.decode(errors="replace")
+
+
 class Net:
     def __init__(self, nft: str = "nft", conntrack: str = "conntrack", sysfs: Path = Path("/sys/class/net")) -> None:
         self.nft, self.conntrack, self.sysfs = shlex.split(nft), shlex.split(conntrack), sysfs
+
+    @functools.cached_property
+    def _lib(self) -> NftLib | None:
+        """libnftables for the plain `nft` (a board's, the namespace double's); a command of its own (a test's
+        stand-in) runs as a process. Looked for at the first nft command."""
+        return NftLib.here() if self.nft == ["nft"] else None
+
+    def _nft_run(self, commands: str, what: str, json_out: bool = False) -> tuple[int, str, str]:
+        if self._lib is not None:
+            return self._lib.run(commands, json_out)
+        # the command's -j with -f reads JSON, so a listing goes on its command line
+        p = (self._run([*self.nft, "-j", *commands.split()], what) if json_out else
+             self._run([*self.nft, "-f", "-"], what, stdin=commands))
+        return p.returncode, p.stdout, p.stderr
 
     def _run(self, argv: list[str], what: str, stdin: str | None = None, timeout: float = 30
              ) -> subprocess.CompletedProcess[str]:
@@ -56,20 +117,20 @@ class Net:
             raise Error(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
 
     def _nft(self, batch: str, what: str) -> None:
-        p = self._run([*self.nft, "-f", "-"], what, stdin=batch)
-        if p.returncode != 0:
-            tail = " / ".join(line.strip() for line in p.stderr.strip().splitlines()[:3]) or f"exit {p.returncode}"
+        status, _, err = self._nft_run(batch, what)
+        if status != 0:
+            tail = " / ".join(line.strip() for line in err.strip().splitlines()[:3]) or f"exit {status}"
             raise Error(f"nft -f - ({what}) failed: {tail}")
 
     def elements(self) -> dict[Backend, Backend]:
         """The map's elements: service address and port -> backend address and port."""
-        p = self._run([*self.nft, "-j", "list", "map", *TABLE.split(), MAP], "nft list map")
-        if p.returncode != 0:
-            raise Error(f"nft -j list map {TABLE} {MAP} failed: {p.stderr.strip().splitlines()[:1]} (is the "
+        status, out_text, err = self._nft_run(f"list map {TABLE} {MAP}\n", "nft list map", json_out=True)
+        if status != 0:
+            raise Error(f"nft -j list map {TABLE} {MAP} failed: {err.strip().splitlines()[:1]} (is the "
                         f"ruleset loaded?)")
         out: dict[Backend, Backend] = {}
         try:
-            for item in json.loads(p.stdout)["nftables"]:
+            for item in json.loads(out_text)["nftables"]:
                 for key, value in item.get("map", {}).get("elem", []):
                     a, b = key["concat"], value["concat"]
                     out[(str(a[0]), int(a[1]))] = (str(b[0]), int(b[1]))
