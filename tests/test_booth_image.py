@@ -157,7 +157,8 @@ def test_guest_manager_lists_and_checks_the_store(host):
 @pytest.mark.parametrize("path", ["/usr/local/sbin/appliance-guest", "/usr/local/sbin/appliance-wifi",
                                   "/usr/local/sbin/appliance-growroot", "/usr/local/sbin/appliance-hostname",
                                   "/usr/local/sbin/appliance-resolv", "/usr/local/sbin/appliance-lease",
-                                  "/usr/local/sbin/appliance-station", "/usr/bin/dhcp_release"])
+                                  "/usr/local/sbin/appliance-station", "/usr/local/sbin/appliance-card-check",
+                                  "/usr/bin/dhcp_release"])
 def test_booth_scripts_are_executable(host, path):
     f = host.file(path)
     assert f.is_file and f.mode & 0o111 and f.user == "root"

@@ -213,6 +213,20 @@ def run_board_script(root: Path, boot: Path) -> subprocess.CompletedProcess[str]
 
 
 @pytest.mark.unit
+def test_a_card_without_settings_skips_the_unit_after_a_shells_look(tmp_path: Path) -> None:
+    """The unit's condition (no Python start): no appliance.txt, the unit is skipped and later boots do not run it;
+    one, and appliance-card-settings runs."""
+    root, boot = booth_tree(tmp_path)
+    check = [str(SCRIPT.with_name("appliance-card-check")), str(boot), str(root)]
+    (boot / "appliance.txt").write_text(Settings("hall-a").render())
+    assert subprocess.run(check, check=False).returncode == 0
+    assert (root / cardsettings.UNIT).is_symlink()
+    (boot / "appliance.txt").unlink()
+    assert subprocess.run(check, check=False).returncode == 1
+    assert not (root / cardsettings.UNIT).is_symlink()
+
+
+@pytest.mark.unit
 def test_the_first_boot_applies_the_settings_once(tmp_path: Path) -> None:
     root, boot = booth_tree(tmp_path)
     s = Settings("hall-a", "Hall A", "correct horse battery", (KEY, KEY2))
