@@ -839,7 +839,7 @@ def test_xl_is_the_running_xens_own(tmp_path: Path):
 
 def test_the_idle_look_runs_below_the_rest_of_dom0(tmp_path: Path):
     """The once-a-second conntrack look of each serving on-demand site gives way to everything else on dom0's one
-    CPU (at boot the visitors' path waited for it); the drain's look and a wake's are not lowered."""
+    CPU (at boot the visitors' path waited for it); the drain's look is not lowered."""
     seen = tmp_path / "niceness"
     fake = tmp_path / "conntrack"
     fake.write_text(f"#!/bin/sh\nnice >> {seen}\n")
@@ -848,8 +848,7 @@ def test_the_idle_look_runs_below_the_rest_of_dom0(tmp_path: Path):
     assert net.connections("10.42.0.2", "10.42.1.10") == (set(), 0)
     base = os.nice(0)
     net.unfinished("10.42.1.10")
-    net.connections("10.42.0.2", "10.42.1.10", background=False)       # a wake's, while a visitor waits
-    assert [int(n) for n in seen.read_text().split()] == [min(19, base + 20), base, base]
+    assert [int(n) for n in seen.read_text().split()] == [min(19, base + 20), base]
 
 
 def test_libxenctrl_is_used_only_on_xen_and_never_for_a_stand_in(tmp_path: Path):

@@ -175,16 +175,16 @@ class Net:
         entries = self._tcp([*self.conntrack, "-L", "-p", "tcp", "--reply-src", backend])
         return sum(1 for e in entries if live(e) and not (own and "[UNREPLIED]" in e and f"src={own}" in e[4:5]))
 
-    def connections(self, service: str, backend: str, background: bool = True) -> tuple[set[int], int]:
+    def connections(self, service: str, backend: str) -> tuple[set[int], int]:
         """Visitors' TCP connections to a service address that went to a backend: their conntrack ids (a new id
         is a new connection) and how many are not over yet. dom0's own (health checks) go to the backend's own
         address and are not among them."""
         ipaddress.IPv4Address(service), ipaddress.IPv4Address(backend)
-        # background: the idle look, once a second for each serving on-demand site, below the rest of dom0 for
-        # its one CPU (the manager runs at -10; under QEMU each look costs a sixth of a second, and at boot the
-        # visitors' path waited for them: `invoke bench`); not the one a wake takes while a visitor waits
-        argv = [*(["nice", "-n", "20"] if background else []), *self.conntrack, "-L", "-p", "tcp", "--orig-dst",
-                service, "--reply-src", backend, "-o", "id"]
+        # the idle look, once a second for each serving on-demand site: below the rest of dom0 for its one CPU (the
+        # manager runs at -10; under QEMU each look costs a sixth of a second, and at boot the visitors' path waited
+        # for them: `invoke bench`). No wake takes one while a visitor waits (demand.DemandSite._wake).
+        argv = ["nice", "-n", "20", *self.conntrack, "-L", "-p", "tcp", "--orig-dst", service, "--reply-src",
+                backend, "-o", "id"]
         ids: set[int] = set()
         going = 0
         for e in self._tcp(argv):
