@@ -170,6 +170,10 @@ def test_the_guest_path_comes_first_and_the_rest_of_the_boot_after_it(board):
         assert not {"sysinit.target", "basic.target", "systemd-udev-trigger.service"} & set(after), (unit, after)
     # and the whole coldplug waits for the access point too (its CPU goes to the visitors' path first)
     assert "hostapd.service" in board.run("systemctl show -P After systemd-udev-trigger.service").out.split()
+    # dom0's SSH waits for its host keys and the firewall, not for the network or the rest of the boot
+    after = set(board.run("systemctl show -P After ssh.service").out.split())
+    assert {"appliance-ssh-hostkeys.service", "nftables.service"} <= after, after
+    assert not {"network.target", "basic.target", "sysinit.target"} & after, after
     journal = board.run("journalctl -b -u appliance-guest --no-pager -o cat").out
     assert "every always-on site started; the rest of the boot goes on" in journal
 
