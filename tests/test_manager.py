@@ -907,3 +907,15 @@ def test_the_map_moves_the_same_by_libnftables_as_by_the_nft_command(tmp_path: P
         [[["10.42.0.2", 80], ["10.42.100.11", 8080]], [["10.42.0.3", 80], ["10.42.100.12", 80]]],
         [[["10.42.0.3", 80], ["10.42.100.12", 80]]],
         "nft -f - (a missing map) failed"]
+
+
+def test_no_netfilter_socket_means_the_nft_command_not_the_library(monkeypatch):
+    """libnftables exits the whole process when it cannot open its socket (qemu-user has none: the image tier runs
+    the board's manager in a chroot), so the manager asks for one first and uses the command where there is none."""
+    from appliance.manager import net as net_mod
+
+    def refused(*args: object) -> None:
+        raise OSError(93, "Protocol not supported")
+    monkeypatch.setattr(net_mod.socket, "socket", refused)
+    assert net_mod.NftLib.here() is None
+    assert Net()._lib is None

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import re
 import shlex
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from .errors import Error
 
 TABLE = "inet appliance"
+NETLINK_NETFILTER = 12     # linux/netlink.h
 MAP = "svc"
 Backend = tuple[str, int]
 
@@ -69,7 +71,11 @@ class NftLib:
 
     @classmethod
     def here(cls) -> NftLib | None:
+        """The library where the kernel gives this process a netfilter netlink socket, else None (the command).
+        libnftables opens its socket once, in nft_ctx_new, and calls exit() when it cannot (qemu-user, as the
+        image tier runs the board's manager in a chroot, has no such socket): so this asks first."""
         try:
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER).close()
             name = ctypes.util.find_library("nftables")
             return cls(ctypes.CDLL(name)) if name else None
         except OSError:
